@@ -1,0 +1,5 @@
+import sys
+
+from abcgpt.cli import main
+
+sys.exit(main())

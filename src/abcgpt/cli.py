@@ -1,0 +1,190 @@
+"""The `abcgpt` command: prepare, train, sample, config."""
+
+import argparse
+import itertools
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from abcgpt.common import AbcgptError, existing_dir, pick_device
+
+
+def cmd_prepare(args) -> None:
+    from abcgpt.config import load_recipe
+    from abcgpt.data import load_data, prepare, stale_reason
+
+    recipe = load_recipe(args.config, args.set)
+    out = Path(args.out) if args.out else recipe.data_dir
+    if (existing_dir(out) / "manifest.json").is_file() and not args.force:
+        reason = stale_reason(recipe, load_data(out).manifest)
+        if reason is None:
+            print(f"{out} is up to date (use --force to rebuild)")
+            return
+        print(f"{out} is stale: {reason}; rebuilding")
+    prepare(recipe, out)
+
+
+def cmd_train(args) -> None:
+    from abcgpt.checkpoint import load_checkpoint
+    from abcgpt.config import load_recipe
+    from abcgpt.train import train
+
+    if args.resume:
+        if args.config or args.set or args.out:
+            raise AbcgptError("--resume takes the recipe and output folder from the run; only --steps may change")
+        run = Path(args.resume)
+        recipe = load_checkpoint(existing_dir(run / "last")).recipe if (run / "last").exists() or \
+            (run / "last.old").exists() else None
+        if recipe is None:
+            raise AbcgptError(f"{run} holds no checkpoint to resume (no {run}/last)")
+        if args.steps:
+            recipe.train.steps = args.steps
+        train(recipe, run, resume=True)
+        return
+    if not args.out:
+        raise AbcgptError("train needs --out RUN_DIR (or --resume RUN_DIR)")
+    overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps else [])
+    train(load_recipe(args.config or "tiny", overrides), Path(args.out))
+
+
+def cmd_sample(args) -> None:
+    from abcgpt.checkpoint import load_checkpoint
+    from abcgpt.dial import format_dial, parse_dial
+    from abcgpt.generate import generate, generate_tokens, stream_text
+
+    if args.n < 1 or args.max_new_tokens < 1:
+        raise AbcgptError("-n and --max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        raise AbcgptError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    ckpt = load_checkpoint(args.ckpt, pick_device(args.device))
+    model, tok, sources = ckpt.model, ckpt.tokenizer, ckpt.sources
+    gated = model.config.gates == "abc"
+    specs = args.sweep.split(",") if args.sweep else [args.dial]
+    dials = []
+    for spec in specs:
+        d, note = parse_dial(spec, sources)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        dials.append(d)
+    prompt = args.prompt if args.prompt else "\n"
+    tok.encode(prompt)  # fails early, with a clear message, on characters the model does not know
+    top_k = args.top_k or None
+
+    if args.sweep or args.json:  # one batch: every dial position times n samples
+        rows = [d for d in dials for _ in range(args.n)]
+        texts = generate(model, tok, [prompt] * len(rows), torch.stack(rows) if gated else None,
+                         args.max_new_tokens, args.temperature, top_k, args.seed)
+        labels = [format_dial(d, sources) for d in dials for _ in range(args.n)]
+        if args.json:
+            for i, (label, d, text) in enumerate(zip(labels, rows, texts)):
+                print(json.dumps({"dial": label, "weights": dict(zip(sources, d.tolist())),
+                                  "sample": i % args.n, "prompt": args.prompt, "text": text}))
+        else:
+            print_side_by_side([f"dial {lab}" for lab in labels], [prompt.lstrip("\n") + t for t in texts],
+                               sources)
+        return
+    ids = torch.tensor([tok.encode(prompt)])
+    for i in range(args.n):
+        print(f"--- sample {i + 1}/{args.n}, dial {format_dial(dials[0], sources)} "
+              f"({', '.join(f'{s} {w:.2f}' for s, w in zip(sources, dials[0].tolist()))})")
+        sys.stdout.write(args.prompt)
+        seed = None if args.seed is None else args.seed + i
+        stream = generate_tokens(model, ids, dials[0] if gated else None, args.max_new_tokens,
+                                 args.temperature, top_k, seed)
+        for piece in stream_text(tok, stream):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
+
+
+def print_side_by_side(headers: list[str], texts: list[str], sources: list[str]) -> None:
+    """Columns when the terminal is wide enough, else one sample after another."""
+    width = shutil.get_terminal_size((120, 24)).columns
+    k = len(texts)
+    col = (width - 3 * (k - 1)) // k
+    if col < 24:
+        for h, t in zip(headers, texts):
+            print(f"=== {h}\n{t}\n")
+        return
+    cols = []
+    for h, t in zip(headers, texts):
+        lines = [h.center(col, "-")]
+        for para in t.split("\n"):
+            lines += textwrap.wrap(para, col, replace_whitespace=False, drop_whitespace=True) or [""]
+        cols.append(lines)
+    for row in itertools.zip_longest(*cols, fillvalue=""):
+        print(" | ".join(cell.ljust(col) for cell in row).rstrip())
+    print(f"(dial 0 = {sources[0]}, 1 = {sources[-1]})" if len(sources) == 2 else "")
+
+
+def cmd_config(args) -> None:
+    from abcgpt.config import list_recipes, load_recipe
+
+    if not args.config:
+        print("built-in recipes: " + ", ".join(list_recipes()))
+        return
+    print(json.dumps(load_recipe(args.config, args.set).to_dict(), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="abcgpt", description="Train and use a GPT with a dial over its training sources.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def recipe_args(sp, required=False):
+        sp.add_argument("--config", required=required, help="recipe name (tiny, reference, ...) or path to a .toml")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set train.lr=3e-4 (repeatable)")
+
+    sp = sub.add_parser("prepare", help="fetch the sources, train the tokenizer, write token shards")
+    recipe_args(sp)
+    sp.set_defaults(config="tiny")
+    sp.add_argument("--out", help="data directory (default: the recipe's data.dir)")
+    sp.add_argument("--force", action="store_true", help="rebuild even if the data is up to date")
+    sp.set_defaults(func=cmd_prepare)
+
+    sp = sub.add_parser("train", help="train a dial model (or resume one)")
+    recipe_args(sp)
+    sp.add_argument("--out", help="run directory for checkpoints and logs")
+    sp.add_argument("--steps", type=int, help="number of optimizer steps (overrides train.steps)")
+    sp.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("sample", help="generate text at a dial position")
+    sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    sp.add_argument("--dial", default="0.5", help="number in [0,1] (two sources), a source name, 'uniform', "
+                                                  "or name=w,name=w (default 0.5)")
+    sp.add_argument("--sweep", help="comma-separated dial positions, printed side by side, e.g. 0,0.5,1")
+    sp.add_argument("--prompt", default="", help="text to start from (default: a newline)")
+    sp.add_argument("-n", type=int, default=1, help="samples per dial position")
+    sp.add_argument("--max-new-tokens", type=int, default=300)
+    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--top-k", type=int, default=40, help="0 disables top-k")
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--json", action="store_true", help="print one JSON object per sample")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("config", help="show a recipe with defaults and overrides applied")
+    recipe_args(sp)
+    sp.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except AbcgptError as e:
+        print(f"abcgpt: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `abcgpt sample ... | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Prepared data: per-source token shards on disk, their manifest, and the (dial, source) batch sampler.
+
+A data directory holds, for each source s, `s.train.bin` and `s.heldout.bin` (flat uint16/uint32 token ids,
+memory-mapped when read), the tokenizer (`tokenizer.json`) and `manifest.json`, which records what the shards
+were made from (source specs, tokenizer, sha256 of the input text) so that a changed recipe or corpus is
+noticed instead of silently trained on.
+"""
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from abcgpt.common import AbcgptError, existing_dir, fsync_dir, replace_dir
+from abcgpt.config import Recipe
+from abcgpt.dial import sample_dials
+from abcgpt.sources import load_source
+from abcgpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+MANIFEST_VERSION = 1
+
+
+def data_key(recipe: Recipe) -> dict:
+    """What the shards depend on, besides the input text itself."""
+    d = recipe.data
+    return {
+        "sources": [s.to_dict() for s in d.sources],
+        "tokenizer": d.tokenizer,
+        "vocab_size": d.vocab_size if d.tokenizer == "bpe" else None,
+        "heldout_fraction": d.heldout_fraction,
+    }
+
+
+def prepare(recipe: Recipe, out: Path | None = None, progress: bool = True) -> Path:
+    """Load every source, train the tokenizer, write the shards and the manifest (atomically, as one folder)."""
+    out = Path(out or recipe.data_dir)
+    t0 = time.time()
+    texts = [load_source(s, recipe.data.heldout_fraction, progress) for s in recipe.data.sources]
+    if recipe.data.tokenizer == "char":  # the alphabet must cover held-out text too
+        tok = train_tokenizer("char", {t.name: t.train + t.heldout for t in texts})
+    else:  # BPE merges are learnt from training text only
+        tok = train_tokenizer("bpe", {t.name: t.train for t in texts}, recipe.data.vocab_size)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tok.save(tmp / "tokenizer.json")
+    entries = []
+    for t in texts:
+        entry = {"name": t.name, "origin": t.origin, "sha256": t.sha256}
+        for split in ("train", "heldout"):
+            ids = tok.encode_array(getattr(t, split))
+            ids.tofile(tmp / f"{t.name}.{split}.bin")
+            entry[f"{split}_tokens"] = int(ids.size)
+            entry[f"{split}_chars"] = len(getattr(t, split))
+        entries.append(entry)
+        if progress:
+            print(f"  {t.name}: {entry['train_tokens']:,} train / {entry['heldout_tokens']:,} held-out tokens"
+                  f"  ({t.origin})")
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "key": data_key(recipe),
+        "dtype": np.dtype(token_dtype(tok.vocab_size)).name,
+        "vocab_size": tok.vocab_size,
+        "sources": entries,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    fsync_dir(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    replace_dir(tmp, out)
+    if progress:
+        print(f"prepared {out} in {time.time() - t0:.1f}s: {recipe.data.tokenizer} tokenizer, "
+              f"vocab {tok.vocab_size}")
+    return out
+
+
+def token_dtype(vocab_size: int) -> type:
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+@dataclass
+class PreparedData:
+    dir: Path
+    manifest: dict
+    tokenizer: Tokenizer
+    train: list[np.ndarray]  # one memory-mapped token array per source, in the recipe's order
+    heldout: list[np.ndarray]
+
+    @property
+    def sources(self) -> list[str]:
+        return [s["name"] for s in self.manifest["sources"]]
+
+
+def load_data(path: Path) -> PreparedData:
+    path = existing_dir(Path(path))
+    mpath = path / "manifest.json"
+    if not mpath.is_file():
+        raise AbcgptError(f"no prepared data in {path} (manifest.json missing): run `abcgpt prepare`")
+    try:
+        manifest = json.loads(mpath.read_text())
+        dtype = np.dtype(manifest["dtype"])
+        names = [s["name"] for s in manifest["sources"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise AbcgptError(f"{mpath} is corrupted ({e}): run `abcgpt prepare --force`") from None
+    arrays = {}
+    for split in ("train", "heldout"):
+        arrays[split] = []
+        for s in manifest["sources"]:
+            f = path / f"{s['name']}.{split}.bin"
+            if not f.is_file() or f.stat().st_size != s[f"{split}_tokens"] * dtype.itemsize:
+                raise AbcgptError(f"{f} is missing or has the wrong size: run `abcgpt prepare --force`")
+            arrays[split].append(np.memmap(f, dtype=dtype, mode="r"))
+    tok = load_tokenizer(path / "tokenizer.json")
+    if len(names) < 2:
+        raise AbcgptError(f"{path} holds {len(names)} source(s); a dial needs at least two")
+    return PreparedData(path, manifest, tok, arrays["train"], arrays["heldout"])
+
+
+def stale_reason(recipe: Recipe, manifest: dict) -> str | None:
+    """Why prepared data does not match the recipe and the current input text, or None if it does."""
+    if manifest.get("version") != MANIFEST_VERSION:
+        return "it was written by another version of abcgpt"
+    want, have = data_key(recipe), manifest.get("key", {})
+    for k in want:
+        if want[k] != have.get(k):
+            return f"data.{k} was {have.get(k)!r} when prepared, the recipe now says {want[k]!r}"
+    for spec, entry in zip(recipe.data.sources, manifest["sources"]):
+        text = load_source(spec, recipe.data.heldout_fraction, progress=False)
+        if text.sha256 != entry["sha256"]:
+            return f"the text of source {spec.name!r} changed since it was prepared ({text.origin})"
+    return None
+
+
+def prepared_data(recipe: Recipe, progress: bool = True) -> PreparedData:
+    """The recipe's prepared data: prepared now if absent; an error if it no longer matches the recipe."""
+    path = existing_dir(recipe.data_dir)
+    if not (path / "manifest.json").is_file():
+        prepare(recipe, recipe.data_dir, progress)
+        path = recipe.data_dir
+    data = load_data(path)
+    reason = stale_reason(recipe, data.manifest)
+    if reason:
+        raise AbcgptError(f"prepared data in {path} is stale: {reason}. "
+                          f"Run `abcgpt prepare --config {recipe.name} --force` to rebuild it")
+    check_lengths(data, recipe.model.block_size)
+    return data
+
+
+def check_lengths(data: PreparedData, block_size: int) -> None:
+    for name, tr, ho in zip(data.sources, data.train, data.heldout):
+        for split, arr in (("training", tr), ("held-out", ho)):
+            if arr.size < block_size + 2:
+                raise AbcgptError(f"source {name!r} has {arr.size} {split} tokens, fewer than the context "
+                                  f"(model.block_size = {block_size}) needs: give it more text or lower block_size")
+
+
+class Batcher:
+    """Training batches: per sequence a dial ~ Beta/Dirichlet, a source ~ Categorical(dial), a random window.
+
+    All randomness comes from one numpy Generator whose state goes into checkpoints, so a resumed run draws
+    exactly the batches the uninterrupted run would have drawn."""
+
+    def __init__(self, data: PreparedData, block_size: int, batch_size: int, device: torch.device,
+                 seed: int, concentration: float = 0.5, per_batch: bool = False):
+        self.data, self.T, self.B, self.device = data, block_size, batch_size, device
+        self.concentration, self.per_batch = concentration, per_batch
+        self.rng = np.random.default_rng(seed)
+        self.window = np.arange(block_size + 1)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x, y (B, T) int64; dials (B, N) float32; sources (B,) int64."""
+        n = len(self.data.train)
+        dials, sources = sample_dials(self.rng, self.B, n, self.concentration, self.per_batch)
+        xy = np.empty((self.B, self.T + 1), dtype=np.int64)
+        for s in np.unique(sources):
+            rows = np.flatnonzero(sources == s)
+            tokens = self.data.train[s]
+            starts = self.rng.integers(0, tokens.size - self.T - 1, size=rows.size)
+            xy[rows] = tokens[starts[:, None] + self.window]
+        return self._to_device(xy, dials, sources)
+
+    def _to_device(self, xy, dials, sources):
+        tensors = [torch.from_numpy(xy[:, :-1]), torch.from_numpy(xy[:, 1:]),
+                   torch.from_numpy(dials), torch.from_numpy(sources)]
+        if self.device.type == "cuda":
+            return tuple(t.contiguous().pin_memory().to(self.device, non_blocking=True) for t in tensors)
+        return tuple(t.contiguous().to(self.device) for t in tensors)
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def heldout_batches(tokens: np.ndarray, block_size: int, batch_size: int, n_batches: int):
+    """Fixed, evenly spaced held-out windows, so every evaluation scores the same text."""
+    count = batch_size * n_batches
+    starts = np.linspace(0, tokens.size - block_size - 1, count).astype(np.int64)
+    xy = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    for i in range(n_batches):
+        chunk = torch.from_numpy(xy[i * batch_size:(i + 1) * batch_size])
+        yield chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()

@@ -1,0 +1,138 @@
+"""The dial maths of DESIGN.md §1 (and its N-source form, §4), in one place.
+
+Notation. N sources; a dial is a point of the simplex, a (..., N) tensor of weights that sum to 1.
+With two sources the scalar dial a in [0, 1] is the point (1 - a, a): 0 is the first source, 1 the second.
+Every gated unit has a frozen specialty m, also a point of the simplex; for two sources m = (1 - m1, m1)
+with m1 ~ Beta(c, c), c = 0.5 by default.
+
+    d(a, m)    = 0.5 * sum_k |a_k - m_k|              total-variation distance; = |a - m1| for N = 2
+    span(m)    = (1 - min_k m_k) * narrowness          largest distance from m to a corner; = max(m1, 1 - m1)
+    gate(a, m) = cos^2((pi / 2) * min(1, d / span))   1 at a = m, exactly 0 at (and past) the far end
+
+Training draws a ~ Beta(c, c) (Dirichlet for N > 2), then the source ~ Categorical(a) (Bernoulli(a1) for two).
+The routed variant keeps the forward gate but, in the backward pass, replaces it by m_s, the unit's
+weight on the sample's source s (m1 for source 1, 1 - m1 for source 0): a straight-through gradient mask.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from abcgpt.common import AbcgptError
+
+
+def draw_specialties(n_units: int, n_sources: int, seed: int, concentration: float = 0.5) -> torch.Tensor:
+    """(n_units, n_sources) frozen specialties. For two sources m1 ~ Beta(c, c) exactly as in DESIGN §1."""
+    rng = np.random.default_rng(seed)
+    if n_sources == 2:
+        m1 = rng.beta(concentration, concentration, size=n_units)
+        m = np.stack([1.0 - m1, m1], axis=1)
+    else:
+        m = rng.dirichlet([concentration] * n_sources, size=n_units)
+    return torch.from_numpy(m).float()
+
+
+def gate(dial: torch.Tensor, specialties: torch.Tensor, narrowness: float = 1.0) -> torch.Tensor:
+    """Gate values (B, U) for dials (B, N) and specialties (U, N)."""
+    d = 0.5 * (dial[:, None, :] - specialties[None, :, :]).abs().sum(-1)
+    span = (1.0 - specialties.min(dim=-1).values) * narrowness
+    t = (d / span).clamp(max=1.0)
+    # cos(pi/2) is not exactly 0 in floating point; the far end must switch the unit off exactly
+    return torch.where(t < 1.0, torch.cos(0.5 * math.pi * t) ** 2, torch.zeros_like(t))
+
+
+def route_mask(specialties: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Routed-backward mask (B, U): each unit's specialty weight on each sample's source (B,)."""
+    return specialties[:, source].T
+
+
+def apply_gate(x: torch.Tensor, g: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+    """x * g, with g broadcast over x. With a routing mask r (same shape as g), the value is still x * g
+    but the gradient to x is r * grad: z - z.detach() is exactly 0 forward and carries r in backward."""
+    y = x * g
+    if r is None:
+        return y
+    z = x * r
+    return y.detach() + (z - z.detach())
+
+
+def sample_dials(
+    rng: np.random.Generator, batch: int, n_sources: int, concentration: float = 0.5, per_batch: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training draw: dials (B, N) ~ Beta/Dirichlet(c), then sources (B,) ~ Categorical(dial).
+    per_batch=True reproduces the reference: one dial and one source for the whole step."""
+    n = 1 if per_batch else batch
+    if n_sources == 2:
+        a = rng.beta(concentration, concentration, size=n)
+        dials = np.stack([1.0 - a, a], axis=1)
+    else:
+        dials = rng.dirichlet([concentration] * n_sources, size=n)
+    # inverse-CDF draw of the source, vectorised over the batch
+    u = rng.random(size=(n, 1))
+    sources = (dials.cumsum(axis=1) < u).sum(axis=1).clip(max=n_sources - 1)
+    if per_batch:
+        dials, sources = dials.repeat(batch, axis=0), sources.repeat(batch)
+    return dials.astype(np.float32), sources.astype(np.int64)
+
+
+def corner(k: int, n_sources: int) -> torch.Tensor:
+    """The one-hot dial e_k: source k alone."""
+    return torch.nn.functional.one_hot(torch.tensor(k), n_sources).float()
+
+
+def parse_dial(spec: str | float, sources: list[str]) -> tuple[torch.Tensor, str | None]:
+    """Parse a dial given by a user into an (N,) simplex point, plus a note when weights were normalised.
+
+    Accepted: a number a in [0, 1] (two sources only; 0 = first source, 1 = second), a source name (its corner),
+    'uniform' (the centroid), or a named mixture 'name=w,name=w' with non-negative weights."""
+    n = len(sources)
+    text = str(spec).strip()
+    try:
+        a = float(text)
+    except ValueError:
+        a = None
+    if a is not None:
+        if not math.isfinite(a) or not 0.0 <= a <= 1.0:
+            raise AbcgptError(f"dial {text} is outside [0, 1]: 0 means {sources[0]}, 1 means {sources[-1]}")
+        if n != 2:
+            raise AbcgptError(f"a numeric dial needs two sources, this model has {n}: use name=weight,... "
+                              f"with names from {', '.join(sources)}")
+        return torch.tensor([1.0 - a, a]), None
+    if text == "uniform":
+        return torch.full((n,), 1.0 / n), None
+    if text in sources:
+        return corner(sources.index(text), n), None
+    weights = torch.zeros(n)
+    for part in text.split(","):
+        name, eq, w = part.partition("=")
+        name = name.strip()
+        if not eq:
+            raise AbcgptError(f"cannot read dial {text!r}: give a number in [0, 1], a source name, 'uniform', "
+                              f"or name=weight,... with names from {', '.join(sources)}")
+        if name not in sources:
+            raise AbcgptError(f"unknown source {name!r} in dial; known sources: {', '.join(sources)}")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise AbcgptError(f"weight of {name!r} in dial is not a number: {w.strip()!r}") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise AbcgptError(f"weight of {name!r} in dial must be a finite number >= 0, got {w.strip()}")
+        weights[sources.index(name)] += weight
+    total = float(weights.sum())
+    if total <= 0:
+        raise AbcgptError(f"dial {text!r} has all weights zero: at least one must be positive")
+    note = None
+    if abs(total - 1.0) > 1e-6:
+        weights = weights / total
+        shown = ",".join(f"{s}={w:.3g}" for s, w in zip(sources, weights.tolist()) if w > 0)
+        note = f"dial weights summed to {total:g}; normalised to {shown}"
+    return weights, note
+
+
+def format_dial(dial: torch.Tensor, sources: list[str]) -> str:
+    """Short label for a dial: the number a for two sources, else name=w for the non-zero weights."""
+    w = dial.tolist()
+    if len(sources) == 2:
+        return f"{w[1]:.2f}"
+    return ",".join(f"{s}={x:.2f}" for s, x in zip(sources, w) if x > 0)

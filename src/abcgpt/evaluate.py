@@ -1,0 +1,102 @@
+"""Held-out loss of every source at chosen dial positions: the numbers training logs and the demo prints."""
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from abcgpt.data import PreparedData, heldout_batches
+from abcgpt.dial import corner, format_dial
+from abcgpt.model import GPT
+
+
+@torch.no_grad()
+def heldout_loss(model: GPT, tokens, dial: torch.Tensor, batch_size: int, n_batches: int,
+                 autocast=nullcontext) -> float:
+    """Mean next-token loss (nats) over n_batches fixed held-out batches of one source, at one dial."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for x, y in heldout_batches(tokens, model.config.block_size, batch_size, n_batches):
+        with autocast():
+            _, loss = model(x.to(device), dial.to(device), y.to(device))
+        total += loss.item()
+    model.train(was_training)
+    return total / n_batches
+
+
+def dial_positions(sources: list[str]) -> dict[str, torch.Tensor]:
+    """Each source's corner, then the middle of the dial (the uniform mixture)."""
+    n = len(sources)
+    pos = {s: corner(k, n) for k, s in enumerate(sources)}
+    pos["middle"] = torch.full((n,), 1.0 / n)
+    return pos
+
+
+def loss_table(model: GPT, data: PreparedData, batch_size: int, n_batches: int,
+               autocast=nullcontext) -> dict[str, dict[str, float]]:
+    """{dial position: {source: held-out loss}} at every corner and the middle."""
+    return {
+        name: {s: heldout_loss(model, tokens, dial, batch_size, n_batches, autocast)
+               for s, tokens in zip(data.sources, data.heldout)}
+        for name, dial in dial_positions(data.sources).items()
+    }
+
+
+def format_table(table: dict[str, dict[str, float]], sources: list[str]) -> str:
+    """The loss table as aligned text; a star marks the best dial position for each source."""
+    best = {s: min(table, key=lambda d: table[d][s]) for s in sources}
+    labels = {d: d if d == "middle" else f"{d} corner" for d in table}
+    w = max(len(v) for v in labels.values()) + 2
+    lines = ["dial".ljust(w) + "".join(s.rjust(14) for s in sources)]
+    for d, row in table.items():
+        cells = "".join((f"{row[s]:.3f}" + ("*" if best[s] == d else " ")).rjust(14) for s in sources)
+        lines.append(labels[d].ljust(w) + cells)
+    return "\n".join(lines)
+
+
+def loss_curve(model: GPT, data: PreparedData, batch_size: int, n_batches: int, points: int = 11,
+               autocast=nullcontext) -> dict:
+    """Held-out loss of each source along the dial from the first source's corner to the last's."""
+    n = len(data.sources)
+    first, last = corner(0, n), corner(n - 1, n)
+    ts = torch.linspace(0, 1, points)
+    dials = [(1 - t) * first + t * last for t in ts]
+    return {
+        "sources": data.sources,
+        "dial": [format_dial(d, data.sources) for d in dials],
+        "t": ts.tolist(),
+        "loss": {s: [heldout_loss(model, tokens, d, batch_size, n_batches, autocast) for d in dials]
+                 for s, tokens in zip(data.sources, data.heldout)},
+        "tokens_per_point": batch_size * n_batches * model.config.block_size,
+    }
+
+
+def plot_loss_curve(curve: dict, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for s in curve["sources"]:
+        ax.plot(curve["t"], curve["loss"][s], marker="o", label=f"held-out {s}")
+    first, last = curve["sources"][0], curve["sources"][-1]
+    ax.set_xlabel(f"dial  (0 = {first}, 1 = {last})")
+    ax.set_ylabel("held-out loss (nats / token)")
+    ax.set_title(title or "loss across the dial")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.text(0.01, 0.01, f"{curve['tokens_per_point']:,} tokens per point", transform=ax.transAxes,
+            fontsize=7, color="gray")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)

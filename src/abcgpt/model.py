@@ -1,0 +1,214 @@
+"""The gated GPT: nanoGPT's GPT-2 decoder with the dial's gates (DESIGN.md §1).
+
+Gated units, each with a frozen specialty (see dial.py):
+- residual channels: one gate per channel on everything that writes to the residual stream
+  (embedding sum, every attention and MLP output projection) and on the final LayerNorm's output;
+- MLP hidden units, after the GELU;
+- attention heads, on each head's output before the output projection.
+gates="none" builds an ordinary GPT-2: the baseline every comparison uses.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from abcgpt.dial import apply_gate, draw_specialties, gate, route_mask
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    n_sources: int = 2
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+    gates: str = "abc"  # "abc": the dial's gates; "none": an ordinary GPT
+    routing: str = "soft"  # "soft": plain backward; "routed": straight-through gradient mask
+    narrowness: float = 1.0
+    specialty_seed: int = 1337
+    specialty_concentration: float = 0.5
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to max_len."""
+
+    def __init__(self, config: GPTConfig, batch: int, max_len: int, device, dtype):
+        hd = config.n_embd // config.n_head
+        shape = (config.n_layer, batch, config.n_head, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t0, t1 = self.pos, self.pos + k.size(2)
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.layer = layer
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, head_gate=None, head_route=None, cache: KVCache | None = None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.insert(self.layer, k, v)
+        if k.size(2) == T:  # no earlier tokens: plain causal attention (flash kernels where available)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+        else:  # new tokens attend to the whole cache and causally among themselves
+            past = k.size(2) - T
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if head_gate is not None:  # (B, H) -> one gate per head's output
+            y = apply_gate(y, head_gate[:, :, None, None],
+                           None if head_route is None else head_route[:, :, None, None])
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, unit_gate=None, unit_route=None):
+        h = self.gelu(self.c_fc(x))
+        if unit_gate is not None:  # (B, 4C) -> one gate per hidden unit
+            h = apply_gate(h, unit_gate[:, None, :], None if unit_route is None else unit_route[:, None, :])
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, gates, routes, cache=None):
+        res, head, unit = gates
+        res_r, head_r, unit_r = routes
+        x = x + self._gate(self.attn(self.ln_1(x), head, head_r, cache), res, res_r)
+        x = x + self._gate(self.mlp(self.ln_2(x), unit, unit_r), res, res_r)
+        return x
+
+    @staticmethod
+    def _gate(x, g, r):
+        if g is None:
+            return x
+        return apply_gate(x, g[:, None, :], None if r is None else r[:, None, :])
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.gates not in ("abc", "none"):
+            raise ValueError(f"gates must be 'abc' or 'none', got {config.gates!r}")
+        if config.routing not in ("soft", "routed"):
+            raise ValueError(f"routing must be 'soft' or 'routed', got {config.routing!r}")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.gates == "abc":
+            # All specialties in one frozen buffer, one row per unit, in this order:
+            # residual channels (C), then per layer its heads (H) and MLP units (4C).
+            C, H, L = config.n_embd, config.n_head, config.n_layer
+            self.group_sizes = [C] + [H, 4 * C] * L
+            spec = draw_specialties(sum(self.group_sizes), config.n_sources, config.specialty_seed,
+                                    config.specialty_concentration)
+            self.register_buffer("specialties", spec)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def unit_gates(self, dial: torch.Tensor) -> torch.Tensor:
+        """Gate of every unit (B, U) for dials (B, N) or one dial (N,): one small op per forward."""
+        if dial.dim() == 1:
+            dial = dial[None]
+        return gate(dial.to(self.specialties), self.specialties, self.config.narrowness)
+
+    def _split(self, g: torch.Tensor | None):
+        """(B, U) -> residual gate and per layer (residual, head, unit) gates, as views."""
+        if g is None:
+            return None, [(None, None, None)] * self.config.n_layer
+        parts = g.split(self.group_sizes, dim=1)
+        return parts[0], [(parts[0], parts[1 + 2 * i], parts[2 + 2 * i]) for i in range(self.config.n_layer)]
+
+    def forward(self, idx: torch.Tensor, dial: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                source: torch.Tensor | None = None, cache: KVCache | None = None):
+        """idx (B, T) tokens; dial (B, N) or (N,) (ignored when gates="none"); targets (B, T) for the loss;
+        source (B,) sample sources, needed by the routed backward; cache for incremental decoding."""
+        B, T = idx.size()
+        t0 = cache.pos if cache is not None else 0
+        assert t0 + T <= self.config.block_size, f"sequence of {t0 + T} exceeds block_size {self.config.block_size}"
+        g = r = None
+        if self.config.gates == "abc":
+            if dial is None:
+                raise ValueError("a gated model needs a dial")
+            g = self.unit_gates(dial).expand(B, -1)
+            if self.config.routing == "routed" and source is not None and torch.is_grad_enabled():
+                r = route_mask(self.specialties, source)
+        g_res, gates = self._split(g)
+        r_res, routes = self._split(r)
+        pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.transformer.drop(Block._gate(x, g_res, r_res))
+        for block, gl, rl in zip(self.transformer.h, gates, routes):
+            x = block(x, gl, rl, cache)
+        if cache is not None:
+            cache.pos += T
+        x = Block._gate(self.transformer.ln_f(x), g_res, r_res)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str):
+        """AdamW; weight decay on matrices and embeddings (dim >= 2) only, not on biases and LayerNorms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")

@@ -1,0 +1,167 @@
+"""The training loop: draw a dial and a source per sequence, train with the gates set at that dial.
+
+A run directory holds `last/` and `best/` checkpoints, `metrics.jsonl` (one JSON object per log line),
+and at the end `loss_vs_dial.json` / `.png`."""
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from abcgpt.checkpoint import load_checkpoint, restore_training_state, save_checkpoint
+from abcgpt.common import AbcgptError, existing_dir, pick_device
+from abcgpt.config import Recipe
+from abcgpt.data import Batcher, prepared_data
+from abcgpt.evaluate import format_table, loss_curve, loss_table, plot_loss_curve, write_json
+from abcgpt.model import GPT
+
+
+def lr_at(step: int, t) -> float:
+    """Linear warm-up, then cosine from lr down to min_lr at the last step."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a run in `out`; returns the final held-out loss table."""
+    out = Path(out)
+    t = recipe.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = pick_device(t.device)
+    autocast = autocast_for(device, t.dtype)
+    data = prepared_data(recipe, progress)
+    cfg = recipe.model
+    cfg.vocab_size, cfg.n_sources = data.tokenizer.vocab_size, len(data.sources)
+
+    torch.manual_seed(t.seed)
+    model = GPT(cfg).to(device)
+    optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), device.type)
+    batcher = Batcher(data, cfg.block_size, t.batch_size, device, t.seed, t.dial_concentration,
+                      t.dial_sampling == "per_batch")
+    step, best = 0, math.inf
+    if resume:
+        ckpt = load_checkpoint(existing_dir(out / "last"), device)
+        if ckpt.tokenizer.to_json() != data.tokenizer.to_json():
+            raise AbcgptError(f"the prepared data in {data.dir} has another tokenizer than the run in {out}")
+        model.load_state_dict(ckpt.model.state_dict())
+        trainer = restore_training_state(ckpt, optimizer)
+        batcher.load_state(trainer["batcher"])
+        step, best = ckpt.meta["step"], trainer["best"]
+        _truncate_log(out / "metrics.jsonl", step)
+        if step >= t.steps:
+            print(f"{out} is already at step {step} of {t.steps}: nothing to do (raise it with --steps)")
+    elif (out / "last").exists() or (out / "last.old").exists():
+        raise AbcgptError(f"{out} already holds a run: resume it with `abcgpt train --resume {out}`, "
+                          "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    step_model = torch.compile(model) if t.compile else model
+
+    if progress:
+        print(f"training {recipe.name}: {model.num_params() / 1e6:.2f}M parameters, gates={cfg.gates}, "
+              f"routing={cfg.routing}, sources {' / '.join(data.sources)}, device {device}")
+    log = open(out / "metrics.jsonl", "a")
+    bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.block_size
+    t_log, step_at_log = time.time(), step
+    table = None
+
+    def save(path: Path, metrics: dict) -> None:
+        save_checkpoint(path, model, recipe, data.tokenizer, data.sources, step, metrics, optimizer,
+                        {"batcher": batcher.state(), "best": best})
+
+    try:
+        while step < t.steps:
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(t.grad_accum):
+                x, y, dials, sources = batcher.next()
+                with autocast():
+                    _, loss = step_model(x, dials, y, sources)
+                (loss / t.grad_accum).backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            if step % t.log_every == 0 or step == t.steps:
+                lossf = loss.item()  # the one host sync per log interval
+                if not math.isfinite(lossf):
+                    raise AbcgptError(f"loss became {lossf} at step {step}; the last good checkpoint is "
+                                      f"{out / 'last'} (try a lower train.lr)")
+                now = time.time()
+                tok_s = (step - step_at_log) * tokens_per_step / (now - t_log)
+                t_log, step_at_log = now, step
+                bar.set_postfix(loss=f"{lossf:.3f}", tok_s=f"{tok_s:,.0f}")
+                _log(log, {"type": "train", "step": step, "loss": lossf, "lr": lr, "tok_per_s": tok_s})
+
+            if step % t.eval_every == 0 or step == t.steps:
+                table = loss_table(model, data, t.batch_size, t.eval_batches, autocast)
+                own = sum(table[s][s] for s in data.sources) / len(data.sources)
+                _log(log, {"type": "eval", "step": step, "heldout": table, "corner_own": own,
+                           "tokens_per_cell": t.batch_size * t.eval_batches * cfg.block_size})
+                bar.write(f"step {step}: held-out loss, each source at its own corner: "
+                          + ", ".join(f"{s} {table[s][s]:.3f}" for s in data.sources))
+                if own < best:
+                    best = own
+                    save(out / "best", {"heldout": table, "corner_own": own})
+                t_log = time.time()  # tokens/s measures training alone
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                save(out / "last", {"heldout": table} if table else {})
+    except KeyboardInterrupt:
+        bar.close()
+        raise AbcgptError(f"interrupted at step {step}; resume from the last checkpoint with "
+                          f"`abcgpt train --resume {out}`") from None
+    finally:
+        log.close()
+    bar.close()
+
+    if table is None:  # a resumed run that had nothing left to do
+        table = loss_table(model, data, t.batch_size, t.eval_batches, autocast)
+    curve = loss_curve(model, data, t.batch_size, max(1, t.eval_batches // 2), autocast=autocast)
+    write_json(out / "loss_vs_dial.json", curve)
+    plot_loss_curve(curve, out / "loss_vs_dial.png", f"{recipe.name}: held-out loss across the dial, "
+                                                      f"{step} steps")
+    if progress:
+        cells = t.batch_size * t.eval_batches * cfg.block_size
+        print(f"\nheld-out loss (nats/token) after {step} steps, {cells:,} tokens per cell "
+              f"(* = best position for that source):")
+        print(format_table(table, data.sources))
+        print(f"checkpoints in {out}/best and {out}/last; loss across the dial: {out}/loss_vs_dial.png")
+    return table
+
+
+def _log(f, record: dict) -> None:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line cut short by the kill
+    path.write_text("".join(line + "\n" for line in keep))

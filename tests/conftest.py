@@ -1,0 +1,74 @@
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path:
+    d = os.environ.get("ABCGPT_DATA_DIR")
+    return Path(d) if d else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def data_dir(monkeypatch) -> Path:
+    """The corpora (shared/data layout); tests that need them skip without them."""
+    d = shared_data()
+    if not (d / "shakespeare" / "input.txt").is_file():
+        pytest.skip(f"corpora not found in {d}: set ABCGPT_DATA_DIR")
+    monkeypatch.setenv("ABCGPT_DATA_DIR", str(d))
+    return d
+
+
+def synthetic_text(alphabet: str, n_chars: int, seed: int) -> str:
+    """Words over one alphabet, in lines: two such sources are told apart by their characters alone."""
+    rng = random.Random(seed)
+    words, size = [], 0
+    while size < n_chars:
+        w = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6)))
+        words.append(w)
+        size += len(w) + 1
+    lines = [" ".join(words[i:i + 8]) for i in range(0, len(words), 8)]
+    return "\n".join(lines) + "\n"
+
+
+def write_recipe(tmp: Path, extra_train: str = "", sources: str | None = None) -> Path:
+    """A seconds-long recipe over two synthetic sources with disjoint alphabets."""
+    (tmp / "a.txt").write_text(synthetic_text("abcdefg", 40_000, 0))
+    (tmp / "b.txt").write_text(synthetic_text("tuvwxyz", 40_000, 1))
+    sources = sources or f"""
+[[data.sources]]
+name = "alpha"
+path = "{tmp / 'a.txt'}"
+
+[[data.sources]]
+name = "omega"
+path = "{tmp / 'b.txt'}"
+"""
+    path = tmp / "synthetic.toml"
+    path.write_text(f"""
+[data]
+dir = "{tmp / 'data'}"
+tokenizer = "char"
+{sources}
+[model]
+n_layer = 1
+n_head = 2
+n_embd = 16
+block_size = 16
+
+[train]
+steps = 30
+batch_size = 8
+lr = 3e-3
+warmup_steps = 5
+eval_every = 10
+eval_batches = 2
+checkpoint_every = 10
+log_every = 5
+threads = 1
+{extra_train}
+""")
+    return path

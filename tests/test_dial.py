@@ -1,0 +1,154 @@
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from abcgpt.common import AbcgptError
+from abcgpt.dial import apply_gate, draw_specialties, gate, parse_dial, route_mask, sample_dials
+
+
+def two(a: float) -> torch.Tensor:
+    return torch.tensor([[1.0 - a, a]])
+
+
+def spec(m: float) -> torch.Tensor:
+    return torch.tensor([[1.0 - m, m]])
+
+
+@pytest.mark.parametrize(
+    "a, m, narrowness, expected",
+    [
+        # DESIGN §1 by hand: span = max(m, 1-m) * narrowness, gate = cos^2(pi/2 * min(1, |a-m|/span))
+        (0.3, 0.3, 1.0, 1.0),  # at a = m the unit fires fully
+        (0.0, 0.2, 1.0, math.cos(math.pi / 2 * 0.2 / 0.8) ** 2),  # 0.8535533...
+        (1.0, 0.2, 1.0, 0.0),  # far end: |1 - 0.2| / 0.8 = 1
+        (0.5, 0.9, 1.0, math.cos(math.pi / 2 * 0.4 / 0.9) ** 2),  # 0.5868240...
+        (0.6, 0.5, 1.0, math.cos(math.pi / 2 * 0.1 / 0.5) ** 2),  # 0.9045085
+        (0.5, 0.2, 0.5, math.cos(math.pi / 2 * 0.3 / 0.4) ** 2),  # narrower tent: span 0.4
+        (0.8, 0.2, 0.5, 0.0),  # 0.6 / 0.4 > 1: off
+    ],
+)
+def test_gate_matches_hand_computed_values(a, m, narrowness, expected):
+    got = gate(two(a), spec(m), narrowness).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_hand_values_are_the_numbers_we_think():
+    # pin a few to literal numbers, so a wrong formula on both sides cannot pass
+    assert gate(two(0.0), spec(0.2)).item() == pytest.approx(0.853553, abs=1e-5)
+    assert gate(two(0.5), spec(0.9)).item() == pytest.approx(0.586824, abs=1e-5)
+
+
+def test_far_end_is_exactly_zero():
+    m = torch.linspace(0, 1, 101)
+    s = torch.stack([1 - m, m], 1)
+    # units of the first half are off at a = 1, of the second half at a = 0; the edge m = 0.5 at both
+    g1 = gate(two(1.0), s)[0]
+    g0 = gate(two(0.0), s)[0]
+    assert torch.all(g1[m <= 0.5] == 0.0)
+    assert torch.all(g0[m >= 0.5] == 0.0)
+    assert torch.all(g1[m > 0.5] > 0) and torch.all(g0[m < 0.5] > 0)
+
+
+def test_gate_shapes_and_per_sequence_dials():
+    s = draw_specialties(50, 2, seed=0)
+    dials = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    g = gate(dials, s)
+    assert g.shape == (3, 50)
+    for i in range(3):
+        assert torch.equal(g[i], gate(dials[i : i + 1], s)[0])
+
+
+def test_specialties_are_beta_half_half_and_seeded():
+    s = draw_specialties(20000, 2, seed=1)
+    assert torch.equal(s, draw_specialties(20000, 2, seed=1))
+    assert not torch.equal(s, draw_specialties(20000, 2, seed=2))
+    m = s[:, 1].numpy()
+    assert np.allclose(s.sum(1).numpy(), 1.0)
+    # Beta(0.5, 0.5) is U-shaped: mean 1/2, variance 1/8, 29.5% of mass below 0.2 (arcsine law: 2/pi asin(sqrt x))
+    assert m.mean() == pytest.approx(0.5, abs=0.01)
+    assert m.var() == pytest.approx(0.125, abs=0.005)
+    assert (m < 0.2).mean() == pytest.approx(2 / math.pi * math.asin(math.sqrt(0.2)), abs=0.01)
+    # exactly numpy's Beta draw from that seed
+    assert np.allclose(m, np.random.default_rng(1).beta(0.5, 0.5, 20000), atol=1e-7)
+
+
+def test_routed_gradient_equals_the_stated_mask():
+    torch.manual_seed(0)
+    s = draw_specialties(16, 2, seed=3)
+    x = torch.randn(2, 16, requires_grad=True)
+    dials = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
+    source = torch.tensor([0, 1])
+    g = gate(dials, s)
+    r = route_mask(s, source)
+    y = apply_gate(x, g, r)
+    assert torch.equal(y, x * g)  # the forward pass is the smooth gate, bit for bit
+    w = torch.randn(2, 16)
+    (y * w).sum().backward()
+    m = s[:, 1]
+    # source 0 -> (1 - m), source 1 -> m, in place of the gate
+    assert torch.allclose(x.grad[0], w[0] * (1 - m))
+    assert torch.allclose(x.grad[1], w[1] * m)
+
+
+def test_soft_gradient_is_the_gate():
+    s = draw_specialties(16, 2, seed=3)
+    x = torch.randn(1, 16, requires_grad=True)
+    g = gate(two(0.4), s)
+    apply_gate(x, g).sum().backward()
+    assert torch.allclose(x.grad, g)
+
+
+def test_sample_dials_follow_the_method():
+    rng = np.random.default_rng(0)
+    dials, sources = sample_dials(rng, 200000, 2, 0.5)
+    a = dials[:, 1]
+    assert np.allclose(dials.sum(1), 1.0)
+    assert a.mean() == pytest.approx(0.5, abs=0.01) and a.var() == pytest.approx(0.125, abs=0.003)
+    # source ~ Bernoulli(a): P(source = 1 | a) = a, so E[a | source 1] = E[a^2] / E[a] = 3/4
+    assert sources.mean() == pytest.approx(0.5, abs=0.01)
+    assert a[sources == 1].mean() == pytest.approx(0.75, abs=0.01)
+    assert a[sources == 0].mean() == pytest.approx(0.25, abs=0.01)
+
+
+def test_sample_dials_per_batch_is_one_dial_one_source():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        dials, sources = sample_dials(rng, 8, 2, 0.5, per_batch=True)
+        assert (dials == dials[0]).all() and (sources == sources[0]).all()
+
+
+def test_parse_dial():
+    src = ["tinystories", "shakespeare"]
+    assert parse_dial("0.25", src)[0].tolist() == [0.75, 0.25]
+    assert parse_dial("shakespeare", src)[0].tolist() == [0.0, 1.0]
+    assert parse_dial("uniform", src)[0].tolist() == [0.5, 0.5]
+    d, note = parse_dial("shakespeare=0.3,tinystories=0.7", src)
+    assert torch.allclose(d, torch.tensor([0.7, 0.3])) and note is None
+    d, note = parse_dial("shakespeare=1,tinystories=3", src)
+    assert torch.allclose(d, torch.tensor([0.75, 0.25])) and "normalised" in note
+
+
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ("1.5", "outside [0, 1]"),
+        ("-0.1", "outside [0, 1]"),
+        ("nan", "outside [0, 1]"),
+        ("poetry=1", "unknown source 'poetry'"),
+        ("shakespeare=-1", ">= 0"),
+        ("shakespeare=0,tinystories=0", "all weights zero"),
+        ("shakespeare=x", "not a number"),
+        ("bogus", "cannot read dial"),
+    ],
+)
+def test_parse_dial_errors(text, msg):
+    with pytest.raises(AbcgptError, match=re.escape(msg)):
+        parse_dial(text, ["tinystories", "shakespeare"])
+
+
+def test_numeric_dial_needs_two_sources():
+    with pytest.raises(AbcgptError, match="needs two sources"):
+        parse_dial("0.5", ["a", "b", "c"])

@@ -1,0 +1,182 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, write_recipe
+from safetensors.torch import load_file
+
+from abcgpt.checkpoint import load_checkpoint
+from abcgpt.common import AbcgptError
+from abcgpt.config import load_recipe
+from abcgpt.data import Batcher, load_data, prepare, prepared_data
+from abcgpt.evaluate import heldout_loss
+from abcgpt.train import train
+
+
+def test_training_separates_two_sources(tmp_path):
+    """A short run on two sources with disjoint alphabets: at each corner, the corner's own source is
+    predicted far better than at the other corner, and the run leaves its checkpoints, log and plot."""
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["train.steps=150", "train.eval_every=50"])
+    table = train(recipe, tmp_path / "run", progress=False)
+    assert table["alpha"]["alpha"] < table["omega"]["alpha"] - 0.25
+    assert table["omega"]["omega"] < table["alpha"]["omega"] - 0.25
+    for f in ("best/model.safetensors", "last/config.json", "metrics.jsonl", "loss_vs_dial.png", "loss_vs_dial.json"):
+        assert (tmp_path / "run" / f).is_file(), f
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "eval"] == [50, 100, 150]
+    train_losses = [r["loss"] for r in log if r["type"] == "train"]
+    assert train_losses[-1] < train_losses[0] - 0.3
+    ckpt = load_checkpoint(tmp_path / "run" / "last")
+    assert ckpt.meta["step"] == 150 and ckpt.sources == ["alpha", "omega"]
+    # the checkpoint reproduces the losses logged at the last evaluation
+    data = load_data(recipe.data_dir)
+    got = heldout_loss(ckpt.model, data.heldout[0], torch.tensor([1.0, 0.0]), 8, 2)
+    assert got == pytest.approx(table["alpha"]["alpha"], abs=1e-5)
+
+
+def test_heldout_text_is_never_trained_on(tmp_path):
+    """Training batches come only from training text: held-out text written in other characters never shows up."""
+    (tmp_path / "a_train.txt").write_text("abcd " * 2000)
+    (tmp_path / "a_held.txt").write_text("ABCD " * 500)
+    (tmp_path / "b_split.txt").write_text(("wxyz " * 20 + "\n") * 90 + ("WXYZ " * 20 + "\n") * 10)  # last 10%: upper
+    sources = f"""
+[[data.sources]]
+name = "a"
+path = "{tmp_path / 'a_train.txt'}"
+heldout_path = "{tmp_path / 'a_held.txt'}"
+
+[[data.sources]]
+name = "b"
+path = "{tmp_path / 'b_split.txt'}"
+"""
+    recipe = load_recipe(str(write_recipe(tmp_path, sources=sources)))
+    data = prepared_data(recipe, progress=False)
+    tok = data.tokenizer
+    upper = set(tok.encode("ABCDWXYZ"))
+    assert upper <= set(np.unique(data.heldout[0])) | set(np.unique(data.heldout[1]))
+    batcher = Batcher(data, 16, 64, torch.device("cpu"), seed=0)
+    for _ in range(200):
+        x, y, dials, sources = batcher.next()
+        assert not upper & set(torch.unique(torch.cat([x, y])).tolist())
+        # each row comes from the source it was drawn for
+        for row, s in zip(x, sources):
+            assert set(tok.decode(row.tolist())) <= set("abcd \n" if s == 0 else "wxyz \n")
+
+
+def test_builtin_heldout_split_is_disjoint(tmp_path, data_dir):
+    """Shakespeare: the training shard is the first 90% of the file, the held-out shard the rest."""
+    sources = '[[data.sources]]\nname = "shakespeare"\n[[data.sources]]\nname = "tinystories"\nmax_bytes = 100000\n'
+    recipe = load_recipe(str(write_recipe(tmp_path, sources=sources)))
+    data = load_data(prepare(recipe, progress=False))
+    text = (data_dir / "shakespeare" / "input.txt").read_text()
+    train_text = data.tokenizer.decode(data.train[0].tolist())
+    held_text = data.tokenizer.decode(data.heldout[0].tolist())
+    assert train_text + held_text == text
+    assert 0.09 < len(held_text) / len(text) < 0.11
+    assert data.tokenizer.decode(data.heldout[1].tolist()) == (data_dir / "tinystories" / "valid.txt").read_text()
+
+
+def test_stale_data_is_noticed(tmp_path):
+    recipe = load_recipe(str(write_recipe(tmp_path)))
+    prepared_data(recipe, progress=False)
+    with pytest.raises(AbcgptError, match="data.tokenizer was 'char'"):
+        prepared_data(load_recipe(str(tmp_path / "synthetic.toml"), ["data.tokenizer=bpe"]), progress=False)
+    with open(tmp_path / "a.txt", "a") as f:
+        f.write("gab fed\n")
+    with pytest.raises(AbcgptError, match="text of source 'alpha' changed"):
+        prepared_data(recipe, progress=False)
+
+
+def test_source_shorter_than_context(tmp_path):
+    (tmp_path / "short.txt").write_text("abc\n" * 3)
+    sources = f"""
+[[data.sources]]
+name = "short"
+path = "{tmp_path / 'short.txt'}"
+heldout_path = "{tmp_path / 'short.txt'}"
+[[data.sources]]
+name = "long"
+path = "{tmp_path / 'b.txt'}"
+"""
+    recipe = load_recipe(str(write_recipe(tmp_path, sources=sources)))
+    with pytest.raises(AbcgptError, match="source 'short' has 12 training tokens, fewer than the context"):
+        prepared_data(recipe, progress=False)
+
+
+def test_batches_follow_the_dial_draw(tmp_path):
+    """Per-sequence sampling: sequences drawn for source 1 came with dials near 1 (E[a | source 1] = 3/4)."""
+    recipe = load_recipe(str(write_recipe(tmp_path)))
+    data = prepared_data(recipe, progress=False)
+    batcher = Batcher(data, 16, 256, torch.device("cpu"), seed=0)
+    dials, sources = zip(*[batcher.next()[2:] for _ in range(40)])
+    a, s = torch.cat(dials)[:, 1], torch.cat(sources)
+    assert a[s == 1].mean().item() == pytest.approx(0.75, abs=0.02)
+    assert a[s == 0].mean().item() == pytest.approx(0.25, abs=0.02)
+
+
+def _cli(*args, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.Popen([sys.executable, "-m", "abcgpt", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    """SIGKILL a run after its first checkpoint; --resume finishes it with the same step count and the same
+    weights as a run that was never interrupted (optimizer, RNG and sampler state all restored)."""
+    recipe = write_recipe(tmp_path, extra_train="")
+    steps, args = "400", ["--set", "train.checkpoint_every=10", "--set", "train.eval_every=100"]
+    proc = _cli("train", "--config", str(recipe), "--out", str(tmp_path / "killed"), "--steps", steps, *args)
+    cfg = tmp_path / "killed" / "last" / "config.json"
+    deadline = time.time() + 120
+    while not cfg.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # let it get into the middle of later steps or checkpoint writes
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(tmp_path / "killed" / "last").meta["step"]
+    assert 0 < killed_at < 400, "the run should have been killed midway"
+
+    resumed = _cli("train", "--resume", str(tmp_path / "killed"))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert load_checkpoint(tmp_path / "killed" / "last").meta["step"] == 400
+
+    whole = _cli("train", "--config", str(recipe), "--out", str(tmp_path / "whole"), "--steps", steps, *args)
+    _, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err
+    a = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the log reads as one run: every step logged once
+    steps_logged = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(x)["type"] == "train"]
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 400
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["train.steps=10"])
+    train(recipe, tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "last" / "model.safetensors").read_bytes()
+    with pytest.raises(AbcgptError, match="already holds a run"):
+        train(recipe, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "last" / "model.safetensors").read_bytes() == before
+
+
+def test_interrupted_checkpoint_swap_is_recovered(tmp_path):
+    """A crash between the two renames of a checkpoint swap leaves last.old; loading falls back to it."""
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["train.steps=10"])
+    train(recipe, tmp_path / "run", progress=False)
+    last = tmp_path / "run" / "last"
+    last.rename(tmp_path / "run" / "last.old")
+    assert load_checkpoint(tmp_path / "run").meta["step"] == 10  # via best/ ...
+    assert load_checkpoint(last).meta["step"] == 10  # ... and last.old
+    assert Path(load_checkpoint(last).path).name == "last.old"
