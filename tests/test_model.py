@@ -134,3 +134,18 @@ def test_kv_cache_generation_equals_full_recompute(gates):
     assert torch.equal(cached, full)
     long = list(generate_tokens(model, prompt, dial, 60, temperature=1.0, seed=0))
     assert len(long) == 60
+
+
+@pytest.mark.parametrize("routing", ["soft", "routed"])
+def test_training_forward_traces_as_one_graph(routing):
+    """torch.compile can capture the gated forward and the routed backward whole (no graph breaks)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(small(routing=routing))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    idx = torch.randint(0, 50, (2, 10))
+    dials = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    _, loss = compiled(idx, dials, idx, torch.tensor([0, 1]))
+    loss.backward()
+    _, eager_loss = model(idx, dials, idx, torch.tensor([0, 1]))
+    assert torch.allclose(loss, eager_loss)
