@@ -37,10 +37,10 @@ def cmd_train(args) -> None:
         if args.config or args.set or args.out:
             raise AbcgptError("--resume takes the recipe and output folder from the run; only --steps may change")
         run = Path(args.resume)
-        recipe = load_checkpoint(existing_dir(run / "last")).recipe if (run / "last").exists() or \
-            (run / "last.old").exists() else None
-        if recipe is None:
+        last = existing_dir(run / "last")
+        if not (last / "config.json").is_file():
             raise AbcgptError(f"{run} holds no checkpoint to resume (no {run}/last)")
+        recipe = load_checkpoint(last).recipe
         if args.steps:
             recipe.train.steps = args.steps
         train(recipe, run, resume=True)

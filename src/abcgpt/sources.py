@@ -8,7 +8,6 @@ $ABCGPT_MIRROR/<name>/<file> when a mirror is set, else from the official URL.
 
 import hashlib
 import http.client
-import math
 import os
 import re
 import tempfile
@@ -64,18 +63,15 @@ class SourceSpec:
     heldout_url: str | None = None
     max_bytes: int | None = None  # keep only the first N bytes of training text (URLs: an HTTP Range request)
     normalize: str = "none"  # "none" | "reference" (see normalize_reference)
-    weight: float = 1.0  # how often drawn relative to the other sources
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             v, hint = getattr(self, f.name), hints[f.name]
             types = tuple(typing.get_origin(t) or t for t in typing.get_args(hint) or (hint,))
-            types += (int,) if float in types else ()  # weight = 2 is fine
             if isinstance(v, bool) or not isinstance(v, types):
                 want = " or ".join("None" if t is type(None) else t.__name__ for t in types)
                 raise AbcgptError(f"source {self.name!r}: {f.name} must be {want}, got {v!r}")
-        self.weight = float(self.weight)
         if not self.name:
             raise AbcgptError("a source needs a non-empty name")
         given = [k for k in ("path", "url", "hf") if getattr(self, k) is not None]
@@ -102,8 +98,6 @@ class SourceSpec:
         if self.normalize not in NORMALIZE:
             raise AbcgptError(f"source {self.name!r}: normalize must be one of {', '.join(NORMALIZE)}, "
                               f"got {self.normalize!r}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise AbcgptError(f"source {self.name!r}: weight must be a number >= 0, got {self.weight}")
 
     @classmethod
     def from_dict(cls, d: dict | str) -> "SourceSpec":
