@@ -1,4 +1,4 @@
-# Two commands: `make demo` (prepare, train the tiny recipe, losses and samples across the dial)
+# Two commands: `make demo` (prepare, train the tiny recipe, losses and samples across the dial, the dial report)
 # and `make test`. Both create .venv on first use. Corpora come from $ABCGPT_DATA_DIR when set,
 # else they are downloaded (see README).
 
@@ -26,6 +26,7 @@ demo: venv
 	rm -rf $(DEMO_RUN)
 	$(BIN)/abcgpt train --config tiny --out $(DEMO_RUN)
 	$(BIN)/abcgpt sample --ckpt $(DEMO_RUN) --sweep 0,0.25,0.5,0.75,1 --max-new-tokens 240 --seed 0
+	$(BIN)/abcgpt eval --ckpt $(DEMO_RUN)
 
 test: venv
 	$(BIN)/python -m pytest

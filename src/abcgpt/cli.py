@@ -1,4 +1,4 @@
-"""The `abcgpt` command: prepare, train, sample, config."""
+"""The `abcgpt` command: prepare, train, sample, baselines, eval, calibrate, config."""
 
 import argparse
 import itertools
@@ -69,7 +69,7 @@ def cmd_sample(args) -> None:
         d, note = parse_dial(spec, sources)
         if note:
             print(f"note: {note}", file=sys.stderr)
-        dials.append(d)
+        dials.append(calibrated(ckpt, spec, d) if args.calibrated else d)
     prompt = args.prompt if args.prompt else "\n"
     tok.encode(prompt)  # fails early, with a clear message, on characters the model does not know
     top_k = args.top_k or None
@@ -99,6 +99,52 @@ def cmd_sample(args) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
         print()
+
+
+def calibrated(ckpt, spec: str, dial: torch.Tensor) -> torch.Tensor:
+    """--calibrated: the number asked for is the share of the second source's style; map it to a dial."""
+    from abcgpt.style import apply_calibration
+
+    cal = ckpt.meta.get("calibration")
+    if cal is None:
+        raise AbcgptError(f"{ckpt.path} has no calibration: run `abcgpt calibrate --ckpt {ckpt.path}` first")
+    try:
+        share = float(spec)
+    except ValueError:
+        raise AbcgptError(f"--calibrated takes a number in [0, 1] (the share of {ckpt.sources[-1]}), "
+                          f"got {spec!r}") from None
+    a = apply_calibration(cal, share)
+    return torch.tensor([1.0 - a, a])
+
+
+def cmd_baselines(args) -> None:
+    from abcgpt.config import load_recipe
+    from abcgpt.train import train_baselines
+
+    overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps else [])
+    paths = train_baselines(load_recipe(args.config, overrides), Path(args.out))
+    print("baselines: " + ", ".join(str(p) for p in paths))
+
+
+def cmd_eval(args) -> None:
+    from abcgpt.report import Settings, build_report, write_report
+
+    settings = Settings.quick(args.samples or 4) if args.quick else Settings(samples=args.samples or 32)
+    settings.prompt = args.prompt
+    report, figures = build_report(Path(args.ckpt), Path(args.baselines) if args.baselines else None,
+                                   args.quick, settings, pick_device(args.device))
+    out = Path(args.out) if args.out else Path(args.ckpt) / "report"
+    write_report(report, figures, out)
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.html'} (also report.json, report.md and the PNGs there)")
+
+
+def cmd_calibrate(args) -> None:
+    from abcgpt.report import Settings, calibrate
+
+    cal = calibrate(Path(args.ckpt), Settings(samples=args.samples, prompt=args.prompt), pick_device(args.device))
+    pairs = ", ".join(f"{a:.2f}->{d:.2f}" for a, d in zip(cal["share"], cal["dial"]))
+    print(f"calibration stored in the checkpoint (share asked -> dial): {pairs}")
 
 
 def print_side_by_side(headers: list[str], texts: list[str], sources: list[str]) -> None:
@@ -165,8 +211,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=int, default=40, help="0 disables top-k")
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--json", action="store_true", help="print one JSON object per sample")
+    sp.add_argument("--calibrated", action="store_true",
+                    help="read the dial as the share of the second source's style (needs `abcgpt calibrate`)")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("baselines", help="train the ungated comparison models (joint, and without each source)")
+    recipe_args(sp, required=True)
+    sp.add_argument("--out", required=True, help="folder for the baseline runs")
+    sp.add_argument("--steps", type=int, help="overrides train.steps (must match the dial model's)")
+    sp.set_defaults(func=cmd_baselines)
+
+    sp = sub.add_parser("eval", help="the dial report: losses, contrast, isolation, style curve, neuron view")
+    sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    sp.add_argument("--baselines", help="folder written by `abcgpt baselines` (for isolation and joint)")
+    sp.add_argument("--out", help="report folder (default: CKPT/report)")
+    sp.add_argument("--quick", action="store_true", help="few batches and samples: a smoke test, not numbers")
+    sp.add_argument("--samples", type=int, help="samples per style-curve position (default 32; quick 4)")
+    sp.add_argument("--prompt", default="\n", help="prompt of every style sample (default: a newline)")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("calibrate", help="fit and store the map from style share to dial position")
+    sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    sp.add_argument("--samples", type=int, default=32, help="samples per dial position")
+    sp.add_argument("--prompt", default="\n", help="prompt of every style sample (default: a newline)")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(func=cmd_calibrate)
 
     sp = sub.add_parser("config", help="show a recipe with defaults and overrides applied")
     recipe_args(sp)

@@ -37,6 +37,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dial_sampling: str = "per_sequence"  # "per_sequence" | "per_batch" (the reference: one dial per step)
     dial_concentration: float = 0.5  # dial ~ Beta(c, c) / Dirichlet(c)
+    only_sources: list = field(default_factory=list)  # ungated baselines: train on these sources only ([] = all)
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, else fp32) | "float32" | "bfloat16"
@@ -129,6 +130,12 @@ def validate(r: Recipe) -> None:
     if dup:
         raise AbcgptError(f"source {sorted(dup)[0]!r} is listed twice in recipe {r.name}")
     m, t = r.model, r.train
+    for name in t.only_sources:
+        if name not in names:
+            raise AbcgptError(f"train.only_sources names {name!r}, which is not a source of the recipe "
+                              f"({', '.join(names)})")
+    if t.only_sources and m.gates != "none":
+        raise AbcgptError('train.only_sources is for ungated baselines: set model.gates = "none" too')
     positive = {"model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
                 "model.block_size": m.block_size, "model.narrowness": m.narrowness,
                 "model.specialty_concentration": m.specialty_concentration, "train.steps": t.steps,

@@ -160,21 +160,27 @@ def check_lengths(data: PreparedData, block_size: int) -> None:
 
 class Batcher:
     """Training batches: per sequence a dial ~ Beta/Dirichlet, a source ~ Categorical(dial), a random window.
+    An ungated baseline has no dial: its sources are drawn uniformly from `only` (the same marginal as the
+    dial's draw, whose Beta/Dirichlet is symmetric).
 
     All randomness comes from one numpy Generator whose state goes into checkpoints, so a resumed run draws
     exactly the batches the uninterrupted run would have drawn."""
 
     def __init__(self, data: PreparedData, block_size: int, batch_size: int, device: torch.device,
-                 seed: int, concentration: float = 0.5, per_batch: bool = False):
+                 seed: int, concentration: float = 0.5, per_batch: bool = False, only: list[int] | None = None):
         self.data, self.T, self.B, self.device = data, block_size, batch_size, device
-        self.concentration, self.per_batch = concentration, per_batch
+        self.concentration, self.per_batch, self.only = concentration, per_batch, only
         self.rng = np.random.default_rng(seed)
         self.window = np.arange(block_size + 1)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x, y (B, T) int64; dials (B, N) float32; sources (B,) int64."""
         n = len(self.data.train)
-        dials, sources = sample_dials(self.rng, self.B, n, self.concentration, self.per_batch)
+        if self.only is None:
+            dials, sources = sample_dials(self.rng, self.B, n, self.concentration, self.per_batch)
+        else:
+            sources = self.rng.choice(np.asarray(self.only), size=self.B)
+            dials = np.eye(n, dtype=np.float32)[sources]
         xy = np.empty((self.B, self.T + 1), dtype=np.int64)
         for s in np.unique(sources):
             rows = np.flatnonzero(sources == s)

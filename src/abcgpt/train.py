@@ -3,6 +3,7 @@
 A run directory holds `last/` and `best/` checkpoints, `metrics.jsonl` (one JSON object per log line),
 and at the end `loss_vs_dial.json` / `.png`."""
 
+import copy
 import json
 import math
 import time
@@ -50,8 +51,9 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     torch.manual_seed(t.seed)
     model = GPT(cfg).to(device)
     optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), device.type)
+    only = None if cfg.gates == "abc" else [data.sources.index(s) for s in t.only_sources or data.sources]
     batcher = Batcher(data, cfg.block_size, t.batch_size, device, t.seed, t.dial_concentration,
-                      t.dial_sampling == "per_batch")
+                      t.dial_sampling == "per_batch", only)
     step, best = 0, math.inf
     if resume:
         ckpt = load_checkpoint(existing_dir(out / "last"), device)
@@ -114,7 +116,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
 
             if step % t.eval_every == 0 or step == t.steps:
                 table = loss_table(model, data, t.batch_size, t.eval_batches, autocast)
-                own = sum(table[s][s] for s in data.sources) / len(data.sources)
+                trained = t.only_sources or data.sources
+                own = sum(table[s][s] for s in trained) / len(trained)
                 _log(log, {"type": "eval", "step": step, "heldout": table, "corner_own": own,
                            "tokens_per_cell": t.batch_size * t.eval_batches * cfg.block_size})
                 bar.write(f"step {step}: held-out loss, each source at its own corner: "
@@ -165,3 +168,27 @@ def _truncate_log(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a line cut short by the kill
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def train_baselines(recipe: Recipe, out: Path, progress: bool = True) -> list[Path]:
+    """The ungated comparison models of DESIGN §3, with the dial model's recipe, steps and data: `joint` (every
+    source) and `without_<s>` for each source s. Runs that are complete are skipped, unfinished ones resumed."""
+    names = [s.name for s in recipe.data.sources]
+    runs = {"joint": []} | {f"without_{s}": [x for x in names if x != s] for s in names}
+    paths = []
+    for run, only in runs.items():
+        r = copy.deepcopy(recipe)
+        r.model.gates, r.model.routing, r.train.only_sources = "none", "soft", only
+        path = Path(out) / run
+        last = existing_dir(path / "last")
+        done = json.loads((last / "config.json").read_text())["step"] if (last / "config.json").is_file() else None
+        if progress:
+            print(f"== baseline {run}: ungated, trained on {', '.join(only or names)}")
+        if done is None:
+            train(r, path, progress=progress)
+        elif done < r.train.steps:
+            train(r, path, resume=True, progress=progress)
+        elif progress:
+            print(f"{path} is complete ({done} steps)")
+        paths.append(path)
+    return paths

@@ -1,0 +1,466 @@
+"""The dial report: DESIGN.md §3's metrics for a checkpoint, as report.json, report.md, report.html and PNGs.
+
+Every number carries what it rests on (batches, tokens, samples). `quick=True` runs the same code with fewer
+batches, points and samples, for tests."""
+
+import base64
+import copy
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from abcgpt.checkpoint import Checkpoint, load_checkpoint
+from abcgpt.common import AbcgptError, existing_dir, replace_dir
+from abcgpt.data import PreparedData, heldout_batches, prepared_data
+from abcgpt.dial import corner, format_dial
+from abcgpt.generate import generate
+from abcgpt.model import GPT
+from abcgpt.neurons import band_response, firing_fractions, plot_neuron_view, specialty_histogram
+from abcgpt.style import (
+    StyleClassifier,
+    apply_calibration,
+    calibration_error,
+    fit_calibration,
+    is_monotone,
+    sample_shares,
+    within_sample,
+)
+
+# DESIGN.md §2: the original implementation at the reference recipe (one H100, held-out data), sources in the
+# reference's order (tinystories = dial 0, shakespeare = dial 1).
+ORIGINAL = {
+    "corner_loss": {"tinystories": 0.961, "shakespeare": 1.435},
+    "other_corner_loss": {"tinystories": 1.346, "shakespeare": 1.731},
+    "contrast": {"tinystories": 0.39, "shakespeare": 0.30},
+    "isolation": {"tinystories": 0.13, "shakespeare": 0.11},
+    "joint": {"tinystories": 0.736, "shakespeare": 1.377},
+    "style_share": {"dial": [0, 0.25, 0.5, 0.75, 1], "shakespeare": [0, 0.13, 0.5, 1, 1]},
+}
+
+
+@dataclass
+class Settings:
+    loss_points: int = 21  # dial positions on the loss curve
+    batches: int = 8  # held-out batches per source per position
+    style_points: int = 11  # dial positions on the style curve
+    samples: int = 32  # samples per style position
+    new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 40
+    classifier_chunks: int = 1500
+    seed: int = 1234
+    prompt: str = "\n"  # the same prompt at every position; a newline is common to most corpora
+
+    @classmethod
+    def quick(cls, samples: int = 4) -> "Settings":
+        return cls(loss_points=5, batches=2, style_points=3, samples=samples, new_tokens=48, classifier_chunks=200)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@torch.no_grad()
+def batch_losses(model: GPT, tokens, dial: torch.Tensor | None, batch_size: int, n_batches: int) -> np.ndarray:
+    """Loss of each of n_batches fixed held-out batches (the same batches for every dial and every model)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for x, y in heldout_batches(tokens, model.config.block_size, batch_size, n_batches):
+        _, loss = model(x.to(device), None if dial is None else dial.to(device), y.to(device))
+        out.append(loss.item())
+    return np.array(out)
+
+
+def mean_ci(x: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Mean and a 95% bootstrap confidence interval over batches."""
+    rng = np.random.default_rng(seed)
+    boots = rng.choice(x, size=(n_boot, x.size), replace=True).mean(axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"mean": float(x.mean()), "ci95": [float(lo), float(hi)], "batches": int(x.size)}
+
+
+def dial_path(n_sources: int, points: int) -> tuple[list[float], list[torch.Tensor]]:
+    """Points from the first source's corner to the last's; for two sources this is the dial a in [0, 1]."""
+    ts = np.linspace(0.0, 1.0, points)
+    first, last = corner(0, n_sources), corner(n_sources - 1, n_sources)
+    return ts.tolist(), [(1 - float(t)) * first + float(t) * last for t in ts]
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+# recipe keys that may differ between the dial model and its baselines: the gates and how the dial is drawn
+GATE_KEYS = {"model": {"gates", "routing", "narrowness", "specialty_seed", "specialty_concentration"},
+             "train": {"dial_sampling", "dial_concentration", "only_sources", "device", "dtype", "compile",
+                       "threads", "eval_every", "eval_batches", "log_every", "checkpoint_every"}}
+
+
+def check_baseline(dial: Checkpoint, base: Checkpoint, name: str) -> None:
+    """Refuse a baseline trained with another tokenizer or recipe, naming the difference."""
+    if base.tokenizer.to_json() != dial.tokenizer.to_json():
+        raise AbcgptError(f"baseline {name} ({base.path}) has another tokenizer than the dial model")
+    a, b = dial.meta["recipe"], base.meta["recipe"]
+    for section in ("data", "model", "train"):
+        for key in sorted(set(a[section]) | set(b[section])):
+            if key in GATE_KEYS.get(section, ()):
+                continue
+            if a[section].get(key) != b[section].get(key):
+                raise AbcgptError(f"baseline {name} ({base.path}) differs from the dial model in {section}.{key}: "
+                                  f"{b[section].get(key)!r} vs {a[section].get(key)!r}")
+
+
+def load_baselines(path: Path, dial: Checkpoint, device) -> dict[str, Checkpoint]:
+    """joint and without_<s> for every source, from a folder written by `abcgpt baselines`."""
+    path = Path(path)
+    found = {}
+    for name in ["joint"] + [f"without_{s}" for s in dial.sources]:
+        run = path / name
+        if not (existing_dir(run / "last") / "config.json").is_file():
+            raise AbcgptError(f"baseline {name} not found in {path} (expected {run}/last): run "
+                              f"`abcgpt baselines --config ... --out {path}`")
+        ckpt = load_checkpoint(existing_dir(run / "last"), device)
+        if ckpt.model.config.gates != "none":
+            raise AbcgptError(f"baseline {name} ({ckpt.path}) is a gated model; baselines are ungated")
+        check_baseline(dial, ckpt, name)
+        found[name] = ckpt
+    return found
+
+
+# ----------------------------------------------------------------------------- style
+
+
+def style_at(model: GPT, tokenizer, clf: StyleClassifier, dials: list[torch.Tensor], s: Settings) -> dict:
+    """K samples per dial (same prompt and the same random stream at every position), scored by the classifier."""
+    shares, segment, mixing, texts = [], [], [], []
+    for d in dials:
+        batch = generate(model, tokenizer, [s.prompt] * s.samples, d.expand(s.samples, -1), s.new_tokens,
+                         s.temperature, s.top_k, s.seed)
+        shares.append(sample_shares(clf, batch).tolist())
+        w = within_sample(clf, batch)
+        segment.append(w["segment_share"])
+        mixing.append(w["mixing"])
+        texts.append(batch[0])
+    return {"share": shares, "segment_share": segment, "mixing": mixing, "example": texts,
+            "samples_per_point": s.samples, "new_tokens": s.new_tokens, "temperature": s.temperature,
+            "top_k": s.top_k}
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = False, settings: Settings | None = None,
+                 device: str | torch.device = "cpu", progress: bool = True) -> tuple[dict, dict[str, bytes]]:
+    """All numbers of the report (a JSON-able dict) and its figures (PNG bytes by file name)."""
+    t0 = time.time()
+    s = settings or (Settings.quick() if quick else Settings())
+    ckpt = load_checkpoint(ckpt_path, device)
+    model, sources = ckpt.model.eval(), ckpt.sources
+    if model.config.gates != "abc":
+        raise AbcgptError(f"{ckpt.path} is an ungated model: the report is for dial models")
+    data = heldout_data(ckpt)
+    n, bs = len(sources), ckpt.recipe.train.batch_size
+    tokens_per_cell = s.batches * bs * model.config.block_size
+
+    def say(msg):
+        if progress:
+            print(f"[{time.time() - t0:5.1f}s] {msg}")
+
+    # the N x N corner table and the middle
+    say("held-out loss at every corner and the middle")
+    cells = {t: {src: batch_losses(model, data.heldout[j], corner(i, n), bs, s.batches)
+                 for j, src in enumerate(sources)} for i, t in enumerate(sources)}
+    middle = {src: batch_losses(model, data.heldout[j], torch.full((n,), 1.0 / n), bs, s.batches)
+              for j, src in enumerate(sources)}
+    L = {t: {src: float(v.mean()) for src, v in row.items()} for t, row in cells.items()}
+    report = {
+        "checkpoint": str(ckpt.path), "recipe": ckpt.recipe.name, "step": ckpt.meta["step"], "sources": sources,
+        "settings": asdict(s), "quick": quick,
+        "heldout_tokens_per_cell": tokens_per_cell,
+        "corner_table": {t: {src: mean_ci(v) for src, v in row.items()} for t, row in cells.items()},
+        "corner_loss": {src: mean_ci(cells[src][src]) for src in sources},
+        "contrast": {src: min(L[t][src] for t in sources if t != src) - L[src][src] for src in sources},
+        "middle": {src: mean_ci(middle[src]) for src in sources},
+    }
+
+    # baselines: joint, and never saw s
+    base_loss = {}
+    if baselines is not None:
+        say("baselines")
+        for name, b in load_baselines(baselines, ckpt, device).items():
+            base_loss[name] = {src: float(batch_losses(b.model, data.heldout[j], None, bs, s.batches).mean())
+                               for j, src in enumerate(sources)}
+        joint = base_loss["joint"]
+        report["baselines"] = base_loss
+        report["isolation"] = {
+            src: {t: (L[t][src] - joint[src]) / (base_loss[f"without_{src}"][src] - joint[src])
+                  for t in sources if t != src} for src in sources}
+        for src in sources:
+            report["corner_loss"][src]["joint"] = joint[src]
+            report["corner_loss"][src]["vs_joint"] = L[src][src] - joint[src]
+            report["middle"][src]["joint"] = joint[src]
+            report["middle"][src]["vs_joint"] = report["middle"][src]["mean"] - joint[src]
+            if n == 2:  # with two sources, "never saw the other" is "trained on s alone"
+                other = sources[1 - sources.index(src)]
+                report["corner_loss"][src]["alone"] = base_loss[f"without_{other}"][src]
+    else:
+        report["isolation"] = None
+
+    # loss along the dial
+    say(f"held-out loss at {s.loss_points} dial positions")
+    ts, path = dial_path(n, s.loss_points)
+    curve = {src: [mean_ci(batch_losses(model, data.heldout[j], d, bs, s.batches)) for d in path]
+             for j, src in enumerate(sources)}
+    report["loss_curve"] = {"t": ts, "dial": [format_dial(d, sources) for d in path], "loss": curve,
+                            "tokens_per_point": tokens_per_cell}
+
+    # style curve, scored by a classifier trained on held-out text
+    say("style classifier")
+    texts = {src: data.tokenizer.decode(data.heldout[j][:400_000].tolist()) for j, src in enumerate(sources)}
+    clf = StyleClassifier.fit(texts, max_chunks=s.classifier_chunks, seed=s.seed)
+    say(f"style curve: {s.samples} samples x {s.style_points} positions")
+    sts, spath = dial_path(n, s.style_points)
+    style = style_at(model, data.tokenizer, clf, spath, s)
+    last_share = [row[-1] for row in style["share"]]  # share of the last source: the one dial 1 points at
+    style.update(t=sts, dial=[format_dial(d, sources) for d in spath])
+    report["classifier"] = clf.to_dict()
+    report["style_curve"] = style
+    report["calibration_error"] = calibration_error(sts, last_share)
+    report["monotone"] = is_monotone(last_share, tol=0.05)
+    cal = ckpt.meta.get("calibration")
+    if cal is not None:
+        say("style curve through the stored calibration")
+        asked = sts
+        cdials = [apply_calibration(cal, a) for a in asked]
+        cpath = [(1 - d) * corner(0, n) + d * corner(n - 1, n) for d in cdials]
+        cstyle = style_at(model, data.tokenizer, clf, cpath, s)
+        cshare = [row[-1] for row in cstyle["share"]]
+        report["calibrated"] = {"asked": asked, "dial": cdials, "share": cshare, "mixing": cstyle["mixing"],
+                                "calibration_error": calibration_error(asked, cshare),
+                                "monotone": is_monotone(cshare, tol=0.05)}
+
+    # neuron view
+    say("neuron view")
+    _, npath = dial_path(n, s.style_points)
+    report["neurons"] = {
+        "histogram": specialty_histogram(model),
+        "firing": firing_fractions(model, npath),
+        "response": band_response(model, data, batch_size=min(bs, 16), n_batches=max(1, s.batches // 4)),
+    }
+    if ckpt.recipe.name == "reference" and sources == ["tinystories", "shakespeare"]:
+        report["original"] = ORIGINAL
+    report["seconds"] = round(time.time() - t0, 1)
+    figures = {
+        "loss_vs_dial.png": plot_loss(report),
+        "style_curve.png": plot_style(report),
+        "neurons.png": _png(lambda p: plot_neuron_view(report["neurons"]["histogram"], report["neurons"]["firing"],
+                                                       report["neurons"]["response"], style["dial"], sources, p)),
+    }
+    say("done")
+    return report, figures
+
+
+def heldout_data(ckpt: Checkpoint) -> PreparedData:
+    """The checkpoint's held-out text, from its prepared data (prepared again from the sources if absent)."""
+    recipe = copy.deepcopy(ckpt.recipe)
+    data = prepared_data(recipe, progress=False)
+    if data.sources != ckpt.sources:
+        raise AbcgptError(f"prepared data in {data.dir} holds sources {data.sources}, the checkpoint {ckpt.sources}")
+    if data.tokenizer.to_json() != ckpt.tokenizer.to_json():
+        raise AbcgptError(f"prepared data in {data.dir} has another tokenizer than {ckpt.path}")
+    return data
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _png(draw) -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fig.png"
+        draw(p)
+        return p.read_bytes()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(r: dict) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    curve, sources = r["loss_curve"], r["sources"]
+    for i, src in enumerate(sources):
+        c = f"C{i}"
+        mean = [p["mean"] for p in curve["loss"][src]]
+        lo, hi = zip(*[p["ci95"] for p in curve["loss"][src]])
+        ax.plot(curve["t"], mean, marker="o", ms=3, color=c, label=f"held-out {src}")
+        ax.fill_between(curve["t"], lo, hi, color=c, alpha=0.2)
+        if r.get("baselines"):
+            ax.axhline(r["baselines"]["joint"][src], color=c, ls="--", lw=1, label=f"joint model on {src}")
+            ax.axhline(r["baselines"][f"without_{src}"][src], color=c, ls=":", lw=1,
+                       label=f"never saw {src}")
+    ax.set_xlabel(f"dial  (0 = {sources[0]}, 1 = {sources[-1]})")
+    ax.set_ylabel("held-out loss (nats / token)")
+    ax.set_title(f"{r['recipe']}, step {r['step']}: loss across the dial")
+    ax.text(0.01, 0.01, f"{curve['tokens_per_point']:,} tokens per point; band: 95% bootstrap CI over batches",
+            transform=ax.transAxes, fontsize=7, color="gray")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _fig_bytes(fig, plt)
+
+
+def plot_style(r: dict) -> bytes:
+    plt = _plt()
+    st, sources = r["style_curve"], r["sources"]
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    last = [row[-1] for row in st["share"]]
+    ax.plot([0, 1], [0, 1], color="gray", lw=1, ls="--", label="ideal (share = dial)")
+    ax.plot(st["t"], last, marker="o", label=f"share of samples read as {sources[-1]}")
+    ax.plot(st["t"], st["mixing"], marker="x", ls=":", label="mixing inside a sample (0 = one style)")
+    if "calibrated" in r:
+        c = r["calibrated"]
+        ax.plot(c["asked"], c["share"], marker="s", label="with --calibrated (x = share asked)")
+    ax.set_xlabel(f"dial  (0 = {sources[0]}, 1 = {sources[-1]})")
+    ax.set_ylabel("share")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"style curve: {st['samples_per_point']} samples x {st['new_tokens']} tokens per point")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _fig_bytes(fig, plt)
+
+
+def _fig_bytes(fig, plt) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _f(x, nd=3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def to_markdown(r: dict) -> str:
+    sources, lines = r["sources"], []
+    cell = r["heldout_tokens_per_cell"]
+    lines += [f"# Dial report: {r['recipe']}, step {r['step']}", "",
+              f"Checkpoint `{r['checkpoint']}`. Held-out loss in nats/token, {cell:,} tokens per cell "
+              f"({r['settings']['batches']} batches); 95% bootstrap CIs over batches."
+              + (" **Quick report** (few samples): for tests, not for quoting." if r["quick"] else ""), ""]
+    lines += ["## Loss of each source at each corner", "",
+              "| dial at | " + " | ".join(sources) + " |", "|---" * (len(sources) + 1) + "|"]
+    for t in sources:
+        row = r["corner_table"][t]
+        lines.append(f"| {t} corner | " + " | ".join(_f(row[s]["mean"]) for s in sources) + " |")
+    lines.append("| middle (uniform) | " + " | ".join(_f(r["middle"][s]["mean"]) for s in sources) + " |")
+    lines.append("")
+    orig = r.get("original")
+    head = "| source | corner loss | joint model | alone | contrast | isolation (worst corner) | middle vs joint |"
+    if orig:
+        head += " original: corner / contrast / isolation |"
+    lines += ["## Headline metrics (DESIGN.md §3)", "", head, "|---" * (head.count("|") - 1) + "|"]
+    for s in sources:
+        c = r["corner_loss"][s]
+        iso = min(r["isolation"][s].values()) if r.get("isolation") else None
+        mid = r["middle"][s].get("vs_joint")
+        row = (f"| {s} | {_f(c['mean'])} [{_f(c['ci95'][0])}, {_f(c['ci95'][1])}] | {_f(c.get('joint'))} | "
+               f"{_f(c.get('alone'))} | {_f(r['contrast'][s])} | {_f(iso, 2)} | {_f(mid)} |")
+        if orig:
+            row += (f" {_f(orig['corner_loss'].get(s))} / {_f(orig['contrast'].get(s), 2)} / "
+                    f"{_f(orig['isolation'].get(s), 2)} |")
+        lines.append(row)
+    if not r.get("isolation"):
+        lines += ["", "Isolation and the joint comparison need baselines: `abcgpt baselines`, then "
+                  "`abcgpt eval --baselines DIR`."]
+    st = r["style_curve"]
+    lines += ["", f"## Style curve ({st['samples_per_point']} samples of {st['new_tokens']} tokens per position, "
+              f"classifier accuracy {r['classifier']['accuracy']:.3f} on {r['classifier']['n_test']} held-out "
+              "chunks)", "",
+              f"| dial | share read as {sources[-1]} | share of {sources[-1]} segments inside samples | mixing |",
+              "|---|---|---|---|"]
+    for d, sh, seg, mix in zip(st["dial"], st["share"], st["segment_share"], st["mixing"]):
+        lines.append(f"| {d} | {sh[-1]:.2f} | {seg[-1]:.2f} | {mix:.2f} |")
+    lines += ["", f"Calibration error (mean |share − dial|): **{r['calibration_error']:.3f}**; "
+              f"monotone (within 0.05): **{'yes' if r['monotone'] else 'no'}**. "
+              "Mixing is 0 when every sample is wholly one style (a coin flip), 1 when each sample is an even blend."]
+    if "calibrated" in r:
+        c = r["calibrated"]
+        lines += ["", f"Through the stored calibration: calibration error **{c['calibration_error']:.3f}**, "
+                  f"monotone: {'yes' if c['monotone'] else 'no'}."]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(r: dict, md: str, figures: dict[str, bytes]) -> str:
+    """One self-contained page: the markdown tables as preformatted text and the figures inline."""
+    import html
+
+    imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(b).decode()}" alt="{name}">'
+                   f"<figcaption>{name}</figcaption></figure>" for name, b in figures.items())
+    examples = "".join(f"<h4>dial {html.escape(d)}</h4><pre>{html.escape(t)}</pre>"
+                       for d, t in zip(r["style_curve"]["dial"], r["style_curve"]["example"]))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>abcgpt dial report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}}
+pre{{background:#f6f6f6;padding:.6em;white-space:pre-wrap}}img{{max-width:100%}}figure{{margin:1em 0}}</style>
+</head><body><pre>{html.escape(md)}</pre>{imgs}<h2>One sample per style position</h2>{examples}
+</body></html>"""
+
+
+def write_report(report: dict, figures: dict[str, bytes], out: Path) -> None:
+    """All files into out.tmp, then swapped in: an interrupted report never replaces a complete one."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    md = to_markdown(report)
+    (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    (tmp / "report.md").write_text(md)
+    (tmp / "report.html").write_text(to_html(report, md, figures))
+    for name, data in figures.items():
+        (tmp / name).write_bytes(data)
+    replace_dir(tmp, out)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def calibrate(ckpt_path: Path, settings: Settings | None = None, device="cpu", progress: bool = True) -> dict:
+    """Measure the style curve, fit share -> dial, and store it in the checkpoint's config.json."""
+    s = settings or Settings()
+    ckpt = load_checkpoint(ckpt_path, device)
+    if len(ckpt.sources) != 2:
+        raise AbcgptError("calibration maps a share of the second source to a dial position: it needs two sources")
+    data = heldout_data(ckpt)
+    texts = {src: data.tokenizer.decode(data.heldout[j][:400_000].tolist()) for j, src in enumerate(ckpt.sources)}
+    clf = StyleClassifier.fit(texts, max_chunks=s.classifier_chunks, seed=s.seed)
+    ts, path = dial_path(2, s.style_points)
+    if progress:
+        print(f"measuring the style curve: {s.samples} samples x {s.style_points} positions")
+    style = style_at(ckpt.model.eval(), data.tokenizer, clf, path, s)
+    shares = [row[-1] for row in style["share"]]
+    cal = fit_calibration(ts, shares) | {"curve": {"dial": ts, "share": shares}, "samples_per_point": s.samples,
+                                         "new_tokens": s.new_tokens, "classifier_accuracy": clf.accuracy}
+    meta = dict(ckpt.meta, calibration=cal)
+    cfg = ckpt.path / "config.json"
+    tmp = cfg.with_name("config.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(cfg)
+    return cal
