@@ -52,13 +52,14 @@ def test_quick_report_numbers_follow_their_definitions(runs):
     assert ci[0] <= report["corner_loss"]["alpha"]["mean"] <= ci[1]
     for key in ("corner_loss", "contrast", "isolation", "middle", "style_curve", "calibration_error"):
         assert key in report
-    st = report["style_curve"]
-    assert len(st["share"]) == 3 and st["samples_per_point"] == 8
+    assert report["style_curve"]["samples_per_point"] == 8
+    (st,) = report["style_curve"]["edges"]  # two sources: one edge, the dial
+    assert len(st["share"]) == 3 and (st["source_from"], st["source_to"]) == ("alpha", "omega")
     # the style curve goes the right way on sources told apart by their letters
     assert st["share"][0][1] < 0.5 < st["share"][-1][1]
     assert report["calibration_error"] == pytest.approx(
         sum(abs(sh[1] - t) for sh, t in zip(st["share"], st["t"])) / 3)
-    assert set(figures) == {"loss_vs_dial.png", "style_curve.png", "neurons.png"}
+    assert set(figures) == {"loss_vs_dial.png", "corners.png", "style_curve.png", "neurons.png"}
     assert all(b.startswith(b"\x89PNG") for b in figures.values())
 
 
@@ -66,7 +67,8 @@ def test_eval_cli_writes_every_file(runs, capsys):
     out = runs / "out"
     assert main(["eval", "--ckpt", str(runs / "dial"), "--baselines", str(runs / "base"), "--out", str(out),
                  "--quick"]) == 0
-    for f in ("report.html", "report.json", "report.md", "loss_vs_dial.png", "style_curve.png", "neurons.png"):
+    for f in ("report.html", "report.json", "report.md", "loss_vs_dial.png", "corners.png", "style_curve.png",
+              "neurons.png"):
         assert (out / f).stat().st_size > 0, f
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<img src=\"http" not in html  # opens from disk
@@ -89,7 +91,8 @@ def test_interrupted_report_keeps_the_complete_one(runs, monkeypatch):
         write_report(dict(report, step=-1), figures, out)
     assert (out / "report.json").read_text() == before
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["report.json", "report.md", "report.html", "loss_vs_dial.png", "style_curve.png", "neurons.png"])
+        ["report.json", "report.md", "report.html", "loss_vs_dial.png", "corners.png", "style_curve.png",
+         "neurons.png"])
 
 
 def test_baselines_with_another_recipe_are_refused(runs, tmp_path):

@@ -288,6 +288,10 @@ def test_spec_from_dict_errors():
         SourceSpec.from_dict({"name": "x", "path": "a.txt", "url": "http://h/a.txt"})
     with pytest.raises(AbcgptError, match="normalize must be one of none, reference, got 'lower'"):
         SourceSpec.from_dict({"name": "shakespeare", "normalize": "lower"})
+    with pytest.raises(AbcgptError, match="weight must be a number > 0, got -1.0"):
+        SourceSpec.from_dict({"name": "shakespeare", "weight": -1})
+    with pytest.raises(AbcgptError, match="weight must be a number > 0, got 0.0"):
+        SourceSpec.from_dict({"name": "shakespeare", "weight": 0})
     with pytest.raises(AbcgptError, match="max_bytes must be a positive"):
         SourceSpec.from_dict({"name": "shakespeare", "max_bytes": 0})
     with pytest.raises(AbcgptError, match="max_bytes must be int or None, got '10'"):
@@ -305,10 +309,11 @@ def test_spec_from_dict_errors():
 def test_spec_round_trip():
     assert SourceSpec.from_dict("kjv") == SourceSpec("kjv")
     spec = SourceSpec.from_dict({"name": "ts", "hf": "roneneldan/TinyStories", "heldout_split": "validation",
-                                 "max_bytes": 1000})
+                                 "max_bytes": 1000, "weight": 2})
+    assert spec.weight == 2.0 and isinstance(spec.weight, float)
     d = spec.to_dict()
     assert d == {"name": "ts", "hf": "roneneldan/TinyStories", "heldout_split": "validation",
-                 "max_bytes": 1000}
+                 "max_bytes": 1000, "weight": 2.0}
     assert SourceSpec.from_dict(json.loads(json.dumps(d))) == spec
     assert SourceSpec("shakespeare").to_dict() == {"name": "shakespeare"}
     assert set(BUILTIN_SOURCES) == {"shakespeare", "tinystories", "kjv", "python"}

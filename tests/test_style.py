@@ -139,6 +139,7 @@ def test_calibration_error_and_monotone():
     assert not is_monotone([0, 0.3, 0.25, 1])
     assert is_monotone([0, 0.3, 0.25, 1], tol=0.05)
     assert not is_monotone([0, 0.3, 0.25, 1], tol=0.04)
+    assert not is_monotone([0, 0.5, 0.47, 0.44, 0.41, 1], tol=0.05)  # each step small, the slide is not
     assert is_monotone([0.4])
 
 

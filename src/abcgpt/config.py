@@ -137,8 +137,7 @@ def validate(r: Recipe) -> None:
     if t.only_sources and m.gates != "none":
         raise AbcgptError('train.only_sources is for ungated baselines: set model.gates = "none" too')
     positive = {"model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
-                "model.block_size": m.block_size, "model.narrowness": m.narrowness,
-                "model.specialty_concentration": m.specialty_concentration, "train.steps": t.steps,
+                "model.block_size": m.block_size, "model.narrowness": m.narrowness, "train.steps": t.steps,
                 "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.lr": t.lr,
                 "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches,
                 "train.log_every": t.log_every, "train.checkpoint_every": t.checkpoint_every,
@@ -146,6 +145,8 @@ def validate(r: Recipe) -> None:
     for key, v in positive.items():
         if not v > 0:
             raise AbcgptError(f"{key} must be > 0, got {v}")
+    if m.specialty_concentration < 0:
+        raise AbcgptError(f"model.specialty_concentration must be > 0, or 0 for 1/N; got {m.specialty_concentration}")
     if m.n_embd % m.n_head:
         raise AbcgptError(f"model.n_embd ({m.n_embd}) must be a multiple of model.n_head ({m.n_head})")
     if not 0.0 <= m.dropout < 1.0:

@@ -27,8 +27,8 @@ MANIFEST_VERSION = 1
 def data_key(recipe: Recipe) -> dict:
     """What the shards depend on, besides the input text itself."""
     d = recipe.data
-    return {
-        "sources": [s.to_dict() for s in d.sources],
+    return {  # a source's weight only changes how often it is drawn, not its shards
+        "sources": [{k: v for k, v in s.to_dict().items() if k != "weight"} for s in d.sources],
         "tokenizer": d.tokenizer,
         "vocab_size": d.vocab_size if d.tokenizer == "bpe" else None,
         "heldout_fraction": d.heldout_fraction,
@@ -160,16 +160,18 @@ def check_lengths(data: PreparedData, block_size: int) -> None:
 
 class Batcher:
     """Training batches: per sequence a dial ~ Beta/Dirichlet, a source ~ Categorical(dial), a random window.
-    An ungated baseline has no dial: its sources are drawn uniformly from `only` (the same marginal as the
-    dial's draw, whose Beta/Dirichlet is symmetric).
+    An ungated baseline has no dial: its sources are drawn from `only` in proportion to their weights (the
+    marginal of the dial's draw).
 
     All randomness comes from one numpy Generator whose state goes into checkpoints, so a resumed run draws
     exactly the batches the uninterrupted run would have drawn."""
 
     def __init__(self, data: PreparedData, block_size: int, batch_size: int, device: torch.device,
-                 seed: int, concentration: float = 0.5, per_batch: bool = False, only: list[int] | None = None):
+                 seed: int, concentration: float = 0.5, per_batch: bool = False, only: list[int] | None = None,
+                 weights: list[float] | None = None):
         self.data, self.T, self.B, self.device = data, block_size, batch_size, device
         self.concentration, self.per_batch, self.only = concentration, per_batch, only
+        self.weights = np.ones(len(data.train)) if weights is None else np.asarray(weights, dtype=np.float64)
         self.rng = np.random.default_rng(seed)
         self.window = np.arange(block_size + 1)
 
@@ -177,9 +179,10 @@ class Batcher:
         """x, y (B, T) int64; dials (B, N) float32; sources (B,) int64."""
         n = len(self.data.train)
         if self.only is None:
-            dials, sources = sample_dials(self.rng, self.B, n, self.concentration, self.per_batch)
+            dials, sources = sample_dials(self.rng, self.B, n, self.concentration, self.per_batch, self.weights)
         else:
-            sources = self.rng.choice(np.asarray(self.only), size=self.B)
+            w = self.weights[self.only]
+            sources = self.rng.choice(np.asarray(self.only), size=self.B, p=w / w.sum())
             dials = np.eye(n, dtype=np.float32)[sources]
         xy = np.empty((self.B, self.T + 1), dtype=np.int64)
         for s in np.unique(sources):

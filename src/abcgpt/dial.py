@@ -58,16 +58,22 @@ def apply_gate(x: torch.Tensor, g: torch.Tensor, r: torch.Tensor | None = None) 
 
 
 def sample_dials(
-    rng: np.random.Generator, batch: int, n_sources: int, concentration: float = 0.5, per_batch: bool = False
+    rng: np.random.Generator, batch: int, n_sources: int, concentration: float = 0.5, per_batch: bool = False,
+    weights: list[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Training draw: dials (B, N) ~ Beta/Dirichlet(c), then sources (B,) ~ Categorical(dial).
-    per_batch=True reproduces the reference: one dial and one source for the whole step."""
+    """Training draw: dials (B, N) ~ Beta/Dirichlet(alpha), then sources (B,) ~ Categorical(dial).
+
+    alpha_k = c * N * w_k / sum(w): equal source weights give Dirichlet(c, ..., c) (Beta(c, c) for two, the
+    method of DESIGN §1); unequal weights shift the dial, and with it how often each source is drawn
+    (E[dial_k] = w_k / sum(w)). per_batch=True reproduces the reference: one dial and one source per step."""
     n = 1 if per_batch else batch
+    w = np.ones(n_sources) if weights is None else np.asarray(weights, dtype=np.float64)
+    alpha = concentration * n_sources * w / w.sum()
     if n_sources == 2:
-        a = rng.beta(concentration, concentration, size=n)
+        a = rng.beta(alpha[1], alpha[0], size=n)
         dials = np.stack([1.0 - a, a], axis=1)
     else:
-        dials = rng.dirichlet([concentration] * n_sources, size=n)
+        dials = rng.dirichlet(alpha, size=n)
     # inverse-CDF draw of the source, vectorised over the batch
     u = rng.random(size=(n, 1))
     sources = (dials.cumsum(axis=1) < u).sum(axis=1).clip(max=n_sources - 1)

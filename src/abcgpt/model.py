@@ -32,7 +32,7 @@ class GPTConfig:
     routing: str = "soft"  # "soft": plain backward; "routed": straight-through gradient mask
     narrowness: float = 1.0
     specialty_seed: int = 1337
-    specialty_concentration: float = 0.5
+    specialty_concentration: float = 0.0  # Beta/Dirichlet concentration; 0 means 1/n_sources (0.5 for two)
 
 
 class KVCache:
@@ -146,8 +146,10 @@ class GPT(nn.Module):
             # residual channels (C), then per layer its heads (H) and MLP units (4C).
             C, H, L = config.n_embd, config.n_head, config.n_layer
             self.group_sizes = [C] + [H, 4 * C] * L
-            spec = draw_specialties(sum(self.group_sizes), config.n_sources, config.specialty_seed,
-                                    config.specialty_concentration)
+            # 1/N keeps DESIGN §1 (0.5) for two sources; for more it puts each unit near a few corners, so a
+            # single source still lights up a fair share of units (0.5 leaves a corner a sliver at N = 16)
+            concentration = config.specialty_concentration or 1.0 / config.n_sources
+            spec = draw_specialties(sum(self.group_sizes), config.n_sources, config.specialty_seed, concentration)
             self.register_buffer("specialties", spec)
 
     def _init_weights(self, module):

@@ -47,7 +47,8 @@ ORIGINAL = {
 class Settings:
     loss_points: int = 21  # dial positions on the loss curve
     batches: int = 8  # held-out batches per source per position
-    style_points: int = 11  # dial positions on the style curve
+    style_points: int = 11  # dial positions on the style curve (two sources)
+    edge_points: int = 5  # positions on each edge of the simplex (more sources)
     samples: int = 32  # samples per style position
     new_tokens: int = 200
     temperature: float = 0.8
@@ -58,7 +59,8 @@ class Settings:
 
     @classmethod
     def quick(cls, samples: int = 4) -> "Settings":
-        return cls(loss_points=5, batches=2, style_points=3, samples=samples, new_tokens=48, classifier_chunks=200)
+        return cls(loss_points=5, batches=2, style_points=3, edge_points=3, samples=samples, new_tokens=48,
+                   classifier_chunks=200)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -218,19 +220,30 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
     report["loss_curve"] = {"t": ts, "dial": [format_dial(d, sources) for d in path], "loss": curve,
                             "tokens_per_point": tokens_per_cell}
 
-    # style curve, scored by a classifier trained on held-out text
+    # style curve along every edge of the simplex (for two sources: the dial), scored by a classifier
+    # trained on held-out text
     say("style classifier")
     texts = {src: data.tokenizer.decode(data.heldout[j][:400_000].tolist()) for j, src in enumerate(sources)}
     clf = StyleClassifier.fit(texts, max_chunks=s.classifier_chunks, seed=s.seed)
-    say(f"style curve: {s.samples} samples x {s.style_points} positions")
-    sts, spath = dial_path(n, s.style_points)
-    style = style_at(model, data.tokenizer, clf, spath, s)
-    last_share = [row[-1] for row in style["share"]]  # share of the last source: the one dial 1 points at
-    style.update(t=sts, dial=[format_dial(d, sources) for d in spath])
     report["classifier"] = clf.to_dict()
-    report["style_curve"] = style
-    report["calibration_error"] = calibration_error(sts, last_share)
-    report["monotone"] = is_monotone(last_share, tol=0.05)
+    edges = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    points = s.style_points if n == 2 else s.edge_points
+    say(f"style curve: {s.samples} samples x {points} positions x {len(edges)} edge(s)")
+    curves = []
+    for i, j in edges:
+        ts = np.linspace(0.0, 1.0, points).tolist()
+        dials = [(1 - t) * corner(i, n) + t * corner(j, n) for t in ts]
+        st = style_at(model, data.tokenizer, clf, dials, s)
+        share_to = [row[j] for row in st["share"]]
+        st.update(source_from=sources[i], source_to=sources[j], t=ts, dial=[format_dial(d, sources) for d in dials],
+                  share_to=share_to, calibration_error=calibration_error(ts, share_to),
+                  monotone=is_monotone(share_to, tol=0.05))
+        curves.append(st)
+    report["style_curve"] = {"edges": curves, "samples_per_point": s.samples, "new_tokens": s.new_tokens,
+                             "prompt": s.prompt}
+    report["calibration_error"] = float(np.mean([c["calibration_error"] for c in curves]))
+    report["monotone"] = all(c["monotone"] for c in curves)
+    sts = curves[0]["t"]
     cal = ckpt.meta.get("calibration")
     if cal is not None:
         say("style curve through the stored calibration")
@@ -238,14 +251,14 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
         cdials = [apply_calibration(cal, a) for a in asked]
         cpath = [(1 - d) * corner(0, n) + d * corner(n - 1, n) for d in cdials]
         cstyle = style_at(model, data.tokenizer, clf, cpath, s)
-        cshare = [row[-1] for row in cstyle["share"]]
+        cshare = [row[1] for row in cstyle["share"]]
         report["calibrated"] = {"asked": asked, "dial": cdials, "share": cshare, "mixing": cstyle["mixing"],
                                 "calibration_error": calibration_error(asked, cshare),
                                 "monotone": is_monotone(cshare, tol=0.05)}
 
     # neuron view
     say("neuron view")
-    _, npath = dial_path(n, s.style_points)
+    _, npath = dial_path(n, points)
     report["neurons"] = {
         "histogram": specialty_histogram(model),
         "firing": firing_fractions(model, npath),
@@ -256,9 +269,11 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
     report["seconds"] = round(time.time() - t0, 1)
     figures = {
         "loss_vs_dial.png": plot_loss(report),
+        "corners.png": plot_corners(report),
         "style_curve.png": plot_style(report),
         "neurons.png": _png(lambda p: plot_neuron_view(report["neurons"]["histogram"], report["neurons"]["firing"],
-                                                       report["neurons"]["response"], style["dial"], sources, p)),
+                                                       report["neurons"]["response"],
+                                                       [format_dial(d, sources) for d in npath], sources, p)),
     }
     say("done")
     return report, figures
@@ -323,21 +338,47 @@ def plot_loss(r: dict) -> bytes:
 
 def plot_style(r: dict) -> bytes:
     plt = _plt()
-    st, sources = r["style_curve"], r["sources"]
+    st = r["style_curve"]
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
-    last = [row[-1] for row in st["share"]]
     ax.plot([0, 1], [0, 1], color="gray", lw=1, ls="--", label="ideal (share = dial)")
-    ax.plot(st["t"], last, marker="o", label=f"share of samples read as {sources[-1]}")
-    ax.plot(st["t"], st["mixing"], marker="x", ls=":", label="mixing inside a sample (0 = one style)")
+    for k, e in enumerate(st["edges"]):
+        label = f"share read as {e['source_to']}" + (f" ({e['source_from']} -> {e['source_to']})" if k or
+                                                      len(st["edges"]) > 1 else "")
+        ax.plot(e["t"], e["share_to"], marker="o", color=f"C{k}", label=label)
+        ax.plot(e["t"], e["mixing"], marker="x", ls=":", color=f"C{k}", alpha=0.6,
+                label="mixing inside a sample (0 = one style)" if k == 0 else None)
     if "calibrated" in r:
         c = r["calibrated"]
-        ax.plot(c["asked"], c["share"], marker="s", label="with --calibrated (x = share asked)")
-    ax.set_xlabel(f"dial  (0 = {sources[0]}, 1 = {sources[-1]})")
+        ax.plot(c["asked"], c["share"], marker="s", color="k", label="with --calibrated (x = share asked)")
+    e0 = st["edges"][0]
+    ax.set_xlabel(f"dial  (0 = {e0['source_from']}, 1 = {e0['source_to']})" if len(st["edges"]) == 1
+                  else "position along the edge (0 = first source, 1 = second)")
     ax.set_ylabel("share")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"style curve: {st['samples_per_point']} samples x {st['new_tokens']} tokens per point")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _fig_bytes(fig, plt)
+
+
+def plot_corners(r: dict) -> bytes:
+    """Heatmap of the N x N corner table: rows = dial at a corner, columns = held-out source."""
+    plt = _plt()
+    sources = r["sources"]
+    m = np.array([[r["corner_table"][t][s]["mean"] for s in sources] for t in sources])
+    size = 2.2 + 0.9 * len(sources)
+    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=110)
+    im = ax.imshow(m, cmap="viridis_r")
+    ax.set_xticks(range(len(sources)), sources, rotation=30, ha="right")
+    ax.set_yticks(range(len(sources)), [f"{t} corner" for t in sources])
+    for i in range(len(sources)):
+        for j in range(len(sources)):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="w" if m[i, j] > m.mean() else "k",
+                    fontsize=8, fontweight="bold" if i == j else None)
+    ax.set_xlabel("held-out source")
+    ax.set_title("held-out loss at each corner (nats/token)")
+    fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
     return _fig_bytes(fig, plt)
 
@@ -393,13 +434,17 @@ def to_markdown(r: dict) -> str:
     st = r["style_curve"]
     lines += ["", f"## Style curve ({st['samples_per_point']} samples of {st['new_tokens']} tokens per position, "
               f"classifier accuracy {r['classifier']['accuracy']:.3f} on {r['classifier']['n_test']} held-out "
-              "chunks)", "",
-              f"| dial | share read as {sources[-1]} | share of {sources[-1]} segments inside samples | mixing |",
-              "|---|---|---|---|"]
-    for d, sh, seg, mix in zip(st["dial"], st["share"], st["segment_share"], st["mixing"]):
-        lines.append(f"| {d} | {sh[-1]:.2f} | {seg[-1]:.2f} | {mix:.2f} |")
-    lines += ["", f"Calibration error (mean |share − dial|): **{r['calibration_error']:.3f}**; "
-              f"monotone (within 0.05): **{'yes' if r['monotone'] else 'no'}**. "
+              "chunks)"]
+    for e in st["edges"]:
+        lines += ["", f"**{e['source_from']} → {e['source_to']}**: calibration error {e['calibration_error']:.3f}, "
+                  f"monotone: {'yes' if e['monotone'] else 'no'}", "",
+                  f"| dial | share read as {e['source_to']} | share of {e['source_to']} segments inside samples "
+                  "| mixing |", "|---|---|---|---|"]
+        j = sources.index(e["source_to"])
+        for d, sh, seg, mix in zip(e["dial"], e["share"], e["segment_share"], e["mixing"]):
+            lines.append(f"| {d} | {sh[j]:.2f} | {_f(seg[j] if seg else None, 2)} | {_f(mix, 2)} |")
+    lines += ["", f"Calibration error (mean |share − dial|, mean over edges): **{r['calibration_error']:.3f}**; "
+              f"monotone (no point 0.05 below an earlier one): **{'yes' if r['monotone'] else 'no'}**. "
               "Mixing is 0 when every sample is wholly one style (a coin flip), 1 when each sample is an even blend."]
     if "calibrated" in r:
         c = r["calibrated"]
@@ -414,8 +459,9 @@ def to_html(r: dict, md: str, figures: dict[str, bytes]) -> str:
 
     imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(b).decode()}" alt="{name}">'
                    f"<figcaption>{name}</figcaption></figure>" for name, b in figures.items())
-    examples = "".join(f"<h4>dial {html.escape(d)}</h4><pre>{html.escape(t)}</pre>"
-                       for d, t in zip(r["style_curve"]["dial"], r["style_curve"]["example"]))
+    examples = "".join(f"<h4>{html.escape(e['source_from'])} → {html.escape(e['source_to'])}, dial "
+                       f"{html.escape(d)}</h4><pre>{html.escape(t)}</pre>"
+                       for e in r["style_curve"]["edges"] for d, t in zip(e["dial"], e["example"]))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>abcgpt dial report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}}
 pre{{background:#f6f6f6;padding:.6em;white-space:pre-wrap}}img{{max-width:100%}}figure{{margin:1em 0}}</style>

@@ -8,6 +8,7 @@ $ABCGPT_MIRROR/<name>/<file> when a mirror is set, else from the official URL.
 
 import hashlib
 import http.client
+import math
 import os
 import re
 import tempfile
@@ -63,15 +64,18 @@ class SourceSpec:
     heldout_url: str | None = None
     max_bytes: int | None = None  # keep only the first N bytes of training text (URLs: an HTTP Range request)
     normalize: str = "none"  # "none" | "reference" (see normalize_reference)
+    weight: float = 1.0  # how often the source is drawn relative to the others (> 0)
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             v, hint = getattr(self, f.name), hints[f.name]
             types = tuple(typing.get_origin(t) or t for t in typing.get_args(hint) or (hint,))
+            types += (int,) if float in types else ()  # weight = 2 is fine
             if isinstance(v, bool) or not isinstance(v, types):
                 want = " or ".join("None" if t is type(None) else t.__name__ for t in types)
                 raise AbcgptError(f"source {self.name!r}: {f.name} must be {want}, got {v!r}")
+        self.weight = float(self.weight)
         if not self.name:
             raise AbcgptError("a source needs a non-empty name")
         given = [k for k in ("path", "url", "hf") if getattr(self, k) is not None]
@@ -95,6 +99,8 @@ class SourceSpec:
         if self.max_bytes is not None and self.max_bytes <= 0:
             raise AbcgptError(f"source {self.name!r}: max_bytes must be a positive number of bytes, "
                               f"got {self.max_bytes}")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise AbcgptError(f"source {self.name!r}: weight must be a number > 0, got {self.weight}")
         if self.normalize not in NORMALIZE:
             raise AbcgptError(f"source {self.name!r}: normalize must be one of {', '.join(NORMALIZE)}, "
                               f"got {self.normalize!r}")

@@ -167,8 +167,9 @@ def calibration_error(dials: Sequence[float], shares: Sequence[float]) -> float:
 
 
 def is_monotone(shares: Sequence[float], tol: float = 0.0) -> bool:
-    """True if the shares (in dial order) never fall by more than tol."""
-    return bool((np.diff(np.asarray(shares, dtype=float)) >= -tol).all())
+    """True if no share (in dial order) falls more than tol below any share before it: a slow slide counts."""
+    x = np.asarray(shares, dtype=float)
+    return bool((x >= np.maximum.accumulate(x) - tol).all())
 
 
 def fit_calibration(dials: Sequence[float], shares: Sequence[float]) -> dict:

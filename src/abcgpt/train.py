@@ -53,7 +53,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), device.type)
     only = None if cfg.gates == "abc" else [data.sources.index(s) for s in t.only_sources or data.sources]
     batcher = Batcher(data, cfg.block_size, t.batch_size, device, t.seed, t.dial_concentration,
-                      t.dial_sampling == "per_batch", only)
+                      t.dial_sampling == "per_batch", only, [s.weight for s in recipe.data.sources])
     step, best = 0, math.inf
     if resume:
         ckpt = load_checkpoint(existing_dir(out / "last"), device)
