@@ -149,3 +149,24 @@ def test_training_forward_traces_as_one_graph(routing):
     loss.backward()
     _, eager_loss = model(idx, dials, idx, torch.tensor([0, 1]))
     assert torch.allclose(loss, eager_loss)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_folded_model_equals_gated_model_at_its_dial(bias):
+    """Folding a fixed dial's gates into the weights gives an ungated GPT with the same logits."""
+    torch.manual_seed(0)
+    model = GPT(small(bias=bias)).eval()
+    with torch.no_grad():  # non-zero biases and LayerNorm shifts, so their handling is tested too
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1)
+    idx = torch.randint(0, 50, (2, 12))
+    for dial in (torch.tensor([1.0, 0.0]), torch.tensor([0.3, 0.7]), torch.tensor([0.0, 1.0])):
+        plain = model.folded(dial)
+        assert plain.config.gates == "none"
+        with torch.no_grad():
+            want, _ = model(idx, dial, idx)
+            got, _ = plain(idx, None, idx)
+        assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(model.transformer.wte.weight, model.lm_head.weight)  # the original is untouched
+    assert plain.transformer.wte.weight is plain.lm_head.weight

@@ -88,12 +88,13 @@ def cmd_sample(args) -> None:
                                sources)
         return
     ids = torch.tensor([tok.encode(prompt)])
+    model = model.folded(dials[0])  # one fixed dial: fold its gates into the weights, generation costs nothing more
     for i in range(args.n):
         print(f"--- sample {i + 1}/{args.n}, dial {format_dial(dials[0], sources)} "
               f"({', '.join(f'{s} {w:.2f}' for s, w in zip(sources, dials[0].tolist()))})")
         sys.stdout.write(args.prompt)
         seed = None if args.seed is None else args.seed + i
-        stream = generate_tokens(model, ids, dials[0] if gated else None, args.max_new_tokens,
+        stream = generate_tokens(model, ids, None, args.max_new_tokens,
                                  args.temperature, top_k, seed)
         for piece in stream_text(tok, stream):
             sys.stdout.write(piece)

@@ -8,6 +8,7 @@ Gated units, each with a frozen specialty (see dial.py):
 gates="none" builds an ordinary GPT-2: the baseline every comparison uses.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -205,6 +206,33 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
+
+    @torch.no_grad()
+    def folded(self, dial: torch.Tensor) -> "GPT":
+        """An ordinary GPT (gates="none") that computes exactly what this model computes at one fixed dial.
+
+        Every gate multiplies a linear map's input or output, so it moves into the weights: the residual
+        gate scales the embedding columns (which also scales the tied LM head, as the final-LayerNorm gate
+        asks) and the rows of every output projection; head and MLP-unit gates scale the input columns of
+        the projection after them. Generating from it costs what an ungated GPT costs."""
+        if self.config.gates == "none":
+            return self
+        g_res, layers = self._split(self.unit_gates(dial))
+        plain = GPT(dataclasses.replace(self.config, gates="none"))
+        plain.load_state_dict({k: v for k, v in self.state_dict().items() if k != "specialties"})
+        plain.to(self.transformer.wte.weight.device)
+        g_res = g_res[0]
+        plain.transformer.wte.weight.mul_(g_res)  # (V, C): tied with lm_head
+        plain.transformer.wpe.weight.mul_(g_res)
+        hd = self.config.n_embd // self.config.n_head
+        for block, (_, g_head, g_unit) in zip(plain.transformer.h, layers):
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.mul_(g_res[:, None])
+                if proj.bias is not None:
+                    proj.bias.mul_(g_res)
+            block.attn.c_proj.weight.mul_(g_head[0].repeat_interleave(hd)[None, :])
+            block.mlp.c_proj.weight.mul_(g_unit[0][None, :])
+        return plain.eval()
 
     def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str):
         """AdamW; weight decay on matrices and embeddings (dim >= 2) only, not on biases and LayerNorms."""

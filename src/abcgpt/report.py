@@ -69,11 +69,11 @@ class Settings:
 @torch.no_grad()
 def batch_losses(model: GPT, tokens, dial: torch.Tensor | None, batch_size: int, n_batches: int) -> np.ndarray:
     """Loss of each of n_batches fixed held-out batches (the same batches for every dial and every model)."""
-    model.eval()
+    model = model.eval() if dial is None else model.folded(dial)  # a fixed dial costs nothing
     device = next(model.parameters()).device
     out = []
     for x, y in heldout_batches(tokens, model.config.block_size, batch_size, n_batches):
-        _, loss = model(x.to(device), None if dial is None else dial.to(device), y.to(device))
+        _, loss = model(x.to(device), None, y.to(device))
         out.append(loss.item())
     return np.array(out)
 
@@ -140,7 +140,7 @@ def style_at(model: GPT, tokenizer, clf: StyleClassifier, dials: list[torch.Tens
     """K samples per dial (same prompt and the same random stream at every position), scored by the classifier."""
     shares, segment, mixing, texts = [], [], [], []
     for d in dials:
-        batch = generate(model, tokenizer, [s.prompt] * s.samples, d.expand(s.samples, -1), s.new_tokens,
+        batch = generate(model.folded(d), tokenizer, [s.prompt] * s.samples, None, s.new_tokens,
                          s.temperature, s.top_k, s.seed)
         shares.append(sample_shares(clf, batch).tolist())
         w = within_sample(clf, batch)
