@@ -164,12 +164,14 @@ class Batcher:
     marginal of the dial's draw).
 
     All randomness comes from one numpy Generator whose state goes into checkpoints, so a resumed run draws
-    exactly the batches the uninterrupted run would have drawn."""
+    exactly the batches the uninterrupted run would have drawn. Under torchrun every process draws the same
+    global batch and keeps its rows of it."""
 
     def __init__(self, data: PreparedData, block_size: int, batch_size: int, device: torch.device,
                  seed: int, concentration: float = 0.5, per_batch: bool = False, only: list[int] | None = None,
-                 weights: list[float] | None = None):
+                 weights: list[float] | None = None, rank: int = 0, world: int = 1):
         self.data, self.T, self.B, self.device = data, block_size, batch_size, device
+        self.rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)  # this process's share
         self.concentration, self.per_batch, self.only = concentration, per_batch, only
         self.weights = np.ones(len(data.train)) if weights is None else np.asarray(weights, dtype=np.float64)
         self.rng = np.random.default_rng(seed)
@@ -190,7 +192,7 @@ class Batcher:
             tokens = self.data.train[s]
             starts = self.rng.integers(0, tokens.size - self.T - 1, size=rows.size)
             xy[rows] = tokens[starts[:, None] + self.window]
-        return self._to_device(xy, dials, sources)
+        return self._to_device(xy[self.rows], dials[self.rows], sources[self.rows])
 
     def _to_device(self, xy, dials, sources):
         tensors = [torch.from_numpy(xy[:, :-1]), torch.from_numpy(xy[:, 1:]),

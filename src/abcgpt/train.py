@@ -6,12 +6,15 @@ and at the end `loss_vs_dial.json` / `.png`."""
 import copy
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from abcgpt.checkpoint import load_checkpoint, restore_training_state, save_checkpoint
@@ -36,15 +39,41 @@ def autocast_for(device: torch.device, dtype: str):
     return nullcontext
 
 
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (RANK set) this joins the process group: NCCL with one GPU
+    per process, else gloo on the CPU. A plain run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
 def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) a run in `out`; returns the final held-out loss table."""
+    """Train (or resume) a run in `out`; returns the final held-out loss table.
+
+    Under torchrun every process draws the same global batch and trains on its slice of it (DDP averages
+    the gradients), so a run follows the same trajectory on any number of processes."""
     out = Path(out)
     t = recipe.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = pick_device(t.device)
+    rank, world, device = setup_distributed(t.device)
+    if t.batch_size % world:
+        raise AbcgptError(f"train.batch_size ({t.batch_size}) must be a multiple of the number of processes ({world})")
+    master = rank == 0
+    progress = progress and master
     autocast = autocast_for(device, t.dtype)
-    data = prepared_data(recipe, progress)
+    if master:  # one process prepares the data, the others wait for it
+        data = prepared_data(recipe, progress)
+    if world > 1:
+        dist.barrier()
+    if not master:
+        data = prepared_data(recipe, False)
     cfg = recipe.model
     cfg.vocab_size, cfg.n_sources = data.tokenizer.vocab_size, len(data.sources)
 
@@ -53,7 +82,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), device.type)
     only = None if cfg.gates == "abc" else [data.sources.index(s) for s in t.only_sources or data.sources]
     batcher = Batcher(data, cfg.block_size, t.batch_size, device, t.seed, t.dial_concentration,
-                      t.dial_sampling == "per_batch", only, [s.weight for s in recipe.data.sources])
+                      t.dial_sampling == "per_batch", only, [s.weight for s in recipe.data.sources], rank, world)
     step, best = 0, math.inf
     if resume:
         ckpt = load_checkpoint(existing_dir(out / "last"), device)
@@ -69,14 +98,16 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     elif (out / "last").exists() or (out / "last.old").exists():
         raise AbcgptError(f"{out} already holds a run: resume it with `abcgpt train --resume {out}`, "
                           "or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
-    step_model = torch.compile(model) if t.compile else model
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    ddp = DDP(model) if world > 1 else None
+    step_model = torch.compile(ddp or model) if t.compile else (ddp or model)
 
     if progress:
         print(f"training {recipe.name}: {model.num_params() / 1e6:.2f}M parameters, gates={cfg.gates}, "
               f"routing={cfg.routing}, sources {' / '.join(data.sources)}, device {device}")
-    log = open(out / "metrics.jsonl", "a")
+    log = open(out / "metrics.jsonl", "a") if master else None
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.block_size
     t_log, step_at_log = time.time(), step
@@ -91,11 +122,14 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(t.grad_accum):
+            for micro in range(t.grad_accum):
                 x, y, dials, sources = batcher.next()
-                with autocast():
-                    _, loss = step_model(x, dials, y, sources)
-                (loss / t.grad_accum).backward()
+                # DDP: all-reduce the gradients once, on the last micro-step
+                sync = ddp.no_sync() if ddp is not None and micro < t.grad_accum - 1 else nullcontext()
+                with sync:
+                    with autocast():
+                        _, loss = step_model(x, dials, y, sources)
+                    (loss / t.grad_accum).backward()
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
@@ -114,6 +148,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
                 bar.set_postfix(loss=f"{lossf:.3f}", tok_s=f"{tok_s:,.0f}")
                 _log(log, {"type": "train", "step": step, "loss": lossf, "lr": lr, "tok_per_s": tok_s})
 
+            if not master:
+                continue  # evaluation and checkpoints are rank 0's; the others go on to the next all-reduce
             if step % t.eval_every == 0 or step == t.steps:
                 table = loss_table(model, data, t.batch_size, t.eval_batches, autocast)
                 trained = t.only_sources or data.sources
@@ -133,8 +169,14 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
         raise AbcgptError(f"interrupted at step {step}; resume from the last checkpoint with "
                           f"`abcgpt train --resume {out}`") from None
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     bar.close()
+    if world > 1:
+        dist.barrier()  # the others wait for rank 0's last checkpoint
+        dist.destroy_process_group()
+        if not master:
+            return {}
 
     if table is None:  # a resumed run that had nothing left to do
         table = loss_table(model, data, t.batch_size, t.eval_batches, autocast)
@@ -152,6 +194,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
 
 
 def _log(f, record: dict) -> None:
+    if f is None:
+        return
     f.write(json.dumps(record) + "\n")
     f.flush()
 
