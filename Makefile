@@ -31,8 +31,13 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest
 
+bench: venv
+	mkdir -p runs/bench
+	$(BIN)/python benchmarks/train_step.py --json runs/bench/train_step.json
+	$(BIN)/python benchmarks/generate.py --json runs/bench/generate.json
+
 lint: venv
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) data runs
