@@ -16,7 +16,7 @@ import torch
 from abcgpt.common import pick_device
 from abcgpt.config import load_recipe
 from abcgpt.model import GPT
-from abcgpt.train import autocast_for
+from abcgpt.train import autocast_for, peak_flops
 
 
 def step_time(cfg, batch: int, device, autocast, compile_: bool, steps: int, warmup: int) -> float:
@@ -57,7 +57,9 @@ def main() -> None:
     device = pick_device(recipe.train.device)
     autocast = autocast_for(device, recipe.train.dtype) if device.type == "cuda" else nullcontext
     cfg = recipe.model
-    cfg.vocab_size, cfg.n_sources = 96, len(recipe.data.sources)
+    # char recipes: about the size of their alphabets; BPE recipes: their vocabulary
+    cfg.vocab_size = recipe.data.vocab_size if recipe.data.tokenizer == "bpe" else 96
+    cfg.n_sources = len(recipe.data.sources)
     modes = [False] + ([True] if args.compile == "yes" or (args.compile == "auto" and device.type == "cuda") else [])
     rows = {}
     for compile_ in modes:
@@ -69,8 +71,13 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"train step, {args.config} model ({GPT(cfg).num_params() / 1e6:.2f}M params), batch "
           f"{recipe.train.batch_size} x {cfg.block_size}, {name}, median of {args.steps} steps")
+    tokens = recipe.train.batch_size * cfg.block_size
+    peak = peak_flops(device, recipe.train.peak_tflops)
+    token_flops = 6 * GPT(cfg).num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    mfu = {k: tokens / sec * token_flops / peak for k, sec in rows.items()} if peak else {}
     for key, sec in rows.items():
-        print(f"  {key:24s} {sec * 1000:8.1f} ms")
+        print(f"  {key:24s} {sec * 1000:8.1f} ms  {tokens / sec:12,.0f} tokens/s"
+              + (f"  MFU {mfu[key]:.1%}" if mfu else ""))
     ratios = {}
     for mode in ("eager", "compiled"):
         if f"{mode} none" in rows:
@@ -81,7 +88,9 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "device": name, "batch": recipe.train.batch_size,
-                       "block_size": cfg.block_size, "seconds": rows, "ratios": ratios}, f, indent=2)
+                       "block_size": cfg.block_size, "seconds": rows, "tokens_per_s": {k: tokens / v for k, v in
+                                                                                         rows.items()},
+                       "mfu": mfu, "ratios": ratios}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,25 @@ def autocast_for(device: torch.device, dtype: str):
     return nullcontext
 
 
+# dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name
+PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
+               "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0,
+               "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
+
+
+def peak_flops(device: torch.device, override_tflops: float) -> float | None:
+    """The accelerator's peak FLOP/s for MFU: train.peak_tflops if set, else looked up by GPU name."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (RANK set) this joins the process group: NCCL with one GPU
     per process, else gloo on the CPU. A plain run is rank 0 of 1."""
@@ -110,6 +129,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     log = open(out / "metrics.jsonl", "a") if master else None
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.block_size
+    peak = peak_flops(device, t.peak_tflops)
+    token_flops = 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size  # PaLM, appendix B
     t_log, step_at_log = time.time(), step
     table = None
 
@@ -145,8 +166,10 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
                 now = time.time()
                 tok_s = (step - step_at_log) * tokens_per_step / (now - t_log)
                 t_log, step_at_log = now, step
-                bar.set_postfix(loss=f"{lossf:.3f}", tok_s=f"{tok_s:,.0f}")
-                _log(log, {"type": "train", "step": step, "loss": lossf, "lr": lr, "tok_per_s": tok_s})
+                # MFU: achieved FLOP/s over every process's accelerator, against the accelerator's peak
+                mfu = tok_s * token_flops / (peak * world) if peak else None
+                bar.set_postfix(loss=f"{lossf:.3f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
+                _log(log, {"type": "train", "step": step, "loss": lossf, "lr": lr, "tok_per_s": tok_s, "mfu": mfu})
 
             if not master:
                 continue  # evaluation and checkpoints are rank 0's; the others go on to the next all-reduce
