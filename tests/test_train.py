@@ -183,9 +183,11 @@ def test_interrupted_checkpoint_swap_is_recovered(tmp_path):
     assert Path(load_checkpoint(last).path).name == "last.old"
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_torchrun_two_processes_match_one(tmp_path, fsdp):
     """torchrun with 2 CPU processes (gloo) trains the same model as one process with the same global batch:
-    each process takes its half of the same drawn batch and DDP averages the gradients."""
+    each process takes its half of the same drawn batch; DDP averages the gradients, FSDP reduce-scatters
+    them into each process's shard and gathers the whole model for checkpoints."""
     recipe = str(write_recipe(tmp_path))
     args = ["train", "--config", recipe, "--steps", "20", "--set", "train.grad_accum=2", "--set", "train.threads=1"]
     one = _cli(*args, "--out", str(tmp_path / "one"))
@@ -193,8 +195,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert one.returncode == 0, err
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                          "2", "-m", "abcgpt", *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+                          "2", "-m", "abcgpt", *args, "--set", f"train.fsdp={str(fsdp).lower()}",
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
@@ -205,3 +207,23 @@ def test_torchrun_two_processes_match_one(tmp_path):
     torch.manual_seed(0)  # train.seed: the initial weights
     fresh = GPT(init.config).state_dict()
     assert not torch.allclose(fresh["transformer.h.0.mlp.c_fc.weight"], a["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_fsdp_run_resumes_exactly(tmp_path):
+    """Stopped at step 10 and resumed to 20 under torchrun with FSDP, a run ends where the same stop and resume
+    in one plain process ends: the sharded optimizer state is saved whole and sharded again on resume."""
+    recipe = str(write_recipe(tmp_path))
+    first = ["train", "--config", recipe, "--steps", "10", "--set", "train.threads=1", "--set", "train.fsdp=true"]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for launcher, out in (([], "one"), (torchrun, "two")):
+        resume = ["train", "--resume", str(tmp_path / out), "--steps", "20"]
+        for args in (first + ["--out", str(tmp_path / out)], resume):
+            cmd = [sys.executable] + (launcher[1:] if launcher else []) + ["-m", "abcgpt", *args]
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, run.stderr[-3000:]
+        assert load_checkpoint(tmp_path / out / "last").meta["step"] == 20
+    a = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), (k, (a[k] - b[k]).abs().max())

@@ -42,6 +42,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, else fp32) | "float32" | "bfloat16"
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2), not DDP
     peak_tflops: float = 0.0  # the accelerator's dense bf16 peak for MFU; 0 looks it up by GPU name
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     eval_every: int = 250

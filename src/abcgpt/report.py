@@ -99,7 +99,8 @@ def dial_path(n_sources: int, points: int) -> tuple[list[float], list[torch.Tens
 # recipe keys that may differ between the dial model and its baselines: the gates and how the dial is drawn
 GATE_KEYS = {"model": {"gates", "routing", "narrowness", "specialty_seed", "specialty_concentration"},
              "train": {"dial_sampling", "dial_concentration", "only_sources", "device", "dtype", "compile",
-                       "threads", "eval_every", "eval_batches", "log_every", "checkpoint_every"}}
+                       "threads", "eval_every", "eval_batches", "log_every", "checkpoint_every", "fsdp",
+                       "peak_tflops"}}
 
 
 def check_baseline(dial: Checkpoint, base: Checkpoint, name: str) -> None:

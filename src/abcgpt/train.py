@@ -14,6 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -98,17 +105,23 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
 
     torch.manual_seed(t.seed)
     model = GPT(cfg).to(device)
-    optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), device.type)
+    fsdp = t.fsdp and world > 1
     only = None if cfg.gates == "abc" else [data.sources.index(s) for s in t.only_sources or data.sources]
     batcher = Batcher(data, cfg.block_size, t.batch_size, device, t.seed, t.dial_concentration,
                       t.dial_sampling == "per_batch", only, [s.weight for s in recipe.data.sources], rank, world)
-    step, best = 0, math.inf
+    step, best, ckpt = 0, math.inf, None
     if resume:
         ckpt = load_checkpoint(existing_dir(out / "last"), device)
         if ckpt.tokenizer.to_json() != data.tokenizer.to_json():
             raise AbcgptError(f"the prepared data in {data.dir} has another tokenizer than the run in {out}")
         model.load_state_dict(ckpt.model.state_dict())
-        trainer = restore_training_state(ckpt, optimizer)
+    if fsdp:  # shard every block, then the rest (embeddings, final LayerNorm); parameters become DTensors
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), device.type)
+    if ckpt is not None:
+        trainer = restore_training_state(ckpt, optimizer) if not fsdp else _restore_sharded(ckpt, model, optimizer)
         batcher.load_state(trainer["batcher"])
         step, best = ckpt.meta["step"], trainer["best"]
         _truncate_log(out / "metrics.jsonl", step)
@@ -120,7 +133,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
-    ddp = DDP(model) if world > 1 else None
+    ddp = DDP(model) if world > 1 and not fsdp else None
     step_model = torch.compile(ddp or model) if t.compile else (ddp or model)
 
     if progress:
@@ -135,8 +148,10 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     table = None
 
     def save(path: Path, metrics: dict) -> None:
-        save_checkpoint(path, model, recipe, data.tokenizer, data.sources, step, metrics, optimizer,
-                        {"batcher": batcher.state(), "best": best})
+        whole, whole_opt = (model, optimizer) if not fsdp else _gather_sharded(model, optimizer, cfg, t, master)
+        if master:
+            save_checkpoint(path, whole, recipe, data.tokenizer, data.sources, step, metrics, whole_opt,
+                            {"batcher": batcher.state(), "best": best})
 
     try:
         while step < t.steps:
@@ -145,8 +160,10 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
                 group["lr"] = lr
             for micro in range(t.grad_accum):
                 x, y, dials, sources = batcher.next()
-                # DDP: all-reduce the gradients once, on the last micro-step
+                # DDP / FSDP: reduce the gradients once, on the last micro-step
                 sync = ddp.no_sync() if ddp is not None and micro < t.grad_accum - 1 else nullcontext()
+                if fsdp:
+                    model.set_requires_gradient_sync(micro == t.grad_accum - 1)
                 with sync:
                     with autocast():
                         _, loss = step_model(x, dials, y, sources)
@@ -171,16 +188,17 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
                 bar.set_postfix(loss=f"{lossf:.3f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
                 _log(log, {"type": "train", "step": step, "loss": lossf, "lr": lr, "tok_per_s": tok_s, "mfu": mfu})
 
-            if not master:
+            if not master and not fsdp:
                 continue  # evaluation and checkpoints are rank 0's; the others go on to the next all-reduce
-            if step % t.eval_every == 0 or step == t.steps:
+            if step % t.eval_every == 0 or step == t.steps:  # (sharded: every rank takes part in the forward)
                 table = loss_table(model, data, t.batch_size, t.eval_batches, autocast)
                 trained = t.only_sources or data.sources
                 own = sum(table[s][s] for s in trained) / len(trained)
                 _log(log, {"type": "eval", "step": step, "heldout": table, "corner_own": own,
                            "tokens_per_cell": t.batch_size * t.eval_batches * cfg.block_size})
-                bar.write(f"step {step}: held-out loss, each source at its own corner: "
-                          + ", ".join(f"{s} {table[s][s]:.3f}" for s in data.sources))
+                if master:
+                    bar.write(f"step {step}: held-out loss, each source at its own corner: "
+                              + ", ".join(f"{s} {table[s][s]:.3f}" for s in data.sources))
                 if own < best:
                     best = own
                     save(out / "best", {"heldout": table, "corner_own": own})
@@ -195,6 +213,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
         if log is not None:
             log.close()
     bar.close()
+    if fsdp:  # the final numbers below need a whole model: rank 0 gathers one
+        model, _ = _gather_sharded(model, optimizer, cfg, t, master)
     if world > 1:
         dist.barrier()  # the others wait for rank 0's last checkpoint
         dist.destroy_process_group()
@@ -214,6 +234,30 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
         print(format_table(table, data.sources))
         print(f"checkpoints in {out}/best and {out}/last; loss across the dial: {out}/loss_vs_dial.png")
     return table
+
+
+def _gather_sharded(model, optimizer, cfg, t, master: bool):
+    """A whole model and optimizer on rank 0 from FSDP shards (a collective: every rank calls it)."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=full)
+    osd = get_optimizer_state_dict(model, optimizer, options=full)
+    if not master:
+        return None, None
+    whole = GPT(cfg)
+    whole.load_state_dict(msd)
+    whole_opt = whole.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), "cpu")
+    set_optimizer_state_dict(whole, whole_opt, osd)
+    return whole, whole_opt
+
+
+def _restore_sharded(ckpt, model, optimizer) -> dict:
+    """Resume under FSDP: read the whole optimizer state as a plain run would, then shard it."""
+    t = ckpt.recipe.train
+    whole_opt = ckpt.model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), "cpu")
+    trainer = restore_training_state(ckpt, whole_opt)
+    osd = get_optimizer_state_dict(ckpt.model, whole_opt)
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+    return trainer
 
 
 def _log(f, record: dict) -> None:
