@@ -1,4 +1,4 @@
-"""The `abcgpt` command: prepare, train, sample, baselines, eval, calibrate, config."""
+"""The `abcgpt` command: prepare, train, sample, baselines, eval, calibrate, serve, config."""
 
 import argparse
 import itertools
@@ -148,6 +148,13 @@ def cmd_calibrate(args) -> None:
     print(f"calibration stored in the checkpoint (share asked -> dial): {pairs}")
 
 
+def cmd_serve(args) -> None:
+    from abcgpt.serve import serve
+
+    serve(Path(args.ckpt), args.host, args.port, pick_device(args.device), max_concurrent=args.max_concurrent,
+          max_new_tokens=args.max_new_tokens, max_prompt_chars=args.max_prompt_chars)
+
+
 def print_side_by_side(headers: list[str], texts: list[str], sources: list[str]) -> None:
     """Columns when the terminal is wide enough, else one sample after another."""
     width = shutil.get_terminal_size((120, 24)).columns
@@ -239,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", default="\n", help="prompt of every style sample (default: a newline)")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_calibrate)
+
+    sp = sub.add_parser("serve", help="a web page with a dial slider, and an HTTP API")
+    sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--max-concurrent", type=int, default=2, help="generations at once; more get HTTP 429")
+    sp.add_argument("--max-new-tokens", type=int, default=1000, help="cap on new tokens per request")
+    sp.add_argument("--max-prompt-chars", type=int, default=4000, help="cap on prompt length")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("config", help="show a recipe with defaults and overrides applied")
     recipe_args(sp)

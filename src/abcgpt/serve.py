@@ -1,0 +1,228 @@
+"""`abcgpt serve`: the dial in a browser (a page with a live slider) and an HTTP API, on FastAPI.
+
+    GET  /                 the page (static files shipped in the package, no build step, no CDN)
+    GET  /api/info         sources, model, calibration, limits
+    POST /api/generate     prompt + dial -> text, streamed as server-sent events (or whole with stream=false)
+    POST /v1/completions   OpenAI-compatible completions, with the dial as an extra field
+    GET  /openapi.json     the schema (and /docs)
+
+Requests never name files: the only files served are the page's own. Generations run one token at a time in
+worker threads, at most `max_concurrent` at once (more get 429), and stop when their client goes away."""
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
+
+from abcgpt.checkpoint import load_checkpoint
+from abcgpt.common import AbcgptError
+from abcgpt.dial import parse_dial
+from abcgpt.generate import generate_tokens, stream_text
+from abcgpt.style import apply_calibration
+
+STATIC = Path(__file__).parent / "static"
+Dial = float | str | dict[str, float]
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = ""
+    dial: Dial = Field(0.5, description="a number in [0, 1] (two sources), a source name, 'uniform', "
+                                         "or {source: weight}")
+    max_new_tokens: int = Field(200, ge=1)
+    temperature: float = Field(0.8, ge=0.0, le=10.0)
+    top_k: int = Field(40, ge=0)
+    seed: int | None = None
+    calibrated: bool = Field(False, description="read a numeric dial as the share of the second source's style")
+    stream: bool = True
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's /v1/completions request; fields it has that we do not use (top_p, stop, ...) are ignored."""
+    model: str | None = None
+    prompt: str = ""
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_k: int = Field(0, ge=0, description="extra: 0 disables")
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    seed: int | None = None
+    dial: Dial = Field(0.5, description="extra: the dial, as in /api/generate")
+    calibrated: bool = False
+
+
+class InputError(Exception):
+    """A request that passed the schema but not our checks: 422 naming the field, like FastAPI's own."""
+
+    def __init__(self, field: str, msg: str, status: int = 422):
+        self.field, self.msg, self.status = field, msg, status
+
+
+def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurrent: int = 2,
+               max_new_tokens: int = 1000, max_prompt_chars: int = 4000) -> FastAPI:
+    ckpt = load_checkpoint(ckpt_path, device)
+    model, tok, sources = ckpt.model.eval(), ckpt.tokenizer, ckpt.sources
+    gated = model.config.gates == "abc"
+    calibration = ckpt.meta.get("calibration")
+    app = FastAPI(title="abcgpt", version="0.1.0",
+                  description=f"A GPT with a dial over its training sources: {', '.join(sources)}.")
+    app.state.active = 0  # generations running; the event loop is the only writer
+
+    @app.exception_handler(InputError)
+    async def input_error(_: Request, e: InputError):
+        if e.status == 429:
+            return JSONResponse({"detail": e.msg}, status_code=429)
+        return JSONResponse({"detail": [{"loc": ["body", e.field], "msg": e.msg, "type": "value_error"}]},
+                            status_code=e.status)
+
+    def dial_tensor(spec: Dial, calibrated: bool) -> torch.Tensor:
+        if isinstance(spec, dict):
+            spec = ",".join(f"{k}={v}" for k, v in spec.items())
+        try:
+            d, _ = parse_dial(spec, sources)
+        except AbcgptError as e:
+            raise InputError("dial", str(e)) from None
+        if calibrated:
+            if calibration is None or len(sources) != 2 or not isinstance(spec, int | float):
+                raise InputError("calibrated", "needs a numeric dial and a checkpoint with a calibration "
+                                               "(`abcgpt calibrate`)")
+            a = apply_calibration(calibration, float(spec))
+            d = torch.tensor([1.0 - a, a])
+        return d
+
+    def prompt_ids(prompt: str) -> list[int]:
+        if len(prompt) > max_prompt_chars:
+            raise InputError("prompt", f"prompt has {len(prompt)} characters; at most {max_prompt_chars}")
+        try:
+            return tok.encode(prompt or "\n")
+        except AbcgptError as e:
+            raise InputError("prompt", str(e)) from None
+
+    def check_tokens(field: str, n: int) -> None:
+        if n > max_new_tokens:
+            raise InputError(field, f"{field} is {n}; at most {max_new_tokens}")
+
+    def take_slot() -> None:
+        if app.state.active >= max_concurrent:
+            raise InputError("", f"too many generations at once (at most {max_concurrent}); try again shortly",
+                             status=429)
+        app.state.active += 1
+
+    def release() -> None:
+        app.state.active -= 1
+
+    async def pieces(request: Request, ids: list[int], dial: torch.Tensor, n_new: int, temperature: float,
+                     top_k: int, seed: int | None):
+        """Text pieces of one sequence as they are generated, until done or the client is gone."""
+        tokens = generate_tokens(model, torch.tensor([ids]), dial if gated else None, n_new, temperature,
+                                 top_k or None, seed)
+        texts = stream_text(tok, tokens)
+        while True:
+            piece = await asyncio.to_thread(next, texts, None)  # the model runs off the event loop
+            if piece is None or await request.is_disconnected():
+                break
+            yield piece
+
+    def streaming(events) -> StreamingResponse:
+        # the slot is given back after the response ends, also when the client disconnected midway
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(release))
+
+    def sse(obj) -> str:
+        return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/info")
+    async def info():
+        cfg = model.config
+        return {"sources": sources, "calibrated": calibration is not None and len(sources) == 2,
+                "model": {"params": model.num_params(), "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                          "n_embd": cfg.n_embd, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
+                          "tokenizer": tok.kind, "recipe": ckpt.recipe.name, "step": ckpt.meta["step"],
+                          "gates": cfg.gates},
+                "limits": {"max_new_tokens": max_new_tokens, "max_prompt_chars": max_prompt_chars,
+                           "max_concurrent": max_concurrent}}
+
+    @app.post("/api/generate")
+    async def api_generate(req: GenerateRequest, request: Request):
+        dial = dial_tensor(req.dial, req.calibrated)
+        ids = prompt_ids(req.prompt)
+        check_tokens("max_new_tokens", req.max_new_tokens)
+        weights = dict(zip(sources, dial.tolist()))
+        take_slot()
+        stream = pieces(request, ids, dial, req.max_new_tokens, req.temperature, req.top_k, req.seed)
+        if not req.stream:
+            try:
+                text = "".join([p async for p in stream])
+            finally:
+                release()
+            return {"text": text, "dial": weights, "prompt": req.prompt}
+
+        async def events():
+            text = []
+            async for p in stream:
+                text.append(p)
+                yield sse({"token": p})
+            yield sse({"done": True, "text": "".join(text), "dial": weights})
+
+        return streaming(events())
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        dial = dial_tensor(req.dial, req.calibrated)
+        ids = prompt_ids(req.prompt)
+        check_tokens("max_tokens", req.max_tokens)
+        if req.stream and req.n > 1:
+            raise InputError("n", "streaming returns one completion: n must be 1 with stream=true")
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model or ckpt.recipe.name}
+        usage = {"prompt_tokens": len(ids), "completion_tokens": req.max_tokens * req.n,
+                 "total_tokens": len(ids) + req.max_tokens * req.n}
+        take_slot()
+        if req.stream:
+            async def events():
+                async for p in pieces(request, ids, dial, req.max_tokens, req.temperature, req.top_k, req.seed):
+                    yield sse(head | {"choices": [{"text": p, "index": 0, "logprobs": None, "finish_reason": None}]})
+                yield sse(head | {"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]})
+                yield sse("[DONE]")
+
+            return streaming(events())
+        try:  # n completions in one batch, one dial for all
+            rows = await asyncio.to_thread(_batch, model, tok, ids, req.n, dial if gated else None, req.max_tokens,
+                                           req.temperature, req.top_k or None, req.seed)
+        finally:
+            release()
+        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": "length"} for i, t in enumerate(rows)]
+        return head | {"choices": choices, "usage": usage}
+
+    return app
+
+
+def _batch(model, tok, ids, n, dial, new_tokens, temperature, top_k, seed) -> list[str]:
+    out = [[] for _ in range(n)]
+    for nxt in generate_tokens(model, torch.tensor([ids] * n), dial, new_tokens, temperature, top_k, seed):
+        for row, t in zip(out, nxt.tolist()):
+            row.append(t)
+    return [tok.decode(r) for r in out]
+
+
+def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", **limits) -> None:
+    import uvicorn
+
+    app = create_app(ckpt, device, **limits)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {host}, reachable from other machines; the API has no authentication")
+    print(f"abcgpt serving {ckpt} at http://{host}:{port}/  (API schema: /docs)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,137 @@
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import write_recipe
+from fastapi.testclient import TestClient
+
+from abcgpt.config import load_recipe
+from abcgpt.serve import create_app
+from abcgpt.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    train(load_recipe(str(write_recipe(tmp)), ["train.steps=120", "train.eval_every=120"]), tmp / "run",
+          progress=False)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    return TestClient(create_app(run, max_concurrent=2, max_new_tokens=300, max_prompt_chars=50))
+
+
+def events(body: str) -> list:
+    return [json.loads(x[len("data: "):]) if x != "data: [DONE]" else "[DONE]"
+            for x in body.split("\n\n") if x.startswith("data: ")]
+
+
+def test_info(client):
+    info = client.get("/api/info").json()
+    assert info["sources"] == ["alpha", "omega"] and info["calibrated"] is False
+    assert info["limits"] == {"max_new_tokens": 300, "max_prompt_chars": 50, "max_concurrent": 2}
+    assert info["model"]["step"] == 120 and info["model"]["tokenizer"] == "char"
+
+
+def test_generate_whole_and_streamed_agree(client):
+    req = {"prompt": " ", "dial": 0.0, "max_new_tokens": 40, "seed": 3}
+    whole = client.post("/api/generate", json=req | {"stream": False}).json()
+    assert whole["dial"] == {"alpha": 1.0, "omega": 0.0} and len(whole["text"]) == 40
+    r = client.post("/api/generate", json=req)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    ev = events(r.text)
+    assert ev[-1]["done"] is True and ev[-1]["text"] == whole["text"]
+    assert "".join(e["token"] for e in ev[:-1]) == whole["text"] and len(ev) > 5  # token by token
+    # the dial changes the text: dial 1 writes omega's letters
+    other = client.post("/api/generate", json=req | {"dial": {"omega": 1}, "stream": False}).json()
+    assert other["dial"] == {"alpha": 0.0, "omega": 1.0}
+    assert sum(c in "tuvwxyz" for c in other["text"]) > sum(c in "tuvwxyz" for c in whole["text"])
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"dial": 1.5}, "dial"), ({"dial": {"beta": 1}}, "dial"), ({"dial": "nan"}, "dial"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 301}, "max_new_tokens"),
+    ({"prompt": "é"}, "prompt"), ({"prompt": "a" * 51}, "prompt"), ({"temperature": -1}, "temperature"),
+    ({"calibrated": True}, "calibrated"), ({"seed": "x"}, "seed"),
+])
+def test_bad_requests_name_the_field(client, body, field):
+    r = client.post("/api/generate", json={"stream": False} | body)
+    assert r.status_code == 422
+    assert any(d["loc"][-1] == field for d in r.json()["detail"]), r.json()
+
+
+def test_too_many_generations_get_429(client):
+    client.app.state.active = 2
+    try:
+        r = client.post("/api/generate", json={"stream": False, "max_new_tokens": 5})
+        assert r.status_code == 429 and "at most 2" in r.json()["detail"]
+    finally:
+        client.app.state.active = 0
+    assert client.post("/api/generate", json={"stream": False, "max_new_tokens": 5}).status_code == 200
+    assert client.app.state.active == 0  # slots are given back
+
+
+def test_openai_completions(client):
+    r = client.post("/v1/completions", json={"model": "x", "prompt": "ab", "max_tokens": 12, "n": 2,
+                                             "temperature": 0.5, "top_p": 1, "dial": 0.2, "seed": 1}).json()
+    assert r["object"] == "text_completion" and len(r["choices"]) == 2
+    assert all(len(c["text"]) == 12 and c["finish_reason"] == "length" for c in r["choices"])
+    assert r["usage"]["completion_tokens"] == 24
+    ev = events(client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 8, "stream": True}).text)
+    assert ev[-1] == "[DONE]" and ev[-2]["choices"][0]["finish_reason"] == "length"
+    assert len("".join(e["choices"][0]["text"] for e in ev[:-1])) == 8
+
+
+def test_schema_and_page_are_served_and_nothing_else(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/api/info", "/api/generate", "/v1/completions"} <= set(schema["paths"])
+    assert "dial" in schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert client.get("/").status_code == 200 and "text/html" in client.get("/").headers["content-type"]
+    for path in ("/static/../../pyproject.toml", "/static/%2e%2e/serve.py", "/etc/passwd"):
+        assert client.get(path).status_code == 404
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_that_disconnects_stops_its_generation(run):
+    """A real server: a streaming client that goes away after a few tokens frees its slot at once, though it
+    had asked for 300 tokens (which take seconds), and the server keeps answering."""
+    import uvicorn
+
+    app = create_app(run, max_concurrent=1, max_new_tokens=300)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                httpx.get(base + "/api/info", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        with httpx.stream("POST", base + "/api/generate", json={"max_new_tokens": 300, "temperature": 1.0},
+                          timeout=10) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 4:
+                    break
+            assert app.state.active == 1
+        deadline = time.time() + 5
+        while app.state.active and time.time() < deadline:
+            time.sleep(0.02)
+        assert app.state.active == 0
+        r = httpx.post(base + "/api/generate", json={"stream": False, "max_new_tokens": 5}, timeout=10)
+        assert r.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
