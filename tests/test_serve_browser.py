@@ -1,0 +1,93 @@
+"""End to end in a real headless Chromium (Debian's package, driven by Playwright): the page loads, text
+streams in, and moving the slider changes the voice. .ci/run installs chromium."""
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import write_recipe
+
+from abcgpt.config import load_recipe
+from abcgpt.serve import create_app
+from abcgpt.train import train
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium (apt-get install chromium) for the browser test")
+        pytest.skip("chromium is not installed")
+    import uvicorn
+
+    tmp = tmp_path_factory.mktemp("browser")
+    train(load_recipe(str(write_recipe(tmp)), ["train.steps=150", "train.eval_every=150"]), tmp / "run",
+          progress=False)
+    app = create_app(tmp / "run", max_concurrent=2, max_new_tokens=400)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            httpx.get(base + "/api/info", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield base
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def letters(text: str, alphabet: str) -> int:
+    return sum(c in alphabet for c in text)
+
+
+def test_slider_streams_and_changes_the_voice(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                                     "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server)
+        page.wait_for_selector("#dial")
+        page.fill("#prompt", " ")
+        page.fill("#length", "300")
+
+        def move(value: str) -> str:
+            """Set the slider (an input event, as a drag makes) and return the text once it is done."""
+            page.eval_on_selector("#dial", f"el => {{ el.value = '{value}'; "
+                                           "el.dispatchEvent(new Event('input', {bubbles: true})); }")
+            # the restart is debounced: wait for it to begin before waiting for it to end
+            page.wait_for_function("!document.querySelector('#status').innerText.toLowerCase().includes('done')",
+                                   timeout=10_000)
+            lengths = []
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                lengths.append(len(page.inner_text("#output")))
+                if "done" in page.inner_text("#status").lower():
+                    break
+                time.sleep(0.02)
+            assert "done" in page.inner_text("#status").lower(), page.inner_text("#status")
+            return page.inner_text("#output"), lengths
+
+        text0, lengths0 = move("0")
+        # streamed: the text was seen growing before it was done
+        assert len(set(lengths0)) > 3, lengths0
+        text1, _ = move("1")
+        assert text0 != text1
+        assert letters(text0, "abcdefg") > letters(text0, "tuvwxyz")
+        assert letters(text1, "tuvwxyz") > letters(text1, "abcdefg")
+        if os.environ.get("ABCGPT_SCREENSHOT"):  # how docs/serve.png is made
+            page.screenshot(path=os.environ["ABCGPT_SCREENSHOT"], full_page=True)
+        browser.close()
