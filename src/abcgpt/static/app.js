@@ -1,0 +1,506 @@
+// abcgpt web page: the dial, streaming generation and the sweep. Plain ES2020, no dependencies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const COLORS = ["#4f7cff", "#e0607e", "#2fb38a", "#f0a33a", "#9b6cf0", "#38b2d6", "#c98a4b", "#7a8599"];
+const DEBOUNCE_MS = 300;
+
+const state = {
+  info: null,
+  sources: [],
+  dial: 0.5,        // a number with two sources, {name: weight} with more
+  gen: null,        // {ctrl, n, t0} of the streaming generation in flight
+  sweep: null,      // AbortController of the sweep in flight
+  timer: null,      // debounce timer of the dial
+};
+
+// ---------------------------------------------------------------- small helpers
+
+const fmt = (x) => Number(x).toFixed(2);
+const el = (tag, cls, text) => {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+};
+const svgEl = (tag, attrs) => {
+  const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  return e;
+};
+
+function setStatus(text, kind = "", id = "status") {
+  const s = $(id);
+  s.textContent = text;
+  s.dataset.kind = kind;  // "", "busy", "error", "warn"
+}
+
+function humanCount(n) {  // 820000 -> "0.82M", 124439808 -> "124M"
+  if (n >= 1e9) return Number((n / 1e9).toPrecision(3)) + "B";
+  if (n >= 1e5) return Number((n / 1e6).toPrecision(3)) + "M";
+  if (n >= 1e3) return Number((n / 1e3).toPrecision(3)) + "k";
+  return String(n);
+}
+
+// The dial as normalised weights {name: w}, or null when every weight is 0.
+function weightsOf(dial) {
+  const s = state.sources;
+  if (typeof dial === "number") return { [s[0]]: 1 - dial, [s[1]]: dial };
+  const total = s.reduce((t, k) => t + Math.max(0, dial[k] || 0), 0);
+  if (!(total > 0)) return null;
+  return Object.fromEntries(s.map((k) => [k, Math.max(0, dial[k] || 0) / total]));
+}
+
+// "tinystories 0.70 · shakespeare 0.30"; compact: without the sources at 0.
+function describe(w, compact = false) {
+  if (!w) return "";
+  if (typeof w === "number") w = weightsOf(w);
+  return Object.entries(w).filter(([, v]) => !compact || v >= 0.005)
+    .map(([k, v]) => `${k} ${fmt(v)}`).join(" · ");
+}
+
+// ---------------------------------------------------------------- dial controls
+
+function buildDial() {
+  const box = $("dial-box");
+  box.textContent = "";
+  const s = state.sources;
+  if (s.length === 2) buildSlider(box, s);
+  else if (s.length === 3) buildTriangle(box, s);
+  else buildWeights(box, s);
+  updateReadout();
+}
+
+function dialMoved() {
+  updateReadout();
+  clearTimeout(state.timer);
+  if (!weightsOf(state.dial)) return;  // all weights 0: nothing to generate
+  state.timer = setTimeout(generate, DEBOUNCE_MS);
+}
+
+function updateReadout() {
+  const w = weightsOf(state.dial);
+  const out = $("dial-readout");
+  out.textContent = "";
+  if (!w) out.textContent = "all weights are 0: raise at least one";
+  else if (typeof state.dial === "number") out.append(el("strong", "", fmt(state.dial)), ` → ${describe(w)}`);
+  else out.textContent = describe(w);
+}
+
+function buildSlider(box, [a, b]) {
+  box.classList.add("two");
+  const ends = el("div", "ends");
+  const la = el("label", "end", a);
+  const lb = el("label", "end", b);
+  la.htmlFor = lb.htmlFor = "dial";
+  la.style.color = COLORS[0];
+  lb.style.color = COLORS[1];
+  ends.append(la, lb);
+  const input = el("input");
+  Object.assign(input, { type: "range", id: "dial", min: "0", max: "1", step: "0.01", value: String(state.dial) });
+  input.style.setProperty("--a", COLORS[0]);
+  input.style.setProperty("--b", COLORS[1]);
+  input.setAttribute("aria-label", `dial from ${a} (0) to ${b} (1)`);
+  input.addEventListener("input", () => {
+    state.dial = Number(input.value);
+    input.setAttribute("aria-valuetext", describe(state.dial));
+    dialMoved();
+  });
+  box.append(ends, input);
+}
+
+// Triangle corners in SVG units: top, bottom left, bottom right (one per source, in order).
+const TRI = [{ x: 150, y: 30 }, { x: 28, y: 241 }, { x: 272, y: 241 }];
+
+function bary(p) {
+  const [a, b, c] = TRI;
+  const det = (b.y - c.y) * (a.x - c.x) + (c.x - b.x) * (a.y - c.y);
+  const l0 = ((b.y - c.y) * (p.x - c.x) + (c.x - b.x) * (p.y - c.y)) / det;
+  const l1 = ((c.y - a.y) * (p.x - c.x) + (a.x - c.x) * (p.y - c.y)) / det;
+  return [l0, l1, 1 - l0 - l1];
+}
+
+function clampToTriangle(p) {
+  if (bary(p).every((l) => l >= 0)) return p;
+  let best = p, bestD = Infinity;
+  for (let i = 0; i < 3; i++) {  // closest point on each edge
+    const a = TRI[i], b = TRI[(i + 1) % 3];
+    const dx = b.x - a.x, dy = b.y - a.y;
+    const t = Math.min(1, Math.max(0, ((p.x - a.x) * dx + (p.y - a.y) * dy) / (dx * dx + dy * dy)));
+    const q = { x: a.x + t * dx, y: a.y + t * dy };
+    const d = (q.x - p.x) ** 2 + (q.y - p.y) ** 2;
+    if (d < bestD) { bestD = d; best = q; }
+  }
+  return best;
+}
+
+function buildTriangle(box, names) {
+  box.classList.add("three");
+  const svg = svgEl("svg", {
+    id: "dial-triangle", viewBox: "0 0 300 272", tabindex: "0", role: "group",
+    "aria-label": "dial: drag the point, or use the arrow keys (Home: centre)",
+    "aria-describedby": "dial-readout",
+  });
+  const pts = TRI.map((p) => `${p.x},${p.y}`).join(" ");
+  svg.append(svgEl("polygon", { points: pts, class: "tri-face" }));
+  const defs = svgEl("defs");
+  names.forEach((_, i) => {  // each corner tinted with its source's colour
+    const g = svgEl("radialGradient", { id: `tri-tint-${i}`, gradientUnits: "userSpaceOnUse",
+      cx: TRI[i].x, cy: TRI[i].y, r: 190 });
+    g.append(svgEl("stop", { offset: "0", "stop-color": COLORS[i], "stop-opacity": "0.28" }),
+      svgEl("stop", { offset: "1", "stop-color": COLORS[i], "stop-opacity": "0" }));
+    defs.append(g);
+    svg.append(svgEl("polygon", { points: pts, fill: `url(#tri-tint-${i})` }));
+  });
+  svg.prepend(defs);
+  for (let i = 0; i < 3; i++) {  // faint iso-weight lines at 0.25, 0.5, 0.75
+    const v = TRI[i], u = TRI[(i + 1) % 3], w = TRI[(i + 2) % 3];
+    for (const k of [0.25, 0.5, 0.75]) {
+      svg.append(svgEl("line", {
+        x1: k * v.x + (1 - k) * u.x, y1: k * v.y + (1 - k) * u.y,
+        x2: k * v.x + (1 - k) * w.x, y2: k * v.y + (1 - k) * w.y, class: "tri-grid",
+      }));
+    }
+  }
+  svg.append(svgEl("polygon", { points: pts, class: "tri-edge" }));
+  const labelPos = [
+    { x: 150, y: 16, anchor: "middle" }, { x: 6, y: 264, anchor: "start" }, { x: 294, y: 264, anchor: "end" },
+  ];
+  names.forEach((name, i) => {
+    svg.append(svgEl("circle", { cx: TRI[i].x, cy: TRI[i].y, r: 6, fill: COLORS[i], class: "tri-corner" }));
+    const t = svgEl("text", { x: labelPos[i].x, y: labelPos[i].y, "text-anchor": labelPos[i].anchor, fill: COLORS[i],
+      class: "tri-label" });
+    t.textContent = name;
+    svg.append(t);
+  });
+  const halo = svgEl("circle", { r: 16, class: "tri-halo" });
+  const dot = svgEl("circle", { r: 8, class: "tri-point" });
+  svg.append(halo, dot);
+
+  const centre = { x: (TRI[0].x + TRI[1].x + TRI[2].x) / 3, y: (TRI[0].y + TRI[1].y + TRI[2].y) / 3 };
+  let point = centre;
+  const place = (p, fire = true) => {
+    point = clampToTriangle(p);
+    for (const c of [halo, dot]) { c.setAttribute("cx", point.x); c.setAttribute("cy", point.y); }
+    const l = bary(point).map((x) => Math.round(Math.max(0, x) * 1000) / 1000);
+    state.dial = Object.fromEntries(names.map((n, i) => [n, l[i]]));
+    if (fire) dialMoved();
+  };
+  const toSvg = (ev) => {
+    const m = svg.getScreenCTM().inverse();
+    const q = new DOMPoint(ev.clientX, ev.clientY).matrixTransform(m);
+    return { x: q.x, y: q.y };
+  };
+  svg.addEventListener("pointerdown", (ev) => {
+    svg.setPointerCapture(ev.pointerId);
+    svg.focus();
+    svg.classList.add("dragging");
+    place(toSvg(ev));
+    ev.preventDefault();
+  });
+  svg.addEventListener("pointermove", (ev) => { if (svg.hasPointerCapture(ev.pointerId)) place(toSvg(ev)); });
+  const release = () => svg.classList.remove("dragging");
+  svg.addEventListener("pointerup", release);
+  svg.addEventListener("pointercancel", release);
+  svg.addEventListener("keydown", (ev) => {
+    const step = ev.shiftKey ? 20 : 5;
+    const moves = { ArrowLeft: [-step, 0], ArrowRight: [step, 0], ArrowUp: [0, -step], ArrowDown: [0, step] };
+    if (moves[ev.key]) place({ x: point.x + moves[ev.key][0], y: point.y + moves[ev.key][1] });
+    else if (ev.key === "Home") place(centre);
+    else return;
+    ev.preventDefault();
+  });
+  box.append(svg);
+  place(centre, false);
+}
+
+function buildWeights(box, names) {
+  box.classList.add("many");
+  state.dial = Object.fromEntries(names.map((n) => [n, 0.5]));
+  const shares = {};
+  const refresh = () => {
+    const w = weightsOf(state.dial);
+    for (const n of names) shares[n].textContent = w ? fmt(w[n]) : "–";
+  };
+  names.forEach((name, i) => {
+    const row = el("div", "weight-row");
+    const label = el("label", "weight-name", name);
+    label.htmlFor = `w-${name}`;
+    label.style.color = COLORS[i % COLORS.length];
+    const input = el("input");
+    Object.assign(input, { type: "range", id: `w-${name}`, min: "0", max: "1", step: "0.01", value: "0.5" });
+    input.style.setProperty("--a", COLORS[i % COLORS.length]);
+    input.classList.add("single");
+    shares[name] = el("output", "share");
+    shares[name].htmlFor = `w-${name}`;
+    input.addEventListener("input", () => {
+      state.dial = { ...state.dial, [name]: Number(input.value) };
+      refresh();
+      dialMoved();
+    });
+    row.append(label, input, shares[name]);
+    box.append(row);
+  });
+  refresh();
+}
+
+// ---------------------------------------------------------------- requests
+
+function numberOf(id, parse = Number) {
+  const v = $(id).value.trim();
+  return v === "" ? null : parse(v);
+}
+
+function request(stream) {
+  return {
+    prompt: $("prompt").value,
+    dial: state.dial,
+    max_new_tokens: numberOf("length", (v) => parseInt(v, 10)),
+    temperature: numberOf("temperature"),
+    top_k: numberOf("top-k", (v) => parseInt(v, 10)),
+    seed: numberOf("seed", (v) => parseInt(v, 10)),
+    calibrated: !$("calibrated-row").hidden && $("calibrated").checked,
+    stream,
+  };
+}
+
+// The message of a failed response: FastAPI's {"detail": "..."} or {"detail": [{"loc": [...], "msg": "..."}]}.
+async function errorMessage(res) {
+  let detail = null;
+  try { detail = (await res.json()).detail; } catch { /* not JSON */ }
+  let msg;
+  if (Array.isArray(detail)) {
+    msg = detail.map((d) => {
+      const loc = (d.loc || []).filter((x) => x !== "body").join(".");
+      return loc ? `${loc}: ${d.msg}` : d.msg;
+    }).join("; ");
+  } else if (typeof detail === "string") msg = detail;
+  else if (detail) msg = JSON.stringify(detail);
+  else msg = res.statusText || "request failed";
+  return `error (HTTP ${res.status}): ${msg}`;
+}
+
+const sleep = (ms, signal) => new Promise((resolve, reject) => {
+  const t = setTimeout(resolve, ms);
+  signal.addEventListener("abort", () => { clearTimeout(t); reject(new DOMException("aborted", "AbortError")); },
+    { once: true });
+});
+
+// POST /api/generate; on 429 (the server is still busy with a request we just cancelled) retry a few times.
+async function post(body, signal) {
+  for (let attempt = 0; ; attempt++) {
+    const res = await fetch("/api/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: body.stream ? "text/event-stream" : "application/json" },
+      body: JSON.stringify(body),
+      signal,
+    });
+    if (res.ok) return res;
+    if (res.status === 429 && attempt < 4) { await sleep(400 * (attempt + 1), signal); continue; }
+    throw new Error(await errorMessage(res));
+  }
+}
+
+// Server-sent events of a fetch response: yields the JSON of each `data:` event.
+async function* sseEvents(res) {
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  const parse = (block) => {
+    const data = block.split(/\r?\n/).filter((l) => l.startsWith("data:"))
+      .map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+    return data ? JSON.parse(data) : null;
+  };
+  for (;;) {
+    const { value, done } = await reader.read();
+    buf += done ? decoder.decode() : decoder.decode(value, { stream: true });
+    let m;
+    while ((m = /\r?\n\r?\n/.exec(buf))) {
+      const ev = parse(buf.slice(0, m.index));
+      buf = buf.slice(m.index + m[0].length);
+      if (ev) yield ev;
+    }
+    if (done) break;
+  }
+  const last = parse(buf.trim());
+  if (last) yield last;
+}
+
+// ---------------------------------------------------------------- streaming generation
+
+async function generate() {
+  clearTimeout(state.timer);
+  if (state.gen) state.gen.ctrl.abort();
+  const gen = { ctrl: new AbortController(), n: 0, t0: performance.now() };
+  state.gen = gen;
+  const body = request(true);
+  const out = $("output");
+  const text = document.createTextNode("");
+  out.textContent = "";
+  out.append(el("span", "prompt-echo", body.prompt), text);
+  setStatus("generating…", "busy");
+  updateStop();
+  let finished = false;
+  try {
+    const res = await post(body, gen.ctrl.signal);
+    for await (const msg of sseEvents(res)) {
+      if (msg.error) throw new Error(`error: ${msg.error}`);
+      if (typeof msg.token === "string") {
+        const stick = out.scrollTop + out.clientHeight >= out.scrollHeight - 8;
+        text.appendData(msg.token);
+        gen.n++;
+        if (stick) out.scrollTop = out.scrollHeight;
+      }
+      if (msg.done) {
+        finished = true;
+        const secs = ((performance.now() - gen.t0) / 1000).toFixed(1);
+        const dial = msg.dial ? ` · ${describe(msg.dial, true)}` : "";
+        setStatus(`done: ${gen.n} tokens · ${secs} s${dial}`);
+      }
+    }
+    if (!finished) setStatus(`stream ended early after ${gen.n} tokens`, "warn");
+  } catch (e) {
+    if (gen.ctrl.signal.aborted) return;  // replaced by a newer generation, or stopped
+    setStatus(e instanceof TypeError ? `network error: ${e.message}` : e.message, "error");
+  } finally {
+    if (state.gen === gen) state.gen = null;
+    updateStop();
+  }
+}
+
+const updateStop = () => { $("stop").disabled = !(state.gen || state.sweep); };
+
+// Stop both the streaming generation and the sweep.
+function stop() {
+  clearTimeout(state.timer);
+  if (state.gen) {
+    setStatus(`stopped after ${state.gen.n} tokens`, "warn");
+    state.gen.ctrl.abort();
+    state.gen = null;
+  }
+  if (state.sweep) {
+    setStatus("sweep stopped", "warn", "sweep-status");
+    state.sweep.abort();
+    state.sweep = null;
+  }
+  updateStop();
+}
+
+// ---------------------------------------------------------------- sweep
+
+function sweepPositions() {
+  const s = state.sources;
+  if (s.length === 2) return [0, 0.25, 0.5, 0.75, 1].map((d) => ({ label: fmt(d), dial: d }));
+  const corners = s.slice(0, 5).map((name) => ({
+    label: name, dial: Object.fromEntries(s.map((k) => [k, k === name ? 1 : 0])),
+  }));
+  return [...corners, { label: "uniform", dial: Object.fromEntries(s.map((k) => [k, 1])) }];
+}
+
+async function sweep() {
+  if (state.sweep) state.sweep.abort();
+  const ctrl = new AbortController();
+  state.sweep = ctrl;
+  updateStop();
+  const base = request(false);
+  if (base.seed === null) base.seed = Math.floor(Math.random() * 2 ** 31);  // one seed for every column
+  const positions = sweepPositions();
+  const grid = $("sweep-output");
+  grid.textContent = "";
+  $("sweep-card").hidden = false;
+  const cols = positions.map((p, i) => {
+    const col = el("article", "sweep-col");
+    col.style.setProperty("--col", typeof p.dial === "number"
+      ? `color-mix(in srgb, ${COLORS[1]} ${Math.round(p.dial * 100)}%, ${COLORS[0]})` : COLORS[i % COLORS.length]);
+    const head = el("header", "sweep-head");
+    head.append(el("strong", "", p.label), el("span", "sweep-weights", describe(p.dial, true)));
+    const pre = el("pre", "sweep-text");
+    pre.append(el("span", "prompt-echo", base.prompt));
+    const note = el("p", "sweep-note", "waiting…");
+    col.append(head, pre, note);
+    grid.append(col);
+    return { col, head, pre, note };
+  });
+  $("sweep-card").scrollIntoView({ behavior: "smooth", block: "nearest" });
+  let failed = 0;
+  for (let i = 0; i < positions.length; i++) {
+    const c = cols[i];
+    setStatus(`sweep ${i + 1}/${positions.length} · seed ${base.seed}…`, "busy", "sweep-status");
+    c.note.textContent = "generating…";
+    c.col.classList.add("busy");
+    try {
+      const res = await post({ ...base, dial: positions[i].dial }, ctrl.signal);
+      const data = await res.json();
+      c.pre.append(document.createTextNode(data.text ?? ""));
+      if (data.dial) c.head.querySelector(".sweep-weights").textContent = describe(data.dial, true);
+      c.note.textContent = "";
+    } catch (e) {
+      if (ctrl.signal.aborted) {  // stopped, or replaced by a newer sweep
+        for (const rest of cols.slice(i)) rest.note.textContent = "stopped";
+        return;
+      }
+      failed++;
+      c.note.textContent = e.message;
+      c.note.classList.add("error");
+    } finally {
+      c.col.classList.remove("busy");
+    }
+  }
+  if (state.sweep === ctrl) state.sweep = null;
+  updateStop();
+  setStatus(`sweep done · seed ${base.seed}` + (failed ? ` · ${failed} failed` : ""), failed ? "error" : "",
+    "sweep-status");
+}
+
+// ---------------------------------------------------------------- start
+
+async function init() {
+  $("generate").addEventListener("click", generate);
+  $("stop").addEventListener("click", stop);
+  $("sweep").addEventListener("click", sweep);
+  $("prompt").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); generate(); }
+  });
+  let info;
+  try {
+    const res = await fetch("/api/info");
+    if (!res.ok) throw new Error(await errorMessage(res));
+    info = await res.json();
+  } catch (e) {
+    $("model-info").textContent = "model unavailable";
+    setStatus(`cannot load /api/info: ${e.message}`, "error");
+    $("generate").disabled = $("sweep").disabled = true;
+    return;
+  }
+  state.info = info;
+  state.sources = info.sources || [];
+  const m = info.model || {};
+  const bits = [
+    m.recipe && `${m.recipe} recipe`,
+    m.params && `${humanCount(m.params)} params`,
+    m.step !== undefined && `step ${Number(m.step).toLocaleString("en-US")}`,
+    m.tokenizer && `${m.tokenizer} tokenizer`,
+    `sources: ${state.sources.join(", ")}`,
+  ].filter(Boolean);
+  $("model-info").textContent = bits.join(" · ");
+  if (m.n_layer) {
+    $("model-info").title = `${m.n_layer} layers × ${m.n_embd} wide, ${m.n_head} heads, context ${m.block_size}, ` +
+      `vocabulary ${m.vocab_size}`;
+  }
+  const lim = info.limits || {};
+  if (lim.max_prompt_chars) $("prompt").maxLength = lim.max_prompt_chars;
+  if (lim.max_new_tokens) {
+    $("length").max = lim.max_new_tokens;
+    if (Number($("length").value) > lim.max_new_tokens) $("length").value = lim.max_new_tokens;
+  }
+  $("calibrated-row").hidden = !(info.calibrated && state.sources.length === 2);
+  if (state.sources.length < 2) {
+    setStatus("the model has fewer than two sources: no dial", "warn");
+    state.dial = state.sources.length ? { [state.sources[0]]: 1 } : 0.5;
+    return;
+  }
+  state.dial = state.sources.length === 2 ? 0.5 : null;
+  buildDial();
+}
+
+document.addEventListener("DOMContentLoaded", init);
