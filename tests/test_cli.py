@@ -155,3 +155,41 @@ def test_prepare_reports_up_to_date_and_stale(tmp_path, capsys):
 
 def test_resume_rejects_other_flags(run, capsys):
     assert "only --steps may change" in one_line_error(capsys, "train", "--resume", str(run), "--set", "lr=1e-4")
+
+
+def test_info(run, capsys):
+    assert main(["info", "--ckpt", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "sources       alpha, omega  (dial 0 = alpha, 1 = omega)" in out
+    assert "step 120 of 120" in out and "calibration   no" in out
+    cfg = json.loads((run / "best" / "config.json").read_text())
+    own = cfg["metrics"]["heldout"]["alpha"]["alpha"]
+    assert f"alpha {own:.3f}" in out
+
+
+def test_tensorboard_and_wandb_logs(tmp_path, monkeypatch):
+    """train.log_to writes TensorBoard events and an offline Weights & Biases run, with no network."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = write_recipe(tmp_path)
+    assert main(["train", "--config", str(recipe), "--out", str(tmp_path / "run"), "--steps", "20",
+                 "--set", 'train.log_to=["tensorboard", "wandb"]']) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "heldout/alpha at alpha" in tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [5, 10, 15, 20]
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_unknown_log_sink(tmp_path, capsys):
+    recipe = str(write_recipe(tmp_path))
+    err = one_line_error(capsys, "train", "--config", recipe, "--out", str(tmp_path / "r"),
+                         "--set", 'train.log_to=["mlflow"]')
+    assert "train.log_to may name tensorboard and wandb, got 'mlflow'" in err

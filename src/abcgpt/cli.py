@@ -1,4 +1,4 @@
-"""The `abcgpt` command: prepare, train, sample, baselines, eval, calibrate, serve, config."""
+"""The `abcgpt` command: prepare, train, sample, baselines, eval, calibrate, serve, info, config."""
 
 import argparse
 import itertools
@@ -148,6 +148,29 @@ def cmd_calibrate(args) -> None:
     print(f"calibration stored in the checkpoint (share asked -> dial): {pairs}")
 
 
+def cmd_info(args) -> None:
+    from abcgpt.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.ckpt)
+    m, meta = ckpt.model.config, ckpt.meta
+    heldout = (meta.get("metrics") or {}).get("heldout") or {}
+    cal = meta.get("calibration")
+    lines = [
+        f"checkpoint    {ckpt.path}",
+        f"sources       {', '.join(ckpt.sources)}  (dial 0 = {ckpt.sources[0]}, 1 = {ckpt.sources[-1]})"
+        if len(ckpt.sources) == 2 else f"sources       {', '.join(ckpt.sources)}",
+        f"model         {ckpt.model.num_params() / 1e6:.2f}M parameters, {m.n_layer} layers x {m.n_head} heads x "
+        f"{m.n_embd}, context {m.block_size}, gates={m.gates}, routing={m.routing}",
+        f"tokenizer     {ckpt.tokenizer.kind}, vocabulary {ckpt.tokenizer.vocab_size}",
+        f"recipe        {ckpt.recipe.name}, step {meta['step']} of {ckpt.recipe.train.steps}",
+        f"calibration   {'yes' if cal else 'no'}",
+    ]
+    if heldout:
+        lines.append("held-out loss at the last evaluation (own corner): "
+                     + ", ".join(f"{s} {heldout[s][s]:.3f}" for s in ckpt.sources if s in heldout))
+    print("\n".join(lines))
+
+
 def cmd_serve(args) -> None:
     from abcgpt.serve import serve
 
@@ -256,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-prompt-chars", type=int, default=4000, help="cap on prompt length")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("info", help="what a checkpoint is: sources, size, recipe, steps, losses, calibration")
+    sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    sp.set_defaults(func=cmd_info)
 
     sp = sub.add_parser("config", help="show a recipe with defaults and overrides applied")
     recipe_args(sp)

@@ -48,6 +48,7 @@ class TrainConfig:
     eval_every: int = 250
     eval_batches: int = 8  # held-out batches per source per dial position
     log_every: int = 10
+    log_to: list = field(default_factory=list)  # besides metrics.jsonl: "tensorboard", "wandb" (offline by default)
     checkpoint_every: int = 250
 
 
@@ -136,6 +137,9 @@ def validate(r: Recipe) -> None:
         if name not in names:
             raise AbcgptError(f"train.only_sources names {name!r}, which is not a source of the recipe "
                               f"({', '.join(names)})")
+    for sink in t.log_to:
+        if sink not in ("tensorboard", "wandb"):
+            raise AbcgptError(f"train.log_to may name tensorboard and wandb, got {sink!r}")
     if t.only_sources and m.gates != "none":
         raise AbcgptError('train.only_sources is for ungated baselines: set model.gates = "none" too')
     positive = {"model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,

@@ -100,7 +100,7 @@ def dial_path(n_sources: int, points: int) -> tuple[list[float], list[torch.Tens
 GATE_KEYS = {"model": {"gates", "routing", "narrowness", "specialty_seed", "specialty_concentration"},
              "train": {"dial_sampling", "dial_concentration", "only_sources", "device", "dtype", "compile",
                        "threads", "eval_every", "eval_batches", "log_every", "checkpoint_every", "fsdp",
-                       "peak_tflops"}}
+                       "peak_tflops", "log_to"}}
 
 
 def check_baseline(dial: Checkpoint, base: Checkpoint, name: str) -> None:

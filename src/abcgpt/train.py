@@ -139,7 +139,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     if progress:
         print(f"training {recipe.name}: {model.num_params() / 1e6:.2f}M parameters, gates={cfg.gates}, "
               f"routing={cfg.routing}, sources {' / '.join(data.sources)}, device {device}")
-    log = open(out / "metrics.jsonl", "a") if master else None
+    log = RunLog(out, recipe, t.log_to) if master else None
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.block_size
     peak = peak_flops(device, t.peak_tflops)
@@ -260,11 +260,50 @@ def _restore_sharded(ckpt, model, optimizer) -> dict:
     return trainer
 
 
-def _log(f, record: dict) -> None:
-    if f is None:
-        return
-    f.write(json.dumps(record) + "\n")
-    f.flush()
+class RunLog:
+    """metrics.jsonl, and TensorBoard / Weights & Biases when train.log_to names them (rank 0 only)."""
+
+    def __init__(self, out: Path, recipe: Recipe, sinks: list[str]):
+        self.file = open(out / "metrics.jsonl", "a")
+        self.tb = self.wandb = None
+        try:
+            if "tensorboard" in sinks:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            if "wandb" in sinks:
+                import wandb
+
+                # offline unless WANDB_MODE says otherwise: a run never needs the network
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "abcgpt"), name=out.name,
+                                        dir=str(out), config=recipe.to_dict(),
+                                        mode=os.environ.get("WANDB_MODE", "offline"))
+        except ImportError as e:
+            raise AbcgptError(f"train.log_to needs {e.name}: pip install 'abcgpt[log]'") from None
+
+    def __call__(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        scalars = {f"train/{k}": v for k, v in record.items() if k in ("loss", "lr", "tok_per_s", "mfu") and v}
+        for dial, row in record.get("heldout", {}).items():
+            scalars |= {f"heldout/{s} at {dial}": v for s, v in row.items()}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _log(log: RunLog | None, record: dict) -> None:
+    if log is not None:
+        log(record)
 
 
 def _truncate_log(path: Path, step: int) -> None:
