@@ -23,7 +23,6 @@ import torch
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError, pick_device
 from abcgpt.dial import parse_dial
-from abcgpt.generate import generate as _generate
 from abcgpt.generate import generate_tokens, stream_text
 from abcgpt.model import GPT
 from abcgpt.style import apply_calibration
@@ -110,8 +109,8 @@ class DialModel:
         return d
 
     def dial(self, spec: Dial, calibrated: bool = False) -> dict[str, float]:
-        """The normalised weight of each source for a dial spec."""
-        return dict(zip(self.sources, self._dial_tensor(spec, calibrated).tolist()))
+        """The normalised weight of each source for a dial spec (rounded to 6 decimals: the dial is float32)."""
+        return {s: round(w, 6) for s, w in zip(self.sources, self._dial_tensor(spec, calibrated).tolist())}
 
     def _folded_model(self, d: torch.Tensor) -> GPT:
         key = tuple(d.tolist())

@@ -1,4 +1,4 @@
-"""The `abcgpt` command: prepare, train, sample, baselines, eval, calibrate, serve, info, config."""
+"""The `abcgpt` command: prepare, train, sample, baselines, eval, calibrate, serve, export, info, config."""
 
 import argparse
 import itertools
@@ -148,6 +148,13 @@ def cmd_calibrate(args) -> None:
     print(f"calibration stored in the checkpoint (share asked -> dial): {pairs}")
 
 
+def cmd_export(args) -> None:
+    from abcgpt.export import export_gpt2
+
+    out = export_gpt2(Path(args.ckpt), args.dial, Path(args.out), force=args.force)
+    print(f"exported to {out}: load it with transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained")
+
+
 def cmd_info(args) -> None:
     from abcgpt.checkpoint import load_checkpoint
 
@@ -279,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-prompt-chars", type=int, default=4000, help="cap on prompt length")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("export", help="write a Hugging Face transformers GPT-2 folder at one dial position")
+    sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    sp.add_argument("--dial", required=True,
+                    help="dial to fold in: a number in [0, 1] (two sources), a source name, 'uniform', or name=w,...")
+    sp.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer, README)")
+    sp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("info", help="what a checkpoint is: sources, size, recipe, steps, losses, calibration")
     sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")

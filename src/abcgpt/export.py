@@ -1,0 +1,256 @@
+"""Export a checkpoint, folded at one dial, as a Hugging Face transformers GPT-2 folder.
+
+The folder holds config.json, model.safetensors, generation_config.json, the tokenizer files and a model card
+(README.md); `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)` load it with
+no abcgpt code. The model is `GPT.folded(dial)`: an ordinary GPT-2 with the logits of the gated model at that
+dial. transformers is needed here only (it is not a runtime dependency of abcgpt): `pip install transformers`.
+
+Tokenizers. A byte-level BPE tokenizer is saved as is (every text encodes). A char tokenizer becomes a
+`tokenizers` WordLevel model over its characters, one piece per character, joined back with no spaces; it has
+no unknown token (that would need an id the model does not have), so encoding a character outside the
+vocabulary fails with an error, as abcgpt's own CharTokenizer does. Neither tokenizer adds special tokens.
+"""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from abcgpt.checkpoint import Checkpoint, load_checkpoint
+from abcgpt.common import AbcgptError, replace_dir
+from abcgpt.dial import format_dial, parse_dial
+from abcgpt.model import GPT
+from abcgpt.tokenizer import EOT, BPETokenizer, CharTokenizer
+
+# our nn.Linear weights are (out, in); transformers' GPT-2 Conv1D stores (in, out)
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise AbcgptError("export needs the transformers package: pip install transformers") from None
+    return transformers
+
+
+def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False) -> Path:
+    """Write a transformers GPT-2 folder for the checkpoint's model folded at `dial` (a dial spec as users type
+    it: "0.3", a source name, "uniform", "a=0.2,b=0.8"). Returns `out`. With force an existing `out` is
+    replaced atomically (the new folder is written to out.tmp, then swapped in)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise AbcgptError(f"{out} exists; use --force to overwrite")
+    if out.exists() and not out.is_dir():
+        raise AbcgptError(f"{out} exists and is not a folder; not overwriting it")
+    tf = _transformers()
+    ckpt = load_checkpoint(Path(ckpt_path), "cpu")
+    weights, note = parse_dial(dial, ckpt.sources)
+    model = ckpt.model.float().eval()
+    plain = model.folded(weights)
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        hf_tok, special = _hf_tokenizer(ckpt, tf)
+        hf_model = _hf_model(plain, ckpt, dial, weights, special, tf)
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        hf_tok.save_pretrained(tmp)
+        (tmp / "README.md").write_text(_model_card(ckpt, Path(ckpt_path), dial, weights, note, out.name),
+                                       encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _hf_model(plain: GPT, ckpt: Checkpoint, spec: str, weights: torch.Tensor, special: dict, tf):
+    c = plain.config
+    abc = {
+        "sources": ckpt.sources,
+        "dial": dict(zip(ckpt.sources, [round(w, 6) for w in weights.tolist()])),
+        "dial_spec": str(spec),
+        "gated": ckpt.model.config.gates == "abc",
+        "recipe": ckpt.recipe.name,
+        "step": ckpt.meta.get("step"),
+        "tokenizer": ckpt.tokenizer.kind,
+        "checkpoint_model": dataclasses.asdict(ckpt.model.config),
+    }
+    cfg = tf.GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=True, bos_token_id=special["bos_id"], eos_token_id=special["eos_id"],
+        pad_token_id=None,
+    )
+    cfg.abcgpt = abc
+    hf = tf.GPT2LMHeadModel(cfg).eval()
+    ours = plain.state_dict()
+    used = set()
+    new = {}
+    for k, v in hf.state_dict().items():
+        if k in ours:
+            src = ours[k]
+            used.add(k)
+            new[k] = (src.t() if k.endswith(_CONV1D) else src).contiguous().float()
+        elif k.endswith(".bias") and k[: -len(".bias")] + ".weight" in ours:
+            new[k] = torch.zeros_like(v)  # a model trained with bias=False
+        else:
+            new[k] = v  # transformers' own buffers (the causal mask in older versions)
+        if new[k].shape != v.shape:
+            raise AbcgptError(f"cannot export: {k} has shape {tuple(new[k].shape)}, GPT-2 expects {tuple(v.shape)}")
+    left = set(ours) - used
+    if left:
+        raise AbcgptError(f"cannot export: weights with no GPT-2 counterpart: {', '.join(sorted(left)[:5])}")
+    hf.load_state_dict(new, strict=True)
+    hf.tie_weights()
+    hf.generation_config = tf.GenerationConfig(
+        bos_token_id=special["bos_id"], eos_token_id=special["eos_id"],
+        pad_token_id=special["eos_id"],
+    )
+    return hf
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _hf_tokenizer(ckpt: Checkpoint, tf):
+    """(PreTrainedTokenizerFast, {"bos_id", "eos_id"}) equivalent to the checkpoint's tokenizer."""
+    tok = ckpt.tokenizer
+    if isinstance(tok, BPETokenizer):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        backend = HFTokenizer.from_str(tok.tok.to_str())
+        eot = EOT if tok.eot_id is not None else None
+        fast = tf.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot, bos_token=eot, unk_token=eot,
+                                          clean_up_tokenization_spaces=False)
+        return fast, {"bos_id": tok.eot_id, "eos_id": tok.eot_id}
+    if isinstance(tok, CharTokenizer):
+        return _char_tokenizer(tok, tf), {"bos_id": None, "eos_id": None}
+    raise AbcgptError(f"cannot export a {getattr(tok, 'kind', type(tok).__name__)} tokenizer to transformers")
+
+
+def _char_tokenizer(tok: CharTokenizer, tf):
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    bad = [c for c in tok.chars if 0xD800 <= ord(c) <= 0xDFFF]
+    if bad:
+        raise AbcgptError(f"cannot export the char tokenizer: its vocabulary has a lone surrogate ({bad[0]!r}), "
+                          "which Hugging Face tokenizers cannot represent")
+    vocab = {c: i for i, c in enumerate(tok.chars)}
+    # no unk token: every id belongs to a character. WordLevel then fails on a character it does not know.
+    backend = HFTokenizer(models.WordLevel(vocab, unk_token=None))
+    # "[\s\S]" matches any one character, "\n" included ("." does not in Oniguruma's default syntax)
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
+    probe = "".join(tok.chars)
+    if fast.encode(probe, add_special_tokens=False) != tok.encode(probe) or fast.decode(tok.encode(probe)) != probe:
+        raise AbcgptError("cannot export the char tokenizer: Hugging Face tokenizers does not reproduce it")
+    return fast
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def _report(ckpt: Checkpoint, given: Path) -> tuple[dict | None, Path | None]:
+    """The report of the checkpoint's run (<run>/report/report.json), if one was written."""
+    candidates = [given / "report", ckpt.path / "report"]
+    if ckpt.path.name in ("best", "last"):
+        candidates.append(ckpt.path.parent / "report")
+    for d in candidates:
+        f = d / "report.json"
+        if f.is_file():
+            try:
+                return json.loads(f.read_text()), f
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                continue
+    return None, None
+
+
+def _heldout_lines(ckpt: Checkpoint, given: Path, weights: torch.Tensor) -> list[str]:
+    report, f = _report(ckpt, given)
+    if report is None:
+        return ["No report was found for this run (`abcgpt eval` writes `<run>/report/report.json`)."]
+    sources, w = ckpt.sources, weights.tolist()
+    row, where = None, None
+    if max(w) > 1 - 1e-6:
+        t = sources[w.index(max(w))]
+        row, where = (report.get("corner_table") or {}).get(t), f"the {t} corner"
+    elif all(abs(x - 1.0 / len(w)) < 1e-6 for x in w):
+        row, where = report.get("middle"), "the middle (uniform dial)"
+    else:  # a point of the report's loss curve (first source's corner to the last's)
+        curve = report.get("loss_curve") or {}
+        for i, t in enumerate(curve.get("t", [])):
+            on_path = all(abs(x) < 1e-6 for x in w[1:-1]) and abs(w[-1] - t) < 1e-6
+            if on_path:
+                row = {s: curve["loss"][s][i] for s in sources if s in curve.get("loss", {})}
+                where = f"dial {t:.2f} of the report's loss curve"
+                break
+    if not isinstance(row, dict) or not row:
+        return [f"The run's report ({f}) has no held-out numbers for this dial: it measures the corners, "
+                "the uniform dial and the points of its loss curve."]
+    lines = [f"Held-out loss (nats per token) at {where}, from the run's report (step {report.get('step')}):", "",
+             "| held-out source | loss | 95% CI |", "|---|---|---|"]
+    for s in sources:
+        cell = row.get(s) or {}
+        ci = cell.get("ci95") or [float("nan")] * 2
+        lines.append(f"| {s} | {cell.get('mean', float('nan')):.3f} | {ci[0]:.3f} to {ci[1]:.3f} |")
+    if report.get("step") != ckpt.meta.get("step"):
+        lines += ["", f"Note: the report is of step {report.get('step')}; this export is of step "
+                      f"{ckpt.meta.get('step')}."]
+    return lines
+
+
+def _model_card(ckpt: Checkpoint, given: Path, spec: str, weights: torch.Tensor, note: str | None,
+                name: str) -> str:
+    c = ckpt.model.config
+    sources = ckpt.sources
+    w = ", ".join(f"{s} = {x:.3g}" for s, x in zip(sources, weights.tolist()))
+    gated = c.gates == "abc"
+    lines = [
+        f"# abcgpt export: {ckpt.recipe.name}, dial {format_dial(weights, sources)}", "",
+        "abcgpt trains one GPT-2 on several corpora with a dial that chooses which of them it leans on; this is "
+        "that model with the dial fixed and folded into its weights, an ordinary GPT-2.", "",
+        "## Sources and dial", "",
+        f"- Sources, in dial order: {', '.join(sources)}",
+        f"- Dial exported: `{spec}` (weights: {w})" if gated else
+        "- Dial: none (an ungated baseline model; the dial has no effect)",
+    ]
+    if note:
+        lines.append(f"- Note: {note}")
+    lines += [
+        "", "## Model", "",
+        f"- GPT-2: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} embedding width, context {c.block_size} tokens,"
+        f" vocabulary {c.vocab_size} ({ckpt.tokenizer.kind} tokenizer)",
+        f"- Parameters: {ckpt.meta.get('num_params', ckpt.model.num_params()):,}",
+        f"- Recipe: {ckpt.recipe.name}; step {ckpt.meta.get('step')}; checkpoint `{ckpt.path}`",
+        "",
+        "## Held-out numbers", "",
+        *_heldout_lines(ckpt, given, weights),
+        "", "## Usage", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tok = AutoTokenizer.from_pretrained("{name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        'ids = tok("\\n", return_tensors="pt").input_ids',
+        "out = model.generate(ids, max_new_tokens=100, do_sample=True, top_k=200)",
+        "print(tok.decode(out[0]))",
+        "```",
+        "",
+        f"The context is {c.block_size} tokens: prompt plus new tokens must fit in it (abcgpt's own sampler slides "
+        "the window for longer texts).",
+    ]
+    if ckpt.tokenizer.kind == "char":
+        lines.append("The tokenizer is character-level: a character outside its vocabulary cannot be encoded "
+                     "(encoding raises an error).")
+    return "\n".join(lines) + "\n"
