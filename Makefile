@@ -37,7 +37,7 @@ bench: venv
 	$(BIN)/python benchmarks/generate.py --json runs/bench/generate.json
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts examples
 
 clean:
 	rm -rf $(VENV) data runs

@@ -9,7 +9,7 @@ the dial is a number in [0, 1] (0 = the first source, 1 = the second); with more
 
 import sys
 
-from abcgpt.api import load  # also abcgpt.load
+import abcgpt
 from abcgpt.common import AbcgptError
 
 # one sentence in the style of each of the demo's sources; a run with other sources scores them all the same
@@ -40,7 +40,7 @@ def _known(m, c: str) -> bool:
 
 
 def main(run_dir: str) -> None:
-    m = load(run_dir)
+    m = abcgpt.load(run_dir)
     print(m)
     print("sources:", ", ".join(m.sources))
 

@@ -1,3 +1,6 @@
 """abcgpt: one GPT trained on several corpora, with a dial that chooses which of them it leans on."""
 
+from abcgpt.api import DialModel, load
+
+__all__ = ["DialModel", "load", "__version__"]
 __version__ = "0.1.0"
