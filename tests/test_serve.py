@@ -1,11 +1,9 @@
 import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-from conftest import write_recipe
+from conftest import live_server, write_recipe
 from fastapi.testclient import TestClient
 
 from abcgpt.config import load_recipe
@@ -96,30 +94,11 @@ def test_schema_and_page_are_served_and_nothing_else(client):
         assert client.get(path).status_code == 404
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_client_that_disconnects_stops_its_generation(run):
     """A real server: a streaming client that goes away after a few tokens frees its slot at once, though it
     had asked for 300 tokens (which take seconds), and the server keeps answering."""
-    import uvicorn
-
     app = create_app(run, max_concurrent=1, max_new_tokens=300)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                httpx.get(base + "/api/info", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+    with live_server(app) as base:
         with httpx.stream("POST", base + "/api/generate", json={"max_new_tokens": 300, "temperature": 1.0},
                           timeout=10) as r:
             for i, _ in enumerate(r.iter_lines()):
@@ -132,6 +111,3 @@ def test_client_that_disconnects_stops_its_generation(run):
         assert app.state.active == 0
         r = httpx.post(base + "/api/generate", json={"stream": False, "max_new_tokens": 5}, timeout=10)
         assert r.status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

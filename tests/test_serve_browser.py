@@ -3,14 +3,11 @@ streams in, and moving the slider changes the voice. .ci/run installs chromium."
 
 import os
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import write_recipe
+from conftest import live_server, write_recipe
 
 from abcgpt.config import load_recipe
 from abcgpt.serve import create_app
@@ -25,28 +22,11 @@ def server(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail("CI must install chromium (apt-get install chromium) for the browser test")
         pytest.skip("chromium is not installed")
-    import uvicorn
-
     tmp = tmp_path_factory.mktemp("browser")
     train(load_recipe(str(write_recipe(tmp)), ["train.steps=150", "train.eval_every=150"]), tmp / "run",
           progress=False)
-    app = create_app(tmp / "run", max_concurrent=2, max_new_tokens=400)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            httpx.get(base + "/api/info", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield base
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with live_server(create_app(tmp / "run", max_concurrent=2, max_new_tokens=400)) as base:
+        yield base
 
 
 def letters(text: str, alphabet: str) -> int:
