@@ -227,3 +227,27 @@ def test_fsdp_run_resumes_exactly(tmp_path):
     b = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), (k, (a[k] - b[k]).abs().max())
+
+
+def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    """A NaN loss stops training with a message; the last checkpoint on disk is the last finite one."""
+    from abcgpt.cli import main
+
+    recipe = str(write_recipe(tmp_path))
+    assert main(["train", "--config", recipe, "--out", str(tmp_path / "run"), "--steps", "10",
+                 "--set", "train.checkpoint_every=5"]) == 0
+    good = (tmp_path / "run" / "last" / "model.safetensors").read_bytes()
+    # resume with an absurd learning rate: the loss blows up to inf / nan
+    cfg_path = tmp_path / "run" / "last" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["recipe"]["train"]["lr"] = cfg["recipe"]["train"]["min_lr"] = 1e30
+    cfg["recipe"]["train"]["grad_clip"] = 0.0
+    cfg_path.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "40"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress bar, one line
+    assert last.startswith("abcgpt: error: loss became") and "training stopped, the last good checkpoint" in last
+    ckpt = load_checkpoint(tmp_path / "run" / "last")
+    assert ckpt.meta["step"] == 10 and (tmp_path / "run" / "last" / "model.safetensors").read_bytes() == good
+    assert all(torch.isfinite(p).all() for p in ckpt.model.parameters())

@@ -176,10 +176,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
             bar.update(1)
 
             if step % t.log_every == 0 or step == t.steps:
-                lossf = loss.item()  # the one host sync per log interval
-                if not math.isfinite(lossf):
-                    raise AbcgptError(f"loss became {lossf} at step {step}; the last good checkpoint is "
-                                      f"{out / 'last'} (try a lower train.lr)")
+                lossf = _check_finite(loss, step, out)  # the one host sync per log interval
                 now = time.time()
                 tok_s = (step - step_at_log) * tokens_per_step / (now - t_log)
                 t_log, step_at_log = now, step
@@ -204,15 +201,15 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
                     save(out / "best", {"heldout": table, "corner_own": own})
                 t_log = time.time()  # tokens/s measures training alone
             if step % t.checkpoint_every == 0 or step == t.steps:
+                _check_finite(loss, step, out)  # never overwrite a good checkpoint with a diverged model
                 save(out / "last", {"heldout": table} if table else {})
     except KeyboardInterrupt:
-        bar.close()
         raise AbcgptError(f"interrupted at step {step}; resume from the last checkpoint with "
                           f"`abcgpt train --resume {out}`") from None
-    finally:
+    finally:  # also on errors: the bar ends before the one-line message is printed
+        bar.close()
         if log is not None:
             log.close()
-    bar.close()
     if fsdp:  # the final numbers below need a whole model: rank 0 gathers one
         model, _ = _gather_sharded(model, optimizer, cfg, t, master)
     if world > 1:
@@ -258,6 +255,14 @@ def _restore_sharded(ckpt, model, optimizer) -> dict:
     osd = get_optimizer_state_dict(ckpt.model, whole_opt)
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
     return trainer
+
+
+def _check_finite(loss: torch.Tensor, step: int, out: Path) -> float:
+    lossf = loss.item()
+    if not math.isfinite(lossf):
+        raise AbcgptError(f"loss became {lossf} at step {step}; training stopped, the last good checkpoint is "
+                          f"{out / 'last'} (try a lower train.lr)")
+    return lossf
 
 
 class RunLog:
