@@ -102,6 +102,8 @@ def build_recipe(raw: dict, name: str) -> Recipe:
         raise AbcgptError(f"unknown table [{sorted(unknown)[0]}] in recipe {name}; allowed: data, model, train")
     sections = {}
     for section, cls in SECTIONS.items():
+        if not isinstance(raw.get(section, {}), dict):
+            raise AbcgptError(f"[{section}] in recipe {name} must be a table, got {raw[section]!r}")
         table = dict(raw.get(section, {}))
         fields = _fields(section)
         kwargs = {}
@@ -182,8 +184,8 @@ def parse_override(item: str) -> tuple[str, str, object]:
         section, name = owners[0], key
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text.strip()  # bare words are strings: --set gates=none
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
+        value = text.strip()  # bare words are strings: --set gates=none (the type check judges the rest)
     return section, name, value
 
 
@@ -199,7 +201,7 @@ def load_recipe(config: str, overrides: list[str] = ()) -> Recipe:
         raise AbcgptError(f"recipe file {path} does not exist")
     try:
         raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise AbcgptError(f"recipe {path} is not valid TOML: {e}") from None
     for item in overrides:
         section, name, value = parse_override(item)

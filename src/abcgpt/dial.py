@@ -109,7 +109,7 @@ def parse_dial(spec: str | float, sources: list[str]) -> tuple[torch.Tensor, str
         return torch.full((n,), 1.0 / n), None
     if text in sources:
         return corner(sources.index(text), n), None
-    weights = torch.zeros(n)
+    weights = torch.zeros(n, dtype=torch.float64)  # float64: huge finite weights must not overflow to inf
     for part in text.split(","):
         name, eq, w = part.partition("=")
         name = name.strip()
@@ -125,15 +125,17 @@ def parse_dial(spec: str | float, sources: list[str]) -> tuple[torch.Tensor, str
         if not math.isfinite(weight) or weight < 0:
             raise AbcgptError(f"weight of {name!r} in dial must be a finite number >= 0, got {w.strip()}")
         weights[sources.index(name)] += weight
-    total = float(weights.sum())
-    if total <= 0:
+    top = float(weights.max())
+    if top <= 0:
         raise AbcgptError(f"dial {text!r} has all weights zero: at least one must be positive")
+    scaled = weights / top  # divide by the largest first, so huge weights cannot overflow the sum
+    total = top * float(scaled.sum())
     note = None
     if abs(total - 1.0) > 1e-6:
-        weights = weights / total
+        weights = scaled / scaled.sum()
         shown = ",".join(f"{s}={w:.3g}" for s, w in zip(sources, weights.tolist()) if w > 0)
         note = f"dial weights summed to {total:g}; normalised to {shown}"
-    return weights, note
+    return weights.float(), note
 
 
 def format_dial(dial: torch.Tensor, sources: list[str]) -> str:

@@ -94,7 +94,11 @@ class SourceSpec:
             raise AbcgptError(f"source {self.name!r}: give at most one of {' and '.join(held)}")
         for k in ("url", "heldout_url"):
             u = getattr(self, k)
-            if u is not None and urllib.parse.urlparse(u).scheme not in ("http", "https"):
+            try:
+                scheme = urllib.parse.urlparse(u).scheme if u is not None else "http"
+            except ValueError:  # e.g. a malformed IPv6 host
+                scheme = None
+            if scheme not in ("http", "https"):
                 raise AbcgptError(f"source {self.name!r}: {k} must be an http(s) URL, got {u!r}")
         if self.max_bytes is not None and self.max_bytes <= 0:
             raise AbcgptError(f"source {self.name!r}: max_bytes must be a positive number of bytes, "
