@@ -10,8 +10,8 @@ from abcgpt.tokenizer import Tokenizer
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids. temperature 0 means greedy."""
-    if temperature <= 0:
+    """(B, V) logits -> (B,) token ids. A temperature below 1e-4 means greedy (dividing by less overflows)."""
+    if temperature < 1e-4:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k:

@@ -19,7 +19,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from abcgpt.checkpoint import load_checkpoint
@@ -32,20 +32,25 @@ STATIC = Path(__file__).parent / "static"
 Dial = float | str | dict[str, float]
 
 
+SEED = Field(None, ge=0, le=2**63 - 1)
+
+
 class GenerateRequest(BaseModel):
+    model_config = ConfigDict(strict=True)  # JSON types as the schema says: no true for 1, no 1 for true
     prompt: str = ""
     dial: Dial = Field(0.5, description="a number in [0, 1] (two sources), a source name, 'uniform', "
                                          "or {source: weight}")
     max_new_tokens: int = Field(200, ge=1)
     temperature: float = Field(0.8, ge=0.0, le=10.0)
     top_k: int = Field(40, ge=0)
-    seed: int | None = None
+    seed: int | None = SEED
     calibrated: bool = Field(False, description="read a numeric dial as the share of the second source's style")
     stream: bool = True
 
 
 class CompletionRequest(BaseModel):
     """OpenAI's /v1/completions request; fields it has that we do not use (top_p, stop, ...) are ignored."""
+    model_config = ConfigDict(strict=True)
     model: str | None = None
     prompt: str = ""
     max_tokens: int = Field(16, ge=1)
@@ -53,7 +58,7 @@ class CompletionRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="extra: 0 disables")
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = SEED
     dial: Dial = Field(0.5, description="extra: the dial, as in /api/generate")
     calibrated: bool = False
 
@@ -109,14 +114,20 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
         if n > max_new_tokens:
             raise InputError(field, f"{field} is {n}; at most {max_new_tokens}")
 
-    def take_slot() -> None:
+    def take_slot():
+        """Claim a generation slot (429 when none is free); returns its release, which is safe to call twice."""
         if app.state.active >= max_concurrent:
             raise InputError("", f"too many generations at once (at most {max_concurrent}); try again shortly",
                              status=429)
         app.state.active += 1
+        held = [True]
 
-    def release() -> None:
-        app.state.active -= 1
+        def release() -> None:
+            if held:
+                held.pop()
+                app.state.active -= 1
+
+        return release
 
     async def pieces(request: Request, ids: list[int], dial: torch.Tensor, n_new: int, temperature: float,
                      top_k: int, seed: int | None):
@@ -130,9 +141,17 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
                 break
             yield piece
 
-    def streaming(events) -> StreamingResponse:
-        # the slot is given back after the response ends, also when the client disconnected midway
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+    def streaming(events, release) -> StreamingResponse:
+        """The slot is given back when the events end or fail, and after the response in any case (a client
+        that disconnects before the first event never starts the generator)."""
+        async def guarded():
+            try:
+                async for e in events:
+                    yield e
+            finally:
+                release()
+
+        return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                  background=BackgroundTask(release))
 
     def sse(obj) -> str:
@@ -161,7 +180,7 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
         ids = prompt_ids(req.prompt)
         check_tokens("max_new_tokens", req.max_new_tokens)
         weights = dict(zip(sources, dial.tolist()))
-        take_slot()
+        release = take_slot()
         stream = pieces(request, ids, dial, req.max_new_tokens, req.temperature, req.top_k, req.seed)
         if not req.stream:
             try:
@@ -177,7 +196,7 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
                 yield sse({"token": p})
             yield sse({"done": True, "text": "".join(text), "dial": weights})
 
-        return streaming(events())
+        return streaming(events(), release)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -190,7 +209,7 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
                 "model": req.model or ckpt.recipe.name}
         usage = {"prompt_tokens": len(ids), "completion_tokens": req.max_tokens * req.n,
                  "total_tokens": len(ids) + req.max_tokens * req.n}
-        take_slot()
+        release = take_slot()
         if req.stream:
             async def events():
                 async for p in pieces(request, ids, dial, req.max_tokens, req.temperature, req.top_k, req.seed):
@@ -198,7 +217,7 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
                 yield sse(head | {"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]})
                 yield sse("[DONE]")
 
-            return streaming(events())
+            return streaming(events(), release)
         try:  # n completions in one batch, one dial for all
             rows = await asyncio.to_thread(_batch, model, tok, ids, req.n, dial if gated else None, req.max_tokens,
                                            req.temperature, req.top_k or None, req.seed)
