@@ -103,19 +103,26 @@ def restore_training_state(ckpt: Checkpoint, optimizer: torch.optim.Optimizer) -
     if "optimizer" not in trainer or not f.is_file():
         raise AbcgptError(f"{ckpt.path} holds no optimizer state (not a training checkpoint): cannot resume")
     tensors = _load_tensors(f)
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, i, k = key.split(".", 2)
+    try:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        state: dict[int, dict] = {}
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, i, k = key.split(".", 2)
+                if k.startswith("exp_avg") and v.shape != params[int(i)].shape:
+                    raise ValueError(f"{key} has shape {tuple(v.shape)}, its parameter {tuple(params[int(i)].shape)}")
+                state.setdefault(int(i), {})[k] = v
+        for key, v in trainer["optimizer"]["scalars"].items():
+            i, k = key.split(".", 1)
             state.setdefault(int(i), {})[k] = v
-    for key, v in trainer["optimizer"]["scalars"].items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    groups = trainer["optimizer"]["param_groups"]
-    for g in groups:
-        g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng.torch"])
+        groups = trainer["optimizer"]["param_groups"]
+        for g in groups:
+            g["betas"] = tuple(g["betas"])
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        raise AbcgptError(f"{f} does not hold a usable optimizer state ({type(e).__name__}: {e}): cannot resume "
+                          "from it") from None
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
@@ -152,7 +159,11 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
         raise AbcgptError(f"{path} is not an abcgpt checkpoint (config.json has no format: {FORMAT!r})")
     if meta.get("version") != VERSION:
         raise AbcgptError(f"{path} is checkpoint version {meta.get('version')}; this abcgpt reads {VERSION}")
-    for name, digest in meta.get("files", {}).items():
+    files, step = meta.get("files"), meta.get("step")
+    if not isinstance(files, dict) or "model.safetensors" not in files or not isinstance(step, int):
+        raise AbcgptError(f"{path}/config.json is corrupted: it must list the hashes of the checkpoint's files "
+                          "and an integer step")
+    for name, digest in files.items():
         f = path / name
         if not f.is_file():
             raise AbcgptError(f"checkpoint {path} is incomplete: {name} is missing")
@@ -162,8 +173,13 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
         recipe = recipe_from_dict(meta["recipe"])
         model = GPT(GPTConfig(**meta["model"]))
         load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
-    except (KeyError, TypeError, SafetensorError, RuntimeError) as e:
+    except AbcgptError as e:
         raise AbcgptError(f"checkpoint {path} cannot be loaded: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, SafetensorError, RuntimeError) as e:
+        raise AbcgptError(f"checkpoint {path} cannot be loaded ({type(e).__name__}): {e}") from None
     model.to(device)
     tokenizer = load_tokenizer(path / "tokenizer.json")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise AbcgptError(f"checkpoint {path} is inconsistent: its tokenizer has {tokenizer.vocab_size} tokens, "
+                          f"its model {model.config.vocab_size}")
     return Checkpoint(path, model, recipe, tokenizer, meta)

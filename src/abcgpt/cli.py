@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except AbcgptError as e:
-        print(f"abcgpt: error: {e}", file=sys.stderr)
+        print(f"abcgpt: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     except BrokenPipeError:  # `abcgpt sample ... | head`
         return 0

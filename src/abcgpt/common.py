@@ -37,9 +37,9 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Put the finished directory tmp in place of final, so readers see the old or the new one, never half.
     A crash between the two renames leaves final.old, which load paths fall back to."""
     old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
+    if final.exists():  # then any final.old is stale; without final, final.old is the only copy: keep it
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(final, old)
     os.replace(tmp, final)
     if old.exists():
