@@ -218,9 +218,14 @@ def test_fsdp_run_resumes_exactly(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for launcher, out in (([], "one"), (torchrun, "two")):
         resume = ["train", "--resume", str(tmp_path / out), "--steps", "20"]
-        for args in (first + ["--out", str(tmp_path / out)], resume):
+        for args, step in ((first + ["--out", str(tmp_path / out)], 10), (resume, 20)):
             cmd = [sys.executable] + (launcher[1:] if launcher else []) + ["-m", "abcgpt", *args]
             run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            if run.returncode and "terminate called without an active exception" in run.stderr:
+                # a rare abort of a gloo worker at process exit (about 1 run in 10 here), after the work is
+                # done: the checkpoint must then be complete
+                assert load_checkpoint(tmp_path / out / "last").meta["step"] == step, run.stderr[-3000:]
+                continue
             assert run.returncode == 0, run.stderr[-3000:]
         assert load_checkpoint(tmp_path / out / "last").meta["step"] == 20
     a = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
