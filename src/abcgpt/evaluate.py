@@ -4,6 +4,7 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from abcgpt.data import PreparedData, heldout_batches
@@ -12,19 +13,26 @@ from abcgpt.model import GPT
 
 
 @torch.no_grad()
-def heldout_loss(model: GPT, tokens, dial: torch.Tensor, batch_size: int, n_batches: int,
-                 autocast=nullcontext) -> float:
-    """Mean next-token loss (nats) over n_batches fixed held-out batches of one source, at one dial."""
+def batch_losses(model: GPT, tokens, dial: torch.Tensor | None, batch_size: int, n_batches: int,
+                 autocast=nullcontext) -> np.ndarray:
+    """Loss (nats) of each of n_batches fixed held-out batches of one source (the same batches for every
+    dial and every model), at one dial (None for an ungated model)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = 0.0
+    out = []
     for x, y in heldout_batches(tokens, model.config.block_size, batch_size, n_batches):
         with autocast():
-            _, loss = model(x.to(device), dial.to(device), y.to(device))
-        total += loss.item()
+            _, loss = model(x.to(device), None if dial is None else dial.to(device), y.to(device))
+        out.append(loss.item())
     model.train(was_training)
-    return total / n_batches
+    return np.array(out)
+
+
+def heldout_loss(model: GPT, tokens, dial: torch.Tensor, batch_size: int, n_batches: int,
+                 autocast=nullcontext) -> float:
+    """Mean next-token loss (nats) over n_batches fixed held-out batches of one source, at one dial."""
+    return float(batch_losses(model, tokens, dial, batch_size, n_batches, autocast).mean())
 
 
 def dial_positions(sources: list[str]) -> dict[str, torch.Tensor]:

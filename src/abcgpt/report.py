@@ -16,8 +16,9 @@ import torch
 
 from abcgpt.checkpoint import Checkpoint, load_checkpoint
 from abcgpt.common import AbcgptError, existing_dir, replace_dir
-from abcgpt.data import PreparedData, heldout_batches, prepared_data
+from abcgpt.data import PreparedData, prepared_data
 from abcgpt.dial import corner, format_dial
+from abcgpt.evaluate import batch_losses
 from abcgpt.generate import generate
 from abcgpt.model import GPT
 from abcgpt.neurons import band_response, firing_fractions, plot_neuron_view, specialty_histogram
@@ -64,18 +65,6 @@ class Settings:
 
 
 # ----------------------------------------------------------------------------- losses
-
-
-@torch.no_grad()
-def batch_losses(model: GPT, tokens, dial: torch.Tensor | None, batch_size: int, n_batches: int) -> np.ndarray:
-    """Loss of each of n_batches fixed held-out batches (the same batches for every dial and every model)."""
-    model = model.eval() if dial is None else model.folded(dial)  # a fixed dial costs nothing
-    device = next(model.parameters()).device
-    out = []
-    for x, y in heldout_batches(tokens, model.config.block_size, batch_size, n_batches):
-        _, loss = model(x.to(device), None, y.to(device))
-        out.append(loss.item())
-    return np.array(out)
 
 
 def mean_ci(x: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -175,10 +164,13 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
 
     # the N x N corner table and the middle
     say("held-out loss at every corner and the middle")
-    cells = {t: {src: batch_losses(model, data.heldout[j], corner(i, n), bs, s.batches)
-                 for j, src in enumerate(sources)} for i, t in enumerate(sources)}
-    middle = {src: batch_losses(model, data.heldout[j], torch.full((n,), 1.0 / n), bs, s.batches)
-              for j, src in enumerate(sources)}
+    def at(dial: torch.Tensor) -> dict[str, np.ndarray]:
+        """Batch losses of every source at one dial, its gates folded into the weights once."""
+        fixed = model.folded(dial)
+        return {src: batch_losses(fixed, data.heldout[j], None, bs, s.batches) for j, src in enumerate(sources)}
+
+    cells = {t: at(corner(i, n)) for i, t in enumerate(sources)}
+    middle = at(torch.full((n,), 1.0 / n))
     L = {t: {src: float(v.mean()) for src, v in row.items()} for t, row in cells.items()}
     report = {
         "checkpoint": str(ckpt.path), "recipe": ckpt.recipe.name, "step": ckpt.meta["step"], "sources": sources,
@@ -216,16 +208,15 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
     # loss along the dial
     say(f"held-out loss at {s.loss_points} dial positions")
     ts, path = dial_path(n, s.loss_points)
-    curve = {src: [mean_ci(batch_losses(model, data.heldout[j], d, bs, s.batches)) for d in path]
-             for j, src in enumerate(sources)}
+    points = [at(d) for d in path]
+    curve = {src: [mean_ci(p[src]) for p in points] for src in sources}
     report["loss_curve"] = {"t": ts, "dial": [format_dial(d, sources) for d in path], "loss": curve,
                             "tokens_per_point": tokens_per_cell}
 
     # style curve along every edge of the simplex (for two sources: the dial), scored by a classifier
     # trained on held-out text
     say("style classifier")
-    texts = {src: data.tokenizer.decode(data.heldout[j][:400_000].tolist()) for j, src in enumerate(sources)}
-    clf = StyleClassifier.fit(texts, max_chunks=s.classifier_chunks, seed=s.seed)
+    clf = fit_classifier(data, s)
     report["classifier"] = clf.to_dict()
     edges = [(i, j) for i in range(n) for j in range(i + 1, n)]
     points = s.style_points if n == 2 else s.edge_points
@@ -278,6 +269,12 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
     }
     say("done")
     return report, figures
+
+
+def fit_classifier(data: PreparedData, s: Settings) -> StyleClassifier:
+    """The style classifier, trained on (up to 400k tokens of) each source's held-out text."""
+    texts = {src: data.tokenizer.decode(data.heldout[j][:400_000].tolist()) for j, src in enumerate(data.sources)}
+    return StyleClassifier.fit(texts, max_chunks=s.classifier_chunks, seed=s.seed)
 
 
 def heldout_data(ckpt: Checkpoint) -> PreparedData:
@@ -496,8 +493,7 @@ def calibrate(ckpt_path: Path, settings: Settings | None = None, device="cpu", p
     if len(ckpt.sources) != 2:
         raise AbcgptError("calibration maps a share of the second source to a dial position: it needs two sources")
     data = heldout_data(ckpt)
-    texts = {src: data.tokenizer.decode(data.heldout[j][:400_000].tolist()) for j, src in enumerate(ckpt.sources)}
-    clf = StyleClassifier.fit(texts, max_chunks=s.classifier_chunks, seed=s.seed)
+    clf = fit_classifier(data, s)
     ts, path = dial_path(2, s.style_points)
     if progress:
         print(f"measuring the style curve: {s.samples} samples x {s.style_points} positions")
