@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from abcgpt.common import AbcgptError
-from abcgpt.dial import apply_gate, draw_specialties, gate, parse_dial, route_mask, sample_dials
+from abcgpt.dial import (
+    apply_gate,
+    draw_specialties,
+    gate,
+    parse_dial,
+    partition_gate,
+    partition_specialties,
+    route_mask,
+    sample_dials,
+)
 
 
 def two(a: float) -> torch.Tensor:
@@ -152,3 +161,70 @@ def test_parse_dial_errors(text, msg):
 def test_numeric_dial_needs_two_sources():
     with pytest.raises(AbcgptError, match="needs two sources"):
         parse_dial("0.5", ["a", "b", "c"])
+
+
+# ----------------------------------------------------------------------------- the partition method
+
+
+def test_partition_specialties_split_every_group_evenly():
+    m = partition_specialties([8, 4, 32], 2, seed=0, shared_fraction=0.25)
+    assert m.shape == (44, 2)
+    for lo, hi in ((0, 8), (8, 12), (12, 44)):
+        g = m[lo:hi]
+        shared = (g == 0.5).all(dim=1)
+        assert int(shared.sum()) == round(0.25 * (hi - lo))
+        owners = g[~shared].argmax(dim=1)
+        assert (g[~shared].max(dim=1).values == 1.0).all()  # one-hot rows, nothing in between
+        assert abs(int((owners == 0).sum()) - int((owners == 1).sum())) <= 1
+    assert torch.equal(m, partition_specialties([8, 4, 32], 2, seed=0, shared_fraction=0.25))
+    assert not torch.equal(m, partition_specialties([8, 4, 32], 2, seed=1, shared_fraction=0.25))
+
+
+def test_partition_gate_by_hand():
+    m = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])  # a unit of source 0, of source 1, a shared one
+    for a in (0.0, 0.3, 0.5, 1.0):
+        g = partition_gate(two(a), m)[0]
+        assert g[0].item() == pytest.approx(math.sin(math.pi / 2 * (1 - a)) ** 2, abs=1e-6)
+        assert g[1].item() == pytest.approx(math.sin(math.pi / 2 * a) ** 2, abs=1e-6)
+        assert g[2].item() == pytest.approx(1.0, abs=1e-6)
+    assert partition_gate(two(0.0), m)[0, 1].item() == 0.0  # the other source's unit is exactly off
+    assert partition_gate(two(0.3), m, shape="linear")[0].tolist() == pytest.approx([0.7, 0.3, 1.0], abs=1e-6)
+    # narrowness 0.5: off once the dial's weight on the unit's source falls to 1/2
+    assert partition_gate(two(0.5), m, narrowness=0.5)[0, :2].tolist() == [0.0, 0.0]
+    # a unit shared by two of three sources fires fully at either corner and is off at the third
+    m3 = torch.tensor([[0.5, 0.5, 0.0]])
+    assert partition_gate(torch.eye(3), m3)[:, 0].tolist() == pytest.approx([1.0, 1.0, 0.0], abs=1e-6)
+
+
+def test_partition_route_mask_is_exact():
+    m = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    r = route_mask(m, torch.tensor([0, 1]), exact=True)
+    assert r.tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]
+    assert route_mask(m, torch.tensor([0]))[0].tolist() == [1.0, 0.0, 0.5]  # the reference mask: m_s itself
+
+
+def test_corner_fraction_puts_draws_at_exact_corners():
+    rng = np.random.default_rng(0)
+    dials, sources = sample_dials(rng, 20000, 3, corner_fraction=0.4, weights=[1.0, 1.0, 2.0])
+    at_corner = dials.max(axis=1) == 1.0
+    assert at_corner.mean() == pytest.approx(0.4, abs=0.02)
+    assert (dials[at_corner].argmax(axis=1) == sources[at_corner]).all()  # a corner draws its own source
+    assert np.bincount(sources[at_corner], minlength=3) / at_corner.sum() == pytest.approx([0.25, 0.25, 0.5],
+                                                                                              abs=0.03)
+    # 0 draws nothing extra: the stream of a run without corners is unchanged
+    a = sample_dials(np.random.default_rng(1), 64, 2)
+    b = sample_dials(np.random.default_rng(1), 64, 2, corner_fraction=0.0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    all_corners, _ = sample_dials(np.random.default_rng(2), 100, 2, corner_fraction=1.0)
+    assert (all_corners.max(axis=1) == 1.0).all()
+
+
+def test_partition_middle_units_are_off_at_corners():
+    m = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    g = partition_gate(torch.cat([torch.eye(3), torch.full((1, 3), 1 / 3)]), m, shared="middle")
+    assert g[:3, 1].tolist() == [0.0, 0.0, 0.0]  # the shared unit is exactly off at every corner
+    assert g[3, 1].item() == pytest.approx(1.0, abs=1e-6)  # and fully on at the even mix
+    assert g[:, 0].tolist() == pytest.approx(partition_gate(torch.cat([torch.eye(3), torch.full((1, 3), 1 / 3)]),
+                                                            m[:1])[:, 0].tolist())  # specialists unchanged
+    half = partition_gate(torch.tensor([[2 / 3, 1 / 3, 0.0]]), m, shared="middle")[0, 1].item()
+    assert half == pytest.approx(math.cos(math.pi / 2 * (1 / 3) / (2 / 3)) ** 2, abs=1e-6)  # TV 1/3 of span 2/3

@@ -170,3 +170,28 @@ def test_folded_model_equals_gated_model_at_its_dial(bias):
         assert torch.allclose(got, want, atol=1e-5)
     assert torch.equal(model.transformer.wte.weight, model.lm_head.weight)  # the original is untouched
     assert plain.transformer.wte.weight is plain.lm_head.weight
+
+
+@pytest.mark.parametrize("method, routing, gate_norms, isolated", [
+    ("partition", "routed", True, True), ("partition", "soft", True, False), ("partition", "routed", False, False),
+    ("reference", "routed", True, False)])
+def test_partition_routing_isolates_a_corner(method, routing, gate_norms, isolated):
+    """With partition specialties and the routed backward, a step on source-1 text (at any dials) changes
+    nothing that source 0's corner computes; soft routing, ungated LayerNorm outputs (whose gains turn silenced
+    channels into constants) or the reference's Beta specialties leak into it."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=32, n_sources=2, block_size=16, n_layer=2, n_head=4, n_embd=32, method=method,
+                    routing=routing, gate_norms=gate_norms)
+    model = GPT(cfg)
+    probe = torch.randint(0, 32, (4, 16))
+    before = model(probe, torch.tensor([1.0, 0.0]), probe)[0]
+    x = torch.randint(0, 32, (8, 16))
+    a = torch.rand(8, 1)
+    _, loss = model(x, torch.cat([1 - a, a], dim=1), x, source=torch.ones(8, dtype=torch.long))
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 10.0 * p.grad  # a huge step, so any leak shows
+    after = model(probe, torch.tensor([1.0, 0.0]), probe)[0]
+    assert torch.equal(before, after) == isolated
+    assert not torch.equal(model(probe, torch.tensor([0.0, 1.0]))[0], before[:, [-1]])  # source 1 did learn

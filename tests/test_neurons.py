@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -19,8 +20,10 @@ from abcgpt.neurons import (
 TOKENS_PER_SOURCE = 4  # source k writes token ids 4k .. 4k+3 only
 
 
-def small(n_sources=2, n_layer=2, n_head=2, n_embd=16, **kw) -> GPT:
-    cfg = GPTConfig(vocab_size=TOKENS_PER_SOURCE * n_sources, n_sources=n_sources, block_size=8,
+def small(n_sources=2, n_layer=2, n_head=2, n_embd=16, method="reference", **kw) -> GPT:
+    """Most views here are checked against DESIGN's Beta specialties: the reference method by default."""
+    kw.setdefault("gate_norms", method == "partition")  # the reference method does not gate LayerNorm outputs
+    cfg = GPTConfig(method=method, vocab_size=TOKENS_PER_SOURCE * n_sources, n_sources=n_sources, block_size=8,
                     n_layer=n_layer, n_head=n_head, n_embd=n_embd, **kw)
     return GPT(cfg)
 
@@ -125,6 +128,21 @@ def test_firing_fractions_two_sources():
         assert g["mean_gate"][kind][2] == pytest.approx(f["mean_gate"][kind][0])
     for kind in ("residual", "mlp", "all"):  # not heads: two units only
         assert f["mean_gate"][kind][1] > max(f["mean_gate"][kind][0], f["mean_gate"][kind][2])
+
+
+def test_partition_firing_at_corners_and_middle():
+    """Partition specialties: at a corner exactly the units of that source (and the shared ones) fire, with gate
+    1; at the even mix of three a specialist is at cos^2(pi/3) = 1/4, a shared unit at 1."""
+    model = small(n_sources=3, n_layer=2, n_head=3, n_embd=24, method="partition", shared_fraction=0.25)
+    spec = model.specialties
+    shared = (spec.max(dim=1).values < 1.0)
+    f = firing_fractions(model, [corner(k, 3) for k in range(3)], threshold=0.99)
+    for k in range(3):
+        assert f["fraction"]["all"][k] == pytest.approx(((spec[:, k] == 1.0) | shared).float().mean().item())
+    g = model.unit_gates(torch.full((3,), 1 / 3))[0]
+    assert torch.allclose(g[shared], torch.ones(int(shared.sum())), atol=1e-6)
+    assert torch.allclose(g[~shared], torch.full((int((~shared).sum()),), math.cos(math.pi / 3) ** 2),
+                          atol=1e-6)
 
 
 def test_mean_gates_match_design_numbers():

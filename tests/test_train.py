@@ -256,3 +256,35 @@ def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, ca
     ckpt = load_checkpoint(tmp_path / "run" / "last")
     assert ckpt.meta["step"] == 10 and (tmp_path / "run" / "last" / "model.safetensors").read_bytes() == good
     assert all(torch.isfinite(p).all() for p in ckpt.model.parameters())
+
+
+def test_method_reference_brings_the_original_knobs(tmp_path):
+    """method = "reference" sets DESIGN §1's choices for the keys a recipe leaves alone; a key the recipe or
+    --set gives still wins; the default is the partition method."""
+    path = str(write_recipe(tmp_path))
+    ours = load_recipe(path)
+    assert (ours.model.method, ours.model.routing, ours.train.dial_sampling) == ("partition", "routed", "per_sequence")
+    ref = load_recipe(path, ["model.method=reference"])
+    assert (ref.model.routing, ref.model.gate_shape, ref.train.dial_sampling, ref.train.corner_fraction) == (
+        "soft", "cos2", "per_batch", 0.0)
+    mixed = load_recipe(path, ["model.method=reference", "model.routing=routed"])
+    assert mixed.model.routing == "routed" and mixed.train.dial_sampling == "per_batch"
+    with pytest.raises(AbcgptError, match="model.method must be one of partition, reference"):
+        load_recipe(path, ["model.method=abc"])
+    with pytest.raises(AbcgptError, match="train.corner_fraction must be in"):
+        load_recipe(path, ["train.corner_fraction=1.5"])
+    with pytest.raises(AbcgptError, match="model.shared_fraction must be in"):
+        load_recipe(path, ["model.shared_fraction=1.0"])
+
+
+def test_checkpoint_from_before_methods_loads_as_reference(tmp_path):
+    """A recipe saved before model.method existed was trained with the original method: it must rebuild as
+    such (same specialties), not silently as the new default."""
+    from abcgpt.config import recipe_from_dict
+
+    d = load_recipe(str(write_recipe(tmp_path)), ["model.method=reference"]).to_dict()
+    for key in ("method", "gate_shape", "shared_fraction"):
+        d["model"].pop(key)
+    d["train"].pop("corner_fraction")
+    r = recipe_from_dict(d)
+    assert r.model.method == "reference" and r.train.corner_fraction == 0.0

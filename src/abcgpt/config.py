@@ -37,6 +37,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dial_sampling: str = "per_sequence"  # "per_sequence" | "per_batch" (the reference: one dial per step)
     dial_concentration: float = 0.5  # dial ~ Beta(c, c) / Dirichlet(c)
+    corner_fraction: float = 1.0  # share of draws put at an exact corner (one source alone); 1 = always
     only_sources: list = field(default_factory=list)  # ungated baselines: train on these sources only ([] = all)
     seed: int = 0
     device: str = "auto"
@@ -75,10 +76,20 @@ SECTIONS = {"data": DataConfig, "model": GPTConfig, "train": TrainConfig}
 CHOICES = {
     ("data", "tokenizer"): ("char", "bpe"),
     ("model", "gates"): ("abc", "none"),
+    ("model", "method"): ("partition", "reference"),
+    ("model", "gate_shape"): ("cos2", "linear"),
+    ("model", "shared_gate"): ("always", "middle"),
     ("model", "routing"): ("soft", "routed"),
     ("train", "dial_sampling"): ("per_sequence", "per_batch"),
     ("train", "dtype"): ("auto", "float32", "bfloat16"),
 }
+
+
+# model.method = "reference" is the original method of DESIGN §1: these are its values of the knobs the two
+# methods do not share (a recipe's own value of a key, or --set, still wins). The other method, "partition",
+# takes the defaults of the dataclasses above.
+REFERENCE_METHOD = {"model": {"routing": "soft", "narrowness": 1.0, "gate_shape": "cos2", "gate_norms": False},
+                    "train": {"dial_sampling": "per_batch", "dial_concentration": 0.5, "corner_fraction": 0.0}}
 
 
 def _fields(section: str) -> dict[str, dataclasses.Field]:
@@ -101,10 +112,12 @@ def build_recipe(raw: dict, name: str) -> Recipe:
     if unknown:
         raise AbcgptError(f"unknown table [{sorted(unknown)[0]}] in recipe {name}; allowed: data, model, train")
     sections = {}
-    for section, cls in SECTIONS.items():
+    for section in SECTIONS:
         if not isinstance(raw.get(section, {}), dict):
             raise AbcgptError(f"[{section}] in recipe {name} must be a table, got {raw[section]!r}")
-        table = dict(raw.get(section, {}))
+    reference = raw.get("model", {}).get("method") == "reference"
+    for section, cls in SECTIONS.items():
+        table = (REFERENCE_METHOD.get(section, {}) if reference else {}) | dict(raw.get(section, {}))
         fields = _fields(section)
         kwargs = {}
         for key, value in table.items():
@@ -155,6 +168,10 @@ def validate(r: Recipe) -> None:
             raise AbcgptError(f"{key} must be > 0, got {v}")
     if m.specialty_concentration < 0:
         raise AbcgptError(f"model.specialty_concentration must be > 0, or 0 for 1/N; got {m.specialty_concentration}")
+    if not 0.0 <= m.shared_fraction < 1.0:
+        raise AbcgptError(f"model.shared_fraction must be in [0, 1), got {m.shared_fraction}")
+    if not 0.0 <= t.corner_fraction <= 1.0:
+        raise AbcgptError(f"train.corner_fraction must be in [0, 1], got {t.corner_fraction}")
     if m.n_embd % m.n_head:
         raise AbcgptError(f"model.n_embd ({m.n_embd}) must be a multiple of model.n_head ({m.n_head})")
     if not 0.0 <= m.dropout < 1.0:
@@ -212,6 +229,7 @@ def load_recipe(config: str, overrides: list[str] = ()) -> Recipe:
 def recipe_from_dict(d: dict) -> Recipe:
     """Rebuild a recipe saved in a checkpoint's config.json."""
     raw = {k: dict(v) for k, v in d.items() if k in SECTIONS}
+    raw["model"].setdefault("method", "reference")  # saved before there was a choice: the original method
     for k in DERIVED["model"]:
         raw["model"].pop(k, None)
     return build_recipe(raw, d.get("name", "checkpoint"))

@@ -159,7 +159,8 @@ def check_lengths(data: PreparedData, block_size: int) -> None:
 
 
 class Batcher:
-    """Training batches: per sequence a dial ~ Beta/Dirichlet, a source ~ Categorical(dial), a random window.
+    """Training batches: per sequence a dial ~ Beta/Dirichlet (or, a corner_fraction of the time, a corner), a
+    source ~ Categorical(dial), a random window.
     An ungated baseline has no dial: its sources are drawn from `only` in proportion to their weights (the
     marginal of the dial's draw).
 
@@ -169,8 +170,9 @@ class Batcher:
 
     def __init__(self, data: PreparedData, block_size: int, batch_size: int, device: torch.device,
                  seed: int, concentration: float = 0.5, per_batch: bool = False, only: list[int] | None = None,
-                 weights: list[float] | None = None, rank: int = 0, world: int = 1):
+                 weights: list[float] | None = None, rank: int = 0, world: int = 1, corner_fraction: float = 0.0):
         self.data, self.T, self.B, self.device = data, block_size, batch_size, device
+        self.corner_fraction = corner_fraction
         self.rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)  # this process's share
         self.concentration, self.per_batch, self.only = concentration, per_batch, only
         self.weights = np.ones(len(data.train)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -181,7 +183,8 @@ class Batcher:
         """x, y (B, T) int64; dials (B, N) float32; sources (B,) int64."""
         n = len(self.data.train)
         if self.only is None:
-            dials, sources = sample_dials(self.rng, self.B, n, self.concentration, self.per_batch, self.weights)
+            dials, sources = sample_dials(self.rng, self.B, n, self.concentration, self.per_batch, self.weights,
+                                          self.corner_fraction)
         else:
             w = self.weights[self.only]
             sources = self.rng.choice(np.asarray(self.only), size=self.B, p=w / w.sum())

@@ -12,6 +12,22 @@ with m1 ~ Beta(c, c), c = 0.5 by default.
 Training draws a ~ Beta(c, c) (Dirichlet for N > 2), then the source ~ Categorical(a) (Bernoulli(a1) for two).
 The routed variant keeps the forward gate but, in the backward pass, replaces it by m_s, the unit's
 weight on the sample's source s (m1 for source 1, 1 - m1 for source 0): a straight-through gradient mask.
+
+The partition method (this project's default; docs/ablations.md measures why) keeps the shape of the gate but
+quantises the specialties: each unit belongs to exactly one source (m = e_k), or, for a reserved share of units,
+to all of them (m = the centroid). The dial's weight on a unit's sources sets its gate, and the routed mask
+becomes exact, so a unit only ever learns from its own sources:
+
+    u(a, m)    = (sum_k a_k m_k) / max_k m_k               a_k for a unit of source k; 1 for a shared unit
+    gate(a, m) = cos^2((pi / 2) * min(1, (1 - u) / narrowness))
+    mask(s, m) = m_s / max_k m_k                           1 for the unit's own source(s), else exactly 0
+
+Its routed backward multiplies the true gradient (gate * grad) by the mask, rather than putting the mask in the
+gate's place: a straight-through mask of 1 on a unit whose gate is small overstates its effect by 1/gate, and
+through the layers that wrecks training (docs/ablations.md, the routed rows).
+
+gate_shape="linear" replaces cos^2((pi / 2) t) by 1 - t in either method. shared_gate="middle" puts the shared
+units on a tent around the centroid instead (on in the middle of the dial, off at the corners).
 """
 
 import math
@@ -33,17 +49,58 @@ def draw_specialties(n_units: int, n_sources: int, seed: int, concentration: flo
     return torch.from_numpy(m).float()
 
 
-def gate(dial: torch.Tensor, specialties: torch.Tensor, narrowness: float = 1.0) -> torch.Tensor:
-    """Gate values (B, U) for dials (B, N) and specialties (U, N)."""
-    d = 0.5 * (dial[:, None, :] - specialties[None, :, :]).abs().sum(-1)
-    span = (1.0 - specialties.min(dim=-1).values) * narrowness
-    t = (d / span).clamp(max=1.0)
+def partition_specialties(group_sizes: list[int], n_sources: int, seed: int, shared_fraction: float = 0.0
+                           ) -> torch.Tensor:
+    """(sum(group_sizes), n_sources) quantised specialties: in every group (residual channels, one layer's heads,
+    one layer's MLP units) round(shared_fraction * size) units are shared (the centroid) and the rest are split
+    evenly among the sources (one-hot rows), at random places fixed by the seed."""
+    rng = np.random.default_rng(seed)
+    eye, rows = np.eye(n_sources), []
+    for size in group_sizes:
+        shared = int(round(shared_fraction * size))
+        owner = rng.permutation(n_sources)[np.arange(size - shared) % n_sources]  # the odd units to random sources
+        m = np.concatenate([eye[owner], np.full((shared, n_sources), 1.0 / n_sources)])
+        rows.append(m[rng.permutation(size)])
+    return torch.from_numpy(np.concatenate(rows)).float()
+
+
+def _shape(t: torch.Tensor, shape: str) -> torch.Tensor:
+    """Gate from the clamped distance fraction t in [0, 1]: 1 at t = 0, exactly 0 at t = 1."""
+    if shape == "linear":
+        return 1.0 - t
     # cos(pi/2) is not exactly 0 in floating point; the far end must switch the unit off exactly
     return torch.where(t < 1.0, torch.cos(0.5 * math.pi * t) ** 2, torch.zeros_like(t))
 
 
-def route_mask(specialties: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Routed-backward mask (B, U): each unit's specialty weight on each sample's source (B,)."""
+def gate(dial: torch.Tensor, specialties: torch.Tensor, narrowness: float = 1.0, shape: str = "cos2") -> torch.Tensor:
+    """Reference gate values (B, U) for dials (B, N) and specialties (U, N)."""
+    d = 0.5 * (dial[:, None, :] - specialties[None, :, :]).abs().sum(-1)
+    span = (1.0 - specialties.min(dim=-1).values) * narrowness
+    return _shape((d / span).clamp(max=1.0), shape)
+
+
+def partition_gate(dial: torch.Tensor, specialties: torch.Tensor, narrowness: float = 1.0, shape: str = "cos2",
+                   shared: str = "always") -> torch.Tensor:
+    """Partition gate values (B, U): the dial's weight u on each unit's sources, through the same tent.
+    shared="middle" gates the units shared by all sources (m = the centroid) with the reference tent around
+    the centroid instead: fully on at the even mix, exactly off at every corner, so corners stay pure."""
+    u = dial @ (specialties / specialties.max(dim=-1, keepdim=True).values).T
+    g = _shape(((1.0 - u) / narrowness).clamp(0.0, 1.0), shape)
+    if shared == "middle":
+        n = specialties.size(-1)
+        is_shared = specialties.min(dim=-1).values > 1.0 / n - 1e-6
+        t = 0.5 * (dial - 1.0 / n).abs().sum(-1, keepdim=True) / (1.0 - 1.0 / n)
+        t = torch.where(t > 1.0 - 1e-6, 1.0, t)  # a corner must be exactly off; 1/n rounds, so allow for it
+        centre = _shape(t, shape)
+        g = torch.where(is_shared, centre, g)
+    return g
+
+
+def route_mask(specialties: torch.Tensor, source: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """Routed-backward mask (B, U): each unit's specialty weight on each sample's source (B,); exact=True (the
+    partition method) divides by the unit's largest weight, so a unit's own sources pass 1 and others 0."""
+    if exact:
+        specialties = specialties / specialties.max(dim=-1, keepdim=True).values
     return specialties[:, source].T
 
 
@@ -59,13 +116,14 @@ def apply_gate(x: torch.Tensor, g: torch.Tensor, r: torch.Tensor | None = None) 
 
 def sample_dials(
     rng: np.random.Generator, batch: int, n_sources: int, concentration: float = 0.5, per_batch: bool = False,
-    weights: list[float] | None = None,
+    weights: list[float] | None = None, corner_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training draw: dials (B, N) ~ Beta/Dirichlet(alpha), then sources (B,) ~ Categorical(dial).
 
     alpha_k = c * N * w_k / sum(w): equal source weights give Dirichlet(c, ..., c) (Beta(c, c) for two, the
     method of DESIGN §1); unequal weights shift the dial, and with it how often each source is drawn
-    (E[dial_k] = w_k / sum(w)). per_batch=True reproduces the reference: one dial and one source per step."""
+    (E[dial_k] = w_k / sum(w)). With probability corner_fraction a draw is instead an exact corner e_k, k drawn
+    in proportion to the weights. per_batch=True reproduces the reference: one dial and one source per step."""
     n = 1 if per_batch else batch
     w = np.ones(n_sources) if weights is None else np.asarray(weights, dtype=np.float64)
     alpha = concentration * n_sources * w / w.sum()
@@ -74,6 +132,9 @@ def sample_dials(
         dials = np.stack([1.0 - a, a], axis=1)
     else:
         dials = rng.dirichlet(alpha, size=n)
+    if corner_fraction > 0:  # (no draw at 0, so runs without corners keep their random stream)
+        at_corner = rng.random(size=n) < corner_fraction
+        dials[at_corner] = np.eye(n_sources)[rng.choice(n_sources, size=int(at_corner.sum()), p=w / w.sum())]
     # inverse-CDF draw of the source, vectorised over the batch
     u = rng.random(size=(n, 1))
     sources = (dials.cumsum(axis=1) < u).sum(axis=1).clip(max=n_sources - 1)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from abcgpt.dial import apply_gate, draw_specialties, gate, route_mask
+from abcgpt.dial import apply_gate, draw_specialties, gate, partition_gate, partition_specialties, route_mask
 
 
 @dataclass
@@ -30,10 +30,15 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     gates: str = "abc"  # "abc": the dial's gates; "none": an ordinary GPT
-    routing: str = "soft"  # "soft": plain backward; "routed": straight-through gradient mask
+    method: str = "partition"  # "partition": one source (or all) per unit; "reference": DESIGN §1's Beta specialties
+    routing: str = "routed"  # "soft": plain backward; "routed": straight-through gradient mask
     narrowness: float = 1.0
+    gate_shape: str = "cos2"  # "cos2": the tent of DESIGN §1; "linear": 1 - distance
     specialty_seed: int = 1337
-    specialty_concentration: float = 0.0  # Beta/Dirichlet concentration; 0 means 1/n_sources (0.5 for two)
+    specialty_concentration: float = 0.0  # reference: Beta/Dirichlet concentration; 0 means 1/n_sources
+    shared_fraction: float = 0.0  # partition: share of every group of units that all sources share
+    shared_gate: str = "always"  # partition: shared units always on, or on in the "middle" and off at corners
+    gate_norms: bool = True  # gate the outputs of the blocks' LayerNorms too (DESIGN §1 does not)
 
 
 class KVCache:
@@ -106,13 +111,20 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        self.gate_norms = config.gate_norms
 
     def forward(self, x, gates, routes, cache=None):
         res, head, unit = gates
         res_r, head_r, unit_r = routes
-        x = x + self._gate(self.attn(self.ln_1(x), head, head_r, cache), res, res_r)
-        x = x + self._gate(self.mlp(self.ln_2(x), unit, unit_r), res, res_r)
+        x = x + self._gate(self.attn(self._norm(self.ln_1, x, res, res_r), head, head_r, cache), res, res_r)
+        x = x + self._gate(self.mlp(self._norm(self.ln_2, x, res, res_r), unit, unit_r), res, res_r)
         return x
+
+    def _norm(self, ln, x, g, r):
+        """LayerNorm, with gate_norms its output gated like the residual channels: a silenced channel is 0 in the
+        residual stream, but LayerNorm would turn that 0 into -mean/std * gain, a constant that other units
+        read; and (routed) the gain of a channel learns only as its mask allows."""
+        return self._gate(ln(x), g, r) if self.gate_norms else ln(x)
 
     @staticmethod
     def _gate(x, g, r):
@@ -128,6 +140,12 @@ class GPT(nn.Module):
             raise ValueError(f"gates must be 'abc' or 'none', got {config.gates!r}")
         if config.routing not in ("soft", "routed"):
             raise ValueError(f"routing must be 'soft' or 'routed', got {config.routing!r}")
+        if config.method not in ("partition", "reference"):
+            raise ValueError(f"method must be 'partition' or 'reference', got {config.method!r}")
+        if config.shared_gate not in ("always", "middle"):
+            raise ValueError(f"shared_gate must be 'always' or 'middle', got {config.shared_gate!r}")
+        if config.gate_shape not in ("cos2", "linear"):
+            raise ValueError(f"gate_shape must be 'cos2' or 'linear', got {config.gate_shape!r}")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -147,10 +165,15 @@ class GPT(nn.Module):
             # residual channels (C), then per layer its heads (H) and MLP units (4C).
             C, H, L = config.n_embd, config.n_head, config.n_layer
             self.group_sizes = [C] + [H, 4 * C] * L
-            # 1/N keeps DESIGN §1 (0.5) for two sources; for more it puts each unit near a few corners, so a
-            # single source still lights up a fair share of units (0.5 leaves a corner a sliver at N = 16)
-            concentration = config.specialty_concentration or 1.0 / config.n_sources
-            spec = draw_specialties(sum(self.group_sizes), config.n_sources, config.specialty_seed, concentration)
+            if config.method == "partition":
+                spec = partition_specialties(self.group_sizes, config.n_sources, config.specialty_seed,
+                                             config.shared_fraction)
+            else:
+                # 1/N keeps DESIGN §1 (0.5) for two sources; for more it puts each unit near a few corners, so a
+                # single source still lights up a fair share of units (0.5 leaves a corner a sliver at N = 16)
+                concentration = config.specialty_concentration or 1.0 / config.n_sources
+                spec = draw_specialties(sum(self.group_sizes), config.n_sources, config.specialty_seed,
+                                        concentration)
             self.register_buffer("specialties", spec)
 
     def _init_weights(self, module):
@@ -168,7 +191,10 @@ class GPT(nn.Module):
         """Gate of every unit (B, U) for dials (B, N) or one dial (N,): one small op per forward."""
         if dial.dim() == 1:
             dial = dial[None]
-        return gate(dial.to(self.specialties), self.specialties, self.config.narrowness)
+        c, dial = self.config, dial.to(self.specialties)
+        if c.method == "partition":
+            return partition_gate(dial, self.specialties, c.narrowness, c.gate_shape, c.shared_gate)
+        return gate(dial, self.specialties, c.narrowness, c.gate_shape)
 
     def _split(self, g: torch.Tensor | None):
         """(B, U) -> residual gate and per layer (residual, head, unit) gates, as views."""
@@ -184,15 +210,21 @@ class GPT(nn.Module):
         B, T = idx.size()
         t0 = cache.pos if cache is not None else 0
         assert t0 + T <= self.config.block_size, f"sequence of {t0 + T} exceeds block_size {self.config.block_size}"
-        g = r = None
+        g = r = mask = None
         if self.config.gates == "abc":
             if dial is None:
                 raise ValueError("a gated model needs a dial")
             g = self.unit_gates(dial).expand(B, -1)
             if self.config.routing == "routed" and source is not None and torch.is_grad_enabled():
-                r = route_mask(self.specialties, source)
+                if self.config.method == "partition":
+                    # the true gradient, cut to 0 for units of other sources (gradient masking)
+                    mask = route_mask(self.specialties, source, exact=True)
+                    r = g * mask
+                else:  # DESIGN §1: straight through, the gate replaced by m_s in the backward pass
+                    mask = r = route_mask(self.specialties, source)
         g_res, gates = self._split(g)
         r_res, routes = self._split(r)
+        mask_res = None if mask is None else mask[:, :self.config.n_embd]
         pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         x = self.transformer.drop(Block._gate(x, g_res, r_res))
@@ -203,7 +235,12 @@ class GPT(nn.Module):
         x = Block._gate(self.transformer.ln_f(x), g_res, r_res)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
-        logits = self.lm_head(x)
+        if mask_res is None:
+            logits = self.lm_head(x)
+        else:  # routed: the (tied) LM head's weights learn from a channel only as its mask allows, like the
+            # layers before it; same value, but the masked part of the input reaches the weights detached
+            rm = mask_res[:, None, :]
+            logits = F.linear(x * rm, self.lm_head.weight) + F.linear(x * (1 - rm), self.lm_head.weight.detach())
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
@@ -226,6 +263,9 @@ class GPT(nn.Module):
         plain.transformer.wpe.weight.mul_(g_res)
         hd = self.config.n_embd // self.config.n_head
         for block, (_, g_head, g_unit) in zip(plain.transformer.h, layers):
+            if self.config.gate_norms:  # the gated LayerNorm output is the input of c_attn and c_fc
+                block.attn.c_attn.weight.mul_(g_res[None, :])
+                block.mlp.c_fc.weight.mul_(g_res[None, :])
             for proj in (block.attn.c_proj, block.mlp.c_proj):
                 proj.weight.mul_(g_res[:, None])
                 if proj.bias is not None:

@@ -85,11 +85,13 @@ def dial_path(n_sources: int, points: int) -> tuple[list[float], list[torch.Tens
 # ----------------------------------------------------------------------------- baselines
 
 
-# recipe keys that may differ between the dial model and its baselines: the gates and how the dial is drawn
-GATE_KEYS = {"model": {"gates", "routing", "narrowness", "specialty_seed", "specialty_concentration"},
-             "train": {"dial_sampling", "dial_concentration", "only_sources", "device", "dtype", "compile",
-                       "threads", "eval_every", "eval_batches", "log_every", "checkpoint_every", "fsdp",
-                       "peak_tflops", "log_to"}}
+# recipe keys that may differ between the dial model and its baselines: the gates, how the dial is drawn, and
+# the seed (one set of baselines serves dial models of several seeds)
+GATE_KEYS = {"model": {"gates", "method", "routing", "narrowness", "gate_shape", "specialty_seed",
+                       "specialty_concentration", "shared_fraction", "shared_gate", "gate_norms"},
+             "train": {"dial_sampling", "dial_concentration", "corner_fraction", "only_sources", "seed", "device",
+                       "dtype", "compile", "threads", "eval_every", "eval_batches", "log_every", "checkpoint_every",
+                       "fsdp", "peak_tflops", "log_to"}}
 
 
 def check_baseline(dial: Checkpoint, base: Checkpoint, name: str) -> None:

@@ -108,7 +108,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     fsdp = t.fsdp and world > 1
     only = None if cfg.gates == "abc" else [data.sources.index(s) for s in t.only_sources or data.sources]
     batcher = Batcher(data, cfg.block_size, t.batch_size, device, t.seed, t.dial_concentration,
-                      t.dial_sampling == "per_batch", only, [s.weight for s in recipe.data.sources], rank, world)
+                      t.dial_sampling == "per_batch", only, [s.weight for s in recipe.data.sources], rank, world,
+                      t.corner_fraction)
     step, best, ckpt = 0, math.inf, None
     if resume:
         ckpt = load_checkpoint(existing_dir(out / "last"), device)
@@ -138,7 +139,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
 
     if progress:
         print(f"training {recipe.name}: {model.num_params() / 1e6:.2f}M parameters, gates={cfg.gates}, "
-              f"routing={cfg.routing}, sources {' / '.join(data.sources)}, device {device}")
+              f"method={cfg.method}, routing={cfg.routing}, sources {' / '.join(data.sources)}, device {device}")
     log = RunLog(out, recipe, t.log_to) if master else None
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.block_size
