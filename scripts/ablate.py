@@ -1,0 +1,184 @@
+"""Ablations of the dial: train one recipe setting per seed, write its dial report, keep the headline numbers.
+
+    python scripts/ablate.py run --name partition --config tiny --set model.routing=soft --seeds 0 1 2 \
+        --baselines runs/tiny_baselines
+    python scripts/ablate.py table            # the markdown table of docs/ablations.md, from the results file
+    python scripts/ablate.py plot             # isolation against corner loss, one point per setting
+
+Each (name, seed) trains into ROOT/NAME/sSEED with `abcgpt train` and is scored with `abcgpt eval --baselines`
+(complete runs and reports are reused, so a killed sweep resumes). One JSON line per (name, seed) goes to
+ROOT/results.jsonl; `table` averages the seeds of every name (mean, and the spread as min..max)."""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def run(cmd: list[str], threads: int) -> None:
+    print("$ " + shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)})
+
+
+def headline(report: dict) -> dict:
+    """The report's headline numbers, one value each (the worst source where there are several)."""
+    sources = report["sources"]
+    corner = report["corner_loss"]
+    edge = report["style_curve"]["edges"][0]
+    mid = len(edge["t"]) // 2
+    row = {
+        "corner": {s: corner[s]["mean"] for s in sources},
+        "vs_joint": {s: corner[s].get("vs_joint") for s in sources},
+        "contrast": report["contrast"],
+        "isolation": ({s: min(v.values()) for s, v in report["isolation"].items()} if report["isolation"] else None),
+        "middle_vs_joint": {s: report["middle"][s].get("vs_joint") for s in sources},
+        "calibration_error": report["calibration_error"],
+        "monotone": report["monotone"],
+        "share_mid": edge["share_to"][mid],
+        "mixing_mid": edge["mixing"][mid],
+        "calibrated_error": report.get("calibrated", {}).get("calibration_error"),
+        "samples_per_point": edge["samples_per_point"],
+        "heldout_tokens_per_cell": report["heldout_tokens_per_cell"],
+    }
+    return row
+
+
+def cmd_run(args) -> None:
+    root = Path(args.root)
+    for seed in args.seeds:
+        out = root / args.name / f"s{seed}"
+        sets = [*args.set, f"train.seed={seed}", f"train.threads={args.threads}"]
+        train = [sys.executable, "-m", "abcgpt", "train", "--config", args.config, "--out", str(out)]
+        train += [x for s in sets for x in ("--set", s)]
+        if not (out / "last" / "config.json").is_file():
+            run(train, args.threads)
+        report = out / "report" / "report.json"
+        meta = json.loads((out / "last" / "config.json").read_text())
+        if args.calibrate and "calibration" not in meta:  # fit share -> dial; the report then scores it too
+            run([sys.executable, "-m", "abcgpt", "calibrate", "--ckpt", str(out / "last")], args.threads)
+            report.unlink(missing_ok=True)
+        if not report.is_file():
+            base = ["--baselines", args.baselines] if args.baselines else []
+            run([sys.executable, "-m", "abcgpt", "eval", "--ckpt", str(out / "last"), *base,
+                 "--out", str(out / "report")], args.threads)
+        row = {"name": args.name, "config": args.config, "set": args.set, "seed": seed,
+               "command": shlex.join(["abcgpt", *train[3:]])} | headline(json.loads(report.read_text()))
+        with open(root / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _agg(values: list) -> str:
+    x = np.array([v for v in values if v is not None], dtype=float)
+    if x.size == 0:
+        return "–"
+    if x.size == 1:
+        return f"{x[0]:.2f}"
+    return f"{x.mean():.2f} ({x.min():.2f}..{x.max():.2f})"
+
+
+KNOBS = {"model": ["method", "routing", "narrowness", "gate_shape", "gate_norms", "specialty_concentration",
+                   "shared_fraction", "shared_gate"],
+         "train": ["dial_sampling", "dial_concentration", "corner_fraction"]}
+
+
+def knob_overrides(run: Path, config: str) -> list[str]:
+    """The --set that rebuilds a run's knobs from today's recipe defaults (its saved recipe is the truth: the
+    defaults may have moved since it was trained)."""
+    from abcgpt.config import load_recipe
+
+    saved = json.loads((run / "recipe.json").read_text())
+    method = saved["model"].get("method", "reference")
+    base = load_recipe(config, [f"model.method={method}"]).to_dict()
+    out = [f"model.method={method}"] if method != load_recipe(config).model.method else []
+    for section, keys in KNOBS.items():
+        for key in keys:
+            value = saved[section].get(key, base[section][key])
+            if value != base[section][key]:
+                out.append(f"{section}.{key}={json.dumps(value)}")
+    return out
+
+
+def cmd_table(args) -> None:
+    rows = [json.loads(line) for line in open(Path(args.root) / "results.jsonl")]
+    latest = {}
+    for r in rows:  # the last line of a (name, seed) wins: a re-scored run replaces its old row
+        latest[(r["name"], r["seed"])] = r
+    names = list(dict.fromkeys(r["name"] for r in latest.values()))
+    print("| setting | `--set` (on today's defaults) | seeds | corner − joint | contrast | isolation "
+          "| middle − joint | calib. error (calibrated) | monotone | share at 0.5 | mixing at 0.5 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        rs = [r for (n, _), r in latest.items() if n == name]
+        sources = list(rs[0]["corner"])
+
+        def per_source(key, rs=rs, sources=sources):
+            return " / ".join(_agg([r[key][s] if r[key] else None for r in rs]) for s in sources)
+
+        sets = " ".join(f"`{x}`" for x in knob_overrides(Path(args.root) / name / f"s{rs[0]['seed']}", rs[0]["config"]))
+        sets = sets or "–"
+        calibrated = [r.get("calibrated_error") for r in rs]
+        calib = _agg([r["calibration_error"] for r in rs])
+        if any(c is not None for c in calibrated):
+            calib += f" ({_agg(calibrated)})"
+        print(f"| {name} | {sets} | {len(rs)} | {per_source('vs_joint')} | {per_source('contrast')} | "
+              f"{per_source('isolation')} | {per_source('middle_vs_joint')} | "
+              f"{calib} | {sum(r['monotone'] for r in rs)}/{len(rs)} | "
+              f"{_agg([r['share_mid'] for r in rs])} | {_agg([r['mixing_mid'] for r in rs])} |")
+
+
+def cmd_plot(args) -> None:
+    """Isolation against corner loss, one point per setting (mean over seeds and sources): the frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latest = {}
+    for line in open(Path(args.root) / "results.jsonl"):
+        r = json.loads(line)
+        latest[(r["name"], r["seed"])] = r
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(n for n, _ in latest):
+        rs = [r for (n, _), r in latest.items() if n == name and r["isolation"]]
+        if not rs:
+            continue
+        x = np.mean([np.mean(list(r["vs_joint"].values())) for r in rs])
+        y = np.mean([np.mean(list(r["isolation"].values())) for r in rs])
+        ax.scatter(x, y, color="C3" if name.startswith("reference") else "C0")
+        ax.annotate(f"{name} ({len(rs)})", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.8, ls=":", color="grey")
+    ax.axvline(0.05, ls=":", color="grey")
+    ax.set_xlabel("corner loss − joint baseline (nats/token, mean of sources; goal ≤ 0.05)")
+    ax.set_ylabel("isolation (mean of sources; goal ≥ 0.8)")
+    ax.set_title("the dial's frontier: red = reference method, blue = partition (seeds in brackets)")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs/ablations", help="where runs and results.jsonl go")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--name", required=True)
+    r.add_argument("--config", default="tiny")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0])
+    r.add_argument("--baselines", help="folder written by `abcgpt baselines` for this recipe (for isolation)")
+    r.add_argument("--calibrate", action="store_true", help="run `abcgpt calibrate` before the report")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per run (run two sweeps on two cores)")
+    sub.add_parser("table")
+    pl = sub.add_parser("plot")
+    pl.add_argument("--out", default="docs/ablation_frontier.png")
+    args = p.parse_args()
+    {"run": cmd_run, "table": cmd_table, "plot": cmd_plot}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
