@@ -288,3 +288,19 @@ def test_checkpoint_from_before_methods_loads_as_reference(tmp_path):
     d["train"].pop("corner_fraction")
     r = recipe_from_dict(d)
     assert r.model.method == "reference" and r.train.corner_fraction == 0.0
+    # a whole checkpoint: stripped of the new keys it still computes what it computed
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["model.method=reference", "train.steps=10"])
+    train(recipe, tmp_path / "old", progress=False)
+    x = torch.randint(0, 8, (2, 16))
+    dial = torch.tensor([0.3, 0.7])
+    before = load_checkpoint(tmp_path / "old" / "last").model(x, dial, x)[1]
+    meta_path = tmp_path / "old" / "last" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    for table in (meta["model"], meta["recipe"]["model"]):
+        for key in ("method", "gate_norms", "gate_shape", "shared_fraction", "shared_gate"):
+            table.pop(key)
+    meta["recipe"]["train"].pop("corner_fraction")
+    meta_path.write_text(json.dumps(meta))
+    old = load_checkpoint(tmp_path / "old" / "last").model
+    assert old.config.method == "reference" and not old.config.gate_norms
+    assert torch.equal(old(x, dial, x)[1], before)

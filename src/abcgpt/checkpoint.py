@@ -171,7 +171,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
             raise AbcgptError(f"checkpoint {path} is corrupted: {name} does not match its recorded sha256")
     try:
         recipe = recipe_from_dict(meta["recipe"])
-        model = GPT(GPTConfig(**meta["model"]))
+        # keys a checkpoint from an older abcgpt lacks come from its recipe, which knows their old values
+        model = GPT(GPTConfig(**(dataclasses.asdict(recipe.model) | meta["model"])))
         load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
     except AbcgptError as e:
         raise AbcgptError(f"checkpoint {path} cannot be loaded: {e}") from None
