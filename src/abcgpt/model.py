@@ -4,7 +4,8 @@ Gated units, each with a frozen specialty (see dial.py):
 - residual channels: one gate per channel on everything that writes to the residual stream
   (embedding sum, every attention and MLP output projection) and on the final LayerNorm's output;
 - MLP hidden units, after the GELU;
-- attention heads, on each head's output before the output projection.
+- attention heads, on each head's output before the output projection;
+- with gate_norms (the partition method's default), the blocks' LayerNorm outputs, per residual channel.
 gates="none" builds an ordinary GPT-2: the baseline every comparison uses.
 """
 
@@ -31,7 +32,7 @@ class GPTConfig:
     bias: bool = False  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
     gates: str = "abc"  # "abc": the dial's gates; "none": an ordinary GPT
     method: str = "partition"  # "partition": one source (or all) per unit; "reference": DESIGN §1's Beta specialties
-    routing: str = "routed"  # "soft": plain backward; "routed": straight-through gradient mask
+    routing: str = "routed"  # "soft": plain backward; "routed": each sequence's gradient masked by its source
     narrowness: float = 1.0
     gate_shape: str = "cos2"  # "cos2": the tent of DESIGN §1; "linear": 1 - distance
     specialty_seed: int = 1337
