@@ -23,7 +23,7 @@ import torch
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError, pick_device
 from abcgpt.dial import parse_dial
-from abcgpt.generate import generate_tokens, stream_text
+from abcgpt.generate import generate_ids, generate_tokens, stream_text
 from abcgpt.model import GPT
 from abcgpt.style import apply_calibration
 
@@ -156,11 +156,7 @@ class DialModel:
         self._check_sampling(max_new_tokens, temperature, top_k, n)
         model = self._folded_model(self._dial_tensor(dial, calibrated))
         ids = self._prompt_ids(prompt).expand(n, -1)
-        out = []
-        for nxt in generate_tokens(model, ids, None, max_new_tokens, float(temperature), top_k or None, seed):
-            out.append(nxt)
-        rows = torch.stack(out, dim=1).tolist()
-        texts = [self.tokenizer.decode(r) for r in rows]
+        texts = generate_ids(model, self.tokenizer, ids, None, max_new_tokens, float(temperature), top_k or None, seed)
         return texts[0] if n == 1 else texts
 
     def stream(self, prompt: str = "", dial: Dial = 0.5, max_new_tokens: int = 200, temperature: float = 0.8,

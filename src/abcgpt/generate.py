@@ -61,11 +61,15 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: list[str], dials: torch.
     ids = [tokenizer.encode(p) for p in prompts]
     if len({len(i) for i in ids}) != 1:
         raise ValueError("batched prompts must have the same number of tokens")
-    out = [[] for _ in prompts]
-    for nxt in generate_tokens(model, torch.tensor(ids), dials, max_new_tokens, temperature, top_k, seed):
-        for row, t in zip(out, nxt.tolist()):
-            row.append(t)
-    return [tokenizer.decode(row) for row in out]
+    return generate_ids(model, tokenizer, torch.tensor(ids), dials, max_new_tokens, temperature, top_k, seed)
+
+
+def generate_ids(model: GPT, tokenizer: Tokenizer, ids: torch.Tensor, dials: torch.Tensor | None,
+                 max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None) -> list[str]:
+    """Batch generation from prompt token ids (B, T0); returns the new text of each row."""
+    tokens = list(generate_tokens(model, ids, dials, max_new_tokens, temperature, top_k, seed))
+    return [tokenizer.decode(row) for row in torch.stack(tokens, dim=1).tolist()]
 
 
 def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor]) -> Iterator[str]:

@@ -25,7 +25,7 @@ from starlette.background import BackgroundTask
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError
 from abcgpt.dial import parse_dial
-from abcgpt.generate import generate_tokens, stream_text
+from abcgpt.generate import generate_ids, generate_tokens, stream_text
 from abcgpt.style import apply_calibration
 
 STATIC = Path(__file__).parent / "static"
@@ -219,22 +219,15 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
 
             return streaming(events(), release)
         try:  # n completions in one batch, one dial for all
-            rows = await asyncio.to_thread(_batch, model, tok, ids, req.n, dial if gated else None, req.max_tokens,
-                                           req.temperature, req.top_k or None, req.seed)
+            rows = await asyncio.to_thread(generate_ids, model, tok, torch.tensor([ids] * req.n),
+                                           dial if gated else None, req.max_tokens, req.temperature,
+                                           req.top_k or None, req.seed)
         finally:
             release()
         choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": "length"} for i, t in enumerate(rows)]
         return head | {"choices": choices, "usage": usage}
 
     return app
-
-
-def _batch(model, tok, ids, n, dial, new_tokens, temperature, top_k, seed) -> list[str]:
-    out = [[] for _ in range(n)]
-    for nxt in generate_tokens(model, torch.tensor([ids] * n), dial, new_tokens, temperature, top_k, seed):
-        for row, t in zip(out, nxt.tolist()):
-            row.append(t)
-    return [tok.decode(r) for r in out]
 
 
 def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", **limits) -> None:
