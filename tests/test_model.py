@@ -195,3 +195,19 @@ def test_partition_routing_isolates_a_corner(method, routing, gate_norms, isolat
     after = model(probe, torch.tensor([1.0, 0.0]), probe)[0]
     assert torch.equal(before, after) == isolated
     assert not torch.equal(model(probe, torch.tensor([0.0, 1.0]))[0], before[:, [-1]])  # source 1 did learn
+
+
+def test_routed_head_masks_only_the_weight_gradient():
+    """RoutedHead: the value and the input's gradient of x @ W.T; W's gradient through the mask."""
+    from abcgpt.model import RoutedHead
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    mask = (torch.rand(3, 1, 8) > 0.5).float()
+    g = torch.randn(3, 5, 11)
+    y = RoutedHead.apply(x, w, mask)
+    (y * g).sum().backward()
+    assert torch.allclose(y, x @ w.T, atol=1e-6)
+    assert torch.allclose(x.grad, g @ w, atol=1e-5)
+    assert torch.allclose(w.grad, g.flatten(0, 1).T @ (x * mask).flatten(0, 1), atol=1e-5)

@@ -134,6 +134,24 @@ class Block(nn.Module):
         return apply_gate(x, g[:, None, :], None if r is None else r[:, None, :])
 
 
+class RoutedHead(torch.autograd.Function):
+    """logits = x @ W.T, with the routed backward: W's gradient sees the input through the mask (B, 1, C), so
+    a channel's column of the (tied) LM head learns only from the sequences its mask lets through, like the
+    layers before it; x gets its ordinary gradient. One matmul forward, two backward, as for a plain Linear."""
+
+    @staticmethod
+    def forward(ctx, x, weight, mask):
+        ctx.save_for_backward(x, weight, mask)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mask = ctx.saved_tensors
+        grad_x = (grad @ weight.to(grad.dtype)).to(x.dtype)  # dtypes may differ under autocast
+        grad_w = grad.flatten(0, -2).T @ (x * mask).to(grad.dtype).flatten(0, -2)
+        return grad_x, grad_w.to(weight.dtype), None
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -225,7 +243,7 @@ class GPT(nn.Module):
                     mask = r = route_mask(self.specialties, source)
         g_res, gates = self._split(g)
         r_res, routes = self._split(r)
-        mask_res = None if mask is None else mask[:, :self.config.n_embd]
+        mask_res, _ = self._split(mask)
         pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         x = self.transformer.drop(Block._gate(x, g_res, r_res))
@@ -238,10 +256,8 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
         if mask_res is None:
             logits = self.lm_head(x)
-        else:  # routed: the (tied) LM head's weights learn from a channel only as its mask allows, like the
-            # layers before it; same value, but the masked part of the input reaches the weights detached
-            rm = mask_res[:, None, :]
-            logits = F.linear(x * rm, self.lm_head.weight) + F.linear(x * (1 - rm), self.lm_head.weight.detach())
+        else:  # routed: the (tied) LM head's weights learn from a channel only as its mask allows
+            logits = RoutedHead.apply(x, self.lm_head.weight, mask_res[:, None, :])
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
