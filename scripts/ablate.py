@@ -81,39 +81,43 @@ def _agg(values: list) -> str:
     return f"{x.mean():.2f} ({x.min():.2f}..{x.max():.2f})"
 
 
-KNOBS = {"model": ["method", "routing", "narrowness", "gate_shape", "gate_norms", "specialty_concentration",
-                   "shared_fraction", "shared_gate"],
-         "train": ["dial_sampling", "dial_concentration", "corner_fraction"]}
-
-
 def knob_overrides(run: Path, config: str) -> list[str]:
-    """The --set that rebuilds a run's knobs from today's recipe defaults (its saved recipe is the truth: the
-    defaults may have moved since it was trained)."""
-    from abcgpt.config import load_recipe
+    """The --set that rebuilds a run's model and training keys from today's recipe defaults (its saved recipe
+    is the truth: the defaults may have moved since it was trained). The seed and threads are left out: the
+    script sets them per run."""
+    from abcgpt.config import DERIVED, load_recipe
 
     saved = json.loads((run / "recipe.json").read_text())
     method = saved["model"].get("method", "reference")
     base = load_recipe(config, [f"model.method={method}"]).to_dict()
     out = [f"model.method={method}"] if method != load_recipe(config).model.method else []
-    for section, keys in KNOBS.items():
-        for key in keys:
-            value = saved[section].get(key, base[section][key])
-            if value != base[section][key]:
+    skip = {"seed", "threads", "method"} | DERIVED["model"]
+    for section in ("model", "train"):
+        for key, default in base[section].items():
+            value = saved[section].get(key, default)
+            if key not in skip and value != default:
                 out.append(f"{section}.{key}={json.dumps(value)}")
     return out
 
 
-def cmd_table(args) -> None:
-    rows = [json.loads(line) for line in open(Path(args.root) / "results.jsonl")]
+def results_by_name(root: Path) -> dict[str, list[dict]]:
+    """The rows of results.jsonl by setting name, one per seed: the last line of a (name, seed) wins, so a
+    re-scored run replaces its old row."""
     latest = {}
-    for r in rows:  # the last line of a (name, seed) wins: a re-scored run replaces its old row
+    for line in open(root / "results.jsonl"):
+        r = json.loads(line)
         latest[(r["name"], r["seed"])] = r
-    names = list(dict.fromkeys(r["name"] for r in latest.values()))
+    by_name = {}
+    for (name, _), r in latest.items():
+        by_name.setdefault(name, []).append(r)
+    return by_name
+
+
+def cmd_table(args) -> None:
     print("| setting | `--set` (on today's defaults) | seeds | corner − joint | contrast | isolation "
           "| middle − joint | calib. error (calibrated) | monotone | share at 0.5 | mixing at 0.5 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in names:
-        rs = [r for (n, _), r in latest.items() if n == name]
+    for name, rs in results_by_name(Path(args.root)).items():
         sources = list(rs[0]["corner"])
 
         def per_source(key, rs=rs, sources=sources):
@@ -138,13 +142,9 @@ def cmd_plot(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    latest = {}
-    for line in open(Path(args.root) / "results.jsonl"):
-        r = json.loads(line)
-        latest[(r["name"], r["seed"])] = r
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(n for n, _ in latest):
-        rs = [r for (n, _), r in latest.items() if n == name and r["isolation"]]
+    for name, rows in results_by_name(Path(args.root)).items():
+        rs = [r for r in rows if r["isolation"]]
         if not rs:
             continue
         x = np.mean([np.mean(list(r["vs_joint"].values())) for r in rs])
