@@ -2,12 +2,15 @@
 
     python scripts/ablate.py run --name partition --config tiny --set model.routing=soft --seeds 0 1 2 \
         --baselines runs/tiny_baselines
+    python scripts/ablate.py run --name partition --mode switch --seeds 0 1 2 --baselines runs/tiny_baselines
     python scripts/ablate.py table            # the markdown table of docs/ablations.md, from the results file
     python scripts/ablate.py plot             # isolation against corner loss, one point per setting
 
 Each (name, seed) trains into ROOT/NAME/sSEED with `abcgpt train` and is scored with `abcgpt eval --baselines`
-(complete runs and reports are reused, so a killed sweep resumes). One JSON line per (name, seed) goes to
-ROOT/results.jsonl; `table` averages the seeds of every name (mean, and the spread as min..max)."""
+in one dial mode (`--mode`; the checkpoint's default otherwise) into sSEED/report (or sSEED/report-MODE): a
+mode changes only inference, so every mode reuses the same trained runs. Complete runs and reports are reused, so a
+killed sweep resumes. One JSON line per (name, mode, seed) goes to ROOT/results.jsonl; `table` averages the seeds
+of every (name, mode) (mean, and the spread as min..max)."""
 
 import argparse
 import json
@@ -41,6 +44,11 @@ def headline(report: dict) -> dict:
         "monotone": report["monotone"],
         "share_mid": edge["share_to"][mid],
         "mixing_mid": edge["mixing"][mid],
+        "mode": report["mode"],
+        "regret_max": report["regret"]["max"],
+        "isolation_near": ({s: min(v.values()) for s, v in report["isolation_near"].items()}
+                           if report.get("isolation_near") else None),
+        "fluency_gap": report["fluency"]["max_gap"] if report.get("fluency") else None,
         "calibrated_error": report.get("calibrated", {}).get("calibration_error"),
         "samples_per_point": edge["samples_per_point"],
         "heldout_tokens_per_cell": report["heldout_tokens_per_cell"],
@@ -57,28 +65,31 @@ def cmd_run(args) -> None:
         train += [x for s in sets for x in ("--set", s)]
         if not (out / "last" / "config.json").is_file():
             run(train, args.threads)
-        report = out / "report" / "report.json"
+        folder = out / (f"report-{args.mode}" if args.mode else "report")
+        report = folder / "report.json"
+        mode = ["--mode", args.mode] if args.mode else []
         meta = json.loads((out / "last" / "config.json").read_text())
         if args.calibrate and "calibration" not in meta:  # fit share -> dial; the report then scores it too
-            run([sys.executable, "-m", "abcgpt", "calibrate", "--ckpt", str(out / "last")], args.threads)
+            run([sys.executable, "-m", "abcgpt", "calibrate", "--ckpt", str(out / "last"), *mode], args.threads)
             report.unlink(missing_ok=True)
         if not report.is_file():
             base = ["--baselines", args.baselines] if args.baselines else []
-            run([sys.executable, "-m", "abcgpt", "eval", "--ckpt", str(out / "last"), *base,
-                 "--out", str(out / "report")], args.threads)
+            run([sys.executable, "-m", "abcgpt", "eval", "--ckpt", str(out / "last"), *base, *mode,
+                 "--out", str(folder)], args.threads)
         row = {"name": args.name, "config": args.config, "set": args.set, "seed": seed,
                "command": shlex.join(["abcgpt", *train[3:]])} | headline(json.loads(report.read_text()))
         with open(root / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
-def _agg(values: list) -> str:
+def _agg(values: list, signed: bool = False) -> str:
     x = np.array([v for v in values if v is not None], dtype=float)
+    f = "{:+.2f}" if signed else "{:.2f}"
     if x.size == 0:
         return "–"
     if x.size == 1:
-        return f"{x[0]:.2f}"
-    return f"{x.mean():.2f} ({x.min():.2f}..{x.max():.2f})"
+        return f.format(x[0])
+    return f"{f.format(x.mean())} ({f.format(x.min())}..{f.format(x.max())})"
 
 
 def knob_overrides(run: Path, config: str) -> list[str]:
@@ -101,36 +112,40 @@ def knob_overrides(run: Path, config: str) -> list[str]:
 
 
 def results_by_name(root: Path) -> dict[str, list[dict]]:
-    """The rows of results.jsonl by setting name, one per seed: the last line of a (name, seed) wins, so a
-    re-scored run replaces its old row."""
+    """The rows of results.jsonl by setting ("name" or "name · mode"), one per seed: the last line of a
+    (name, mode, seed) wins, so a re-scored run replaces its old row."""
     latest = {}
     for line in open(root / "results.jsonl"):
         r = json.loads(line)
-        latest[(r["name"], r["seed"])] = r
+        latest[(r["name"], r.get("mode"), r["seed"])] = r
     by_name = {}
-    for (name, _), r in latest.items():
-        by_name.setdefault(name, []).append(r)
+    for (name, mode, _), r in latest.items():
+        by_name.setdefault(f"{name} · {mode}" if mode else name, []).append(r)
     return by_name
 
 
 def cmd_table(args) -> None:
-    print("| setting | `--set` (on today's defaults) | seeds | corner − joint | contrast | isolation "
-          "| middle − joint | calib. error (calibrated) | monotone | share at 0.5 | mixing at 0.5 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| setting · mode | `--set` (on today's defaults) | seeds | corner − joint | contrast | isolation "
+          "| isolation at 0.1 | max regret | middle − joint | fluency gap | calib. error (calibrated) | monotone "
+          "| share at 0.5 | mixing at 0.5 |")
+    print("|---" * 14 + "|")
     for name, rs in results_by_name(Path(args.root)).items():
         sources = list(rs[0]["corner"])
 
         def per_source(key, rs=rs, sources=sources):
-            return " / ".join(_agg([r[key][s] if r[key] else None for r in rs]) for s in sources)
+            return " / ".join(_agg([r[key][s] if r.get(key) else None for r in rs]) for s in sources)
 
-        sets = " ".join(f"`{x}`" for x in knob_overrides(Path(args.root) / name / f"s{rs[0]['seed']}", rs[0]["config"]))
+        run_dir = Path(args.root) / rs[0]["name"] / f"s{rs[0]['seed']}"
+        sets = " ".join(f"`{x}`" for x in knob_overrides(run_dir, rs[0]["config"]))
         sets = sets or "–"
         calibrated = [r.get("calibrated_error") for r in rs]
         calib = _agg([r["calibration_error"] for r in rs])
         if any(c is not None for c in calibrated):
             calib += f" ({_agg(calibrated)})"
         print(f"| {name} | {sets} | {len(rs)} | {per_source('vs_joint')} | {per_source('contrast')} | "
-              f"{per_source('isolation')} | {per_source('middle_vs_joint')} | "
+              f"{per_source('isolation')} | {per_source('isolation_near')} | "
+              f"{_agg([r.get('regret_max') for r in rs], signed=True)} | {per_source('middle_vs_joint')} | "
+              f"{_agg([r.get('fluency_gap') for r in rs], signed=True)} | "
               f"{calib} | {sum(r['monotone'] for r in rs)}/{len(rs)} | "
               f"{_agg([r['share_mid'] for r in rs])} | {_agg([r['mixing_mid'] for r in rs])} |")
 
@@ -173,6 +188,7 @@ def main() -> None:
     r.add_argument("--baselines", help="folder written by `abcgpt baselines` for this recipe (for isolation)")
     r.add_argument("--calibrate", action="store_true", help="run `abcgpt calibrate` before the report")
     r.add_argument("--threads", type=int, default=1, help="torch threads per run (run two sweeps on two cores)")
+    r.add_argument("--mode", help="the dial's mode for the report (default: the checkpoint's; see abcgpt sample -h)")
     sub.add_parser("table")
     pl = sub.add_parser("plot")
     pl.add_argument("--out", default="docs/ablation_frontier.png")

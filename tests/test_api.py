@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import REPO, write_recipe
 
-from abcgpt.api import DialModel, load
+from abcgpt.api import load
 from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
+from abcgpt.engine import Engine
 from abcgpt.train import train
 
 ALPHA, OMEGA = set("abcdefg"), set("tuvwxyz")
@@ -24,7 +25,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def m(run_dir) -> DialModel:
+def m(run_dir) -> Engine:
     return load(run_dir, device="cpu")
 
 
@@ -100,11 +101,18 @@ def test_loss_follows_dial(m):
 
 
 def test_loss_equals_model_loss(m):
+    """In mode gates the loss is the gated network's at the dial; in the default mode (mixture) it is the
+    posterior mixture of the corners: -log(sum_k a_k p_k(text)) per predicted token."""
     text = "abc fed\ntux"
     ids = torch.tensor([m.tokenizer.encode(text)])
+    x, y = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():
-        _, expected = m.model(ids[:, :-1], torch.tensor([0.7, 0.3]), targets=ids[:, 1:])
-    assert m.loss(text, dial=0.3) == pytest.approx(expected.item(), rel=1e-5)
+        _, expected = m.model(x, torch.tensor([0.7, 0.3]), targets=y)
+        corner_logp = [-m.model(x, torch.tensor(c), targets=y)[1] * y.numel() for c in ([1.0, 0.0], [0.0, 1.0])]
+    assert m.loss(text, dial=0.3, mode="gates") == pytest.approx(expected.item(), rel=1e-5)
+    mixture = -torch.logsumexp(torch.stack(corner_logp) + torch.tensor([0.7, 0.3]).log(), 0) / y.numel()
+    assert m.default_mode == "mixture"
+    assert m.loss(text, dial=0.3) == pytest.approx(mixture.item(), rel=1e-5)
 
 
 def test_loss_long_text_in_windows(m):
@@ -146,7 +154,7 @@ def test_calibrated_without_calibration_raises(m):
 
 
 def test_calibrated_maps_share_to_dial(m):
-    m.meta["calibration"] = {"share": [0.0, 1.0], "dial": [0.2, 0.6]}
+    m.meta["calibration"] = {"share": [0.0, 1.0], "dial": [0.2, 0.6], "mode": "mixture"}
     try:
         assert m.dial(0.5, calibrated=True) == pytest.approx({"alpha": 0.6, "omega": 0.4})
         with pytest.raises(AbcgptError):

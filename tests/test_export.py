@@ -9,8 +9,8 @@ from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
 from abcgpt.dial import parse_dial
+from abcgpt.engine import generate_tokens
 from abcgpt.export import export_gpt2
-from abcgpt.generate import generate_tokens
 from abcgpt.train import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

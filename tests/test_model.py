@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from abcgpt.dial import gate
-from abcgpt.generate import generate_tokens
+from abcgpt.engine import generate_tokens
 from abcgpt.model import GPT, GPTConfig
 
 

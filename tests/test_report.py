@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import shutil
 
 import pytest
@@ -59,8 +60,26 @@ def test_quick_report_numbers_follow_their_definitions(runs):
     assert st["share"][0][1] < 0.5 < st["share"][-1][1]
     assert report["calibration_error"] == pytest.approx(
         sum(abs(sh[1] - t) for sh, t in zip(st["share"], st["t"])) / 3)
-    assert set(figures) == {"loss_vs_dial.png", "corners.png", "style_curve.png", "neurons.png"}
+    assert set(figures) == {"loss_vs_dial.png", "corners.png", "style_curve.png", "regret_fluency.png", "neurons.png"}
     assert all(b.startswith(b"\x89PNG") for b in figures.values())
+
+    # dial regret at every grid position (two sources: the loss curve's points), as DESIGN §3 defines it
+    assert report["mode"] == "mixture"
+    curve, corner = report["loss_curve"]["loss"], report["corner_loss"]
+    for i, pos in enumerate(report["regret"]["positions"]):
+        a = pos["weights"]
+        assert pos["regret"] == pytest.approx(sum(w * (curve[x][i]["mean"] - corner[x]["mean"]) for w, x in zip(a, s)))
+        # the posterior mixture loses at most -log(a_s) per scored window of block_size tokens
+        entropy = -sum(w * math.log(w) for w in a if w > 0)
+        assert pos["regret"] <= entropy / 16 + 1e-6
+    assert report["regret"]["max"] == max(p["regret"] for p in report["regret"]["positions"])
+    # fluency: the joint baseline judges the samples, against the dial-weighted mean of the corners' samples
+    assert len(st["fluency"]) == 3 and all(f > 0 for f in st["fluency"])
+    assert st["fluency_target"][0] == st["fluency"][0] and st["fluency_target"][-1] == st["fluency"][-1]
+    assert st["fluency_gap"][1] == pytest.approx(st["fluency"][1] - (st["fluency"][0] + st["fluency"][-1]) / 2)
+    assert report["fluency"]["max_gap"] == max(st["fluency_gap"])
+    # near-corner isolation: a tenth of the dial on a source
+    assert set(report["isolation_near"]["alpha"]) == {"omega"}
 
 
 def test_eval_cli_writes_every_file(runs, capsys):
@@ -68,10 +87,11 @@ def test_eval_cli_writes_every_file(runs, capsys):
     assert main(["eval", "--ckpt", str(runs / "dial"), "--baselines", str(runs / "base"), "--out", str(out),
                  "--quick"]) == 0
     for f in ("report.html", "report.json", "report.md", "loss_vs_dial.png", "corners.png", "style_curve.png",
-              "neurons.png"):
+              "regret_fluency.png", "neurons.png"):
         assert (out / f).stat().st_size > 0, f
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<img src=\"http" not in html  # opens from disk
+    assert "<table>" in html and "<td>alpha</td>" in html and "| alpha |" not in html  # tables as HTML
     md = (out / "report.md").read_text()
     assert "| alpha |" in md and "Calibration error" in md
     assert "report.html" in capsys.readouterr().out
@@ -92,7 +112,7 @@ def test_interrupted_report_keeps_the_complete_one(runs, monkeypatch):
     assert (out / "report.json").read_text() == before
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["report.json", "report.md", "report.html", "loss_vs_dial.png", "corners.png", "style_curve.png",
-         "neurons.png"])
+         "regret_fluency.png", "neurons.png"])
 
 
 def test_baselines_with_another_recipe_are_refused(runs, tmp_path):
@@ -131,6 +151,9 @@ def test_calibrate_then_sample_calibrated(runs, capsys, tmp_path):
     assert main(["calibrate", "--ckpt", str(run), "--samples", "6", "--prompt", " "]) == 0
     cal = json.loads((run / "best" / "config.json").read_text())["calibration"]
     assert cal["share"] == sorted(cal["share"]) and len(cal["dial"]) == len(cal["share"])
+    assert cal["mode"] == "mixture"  # measured in the default mode; another mode refuses it
+    assert "measured in mode mixture" in _err(capsys, ["sample", "--ckpt", str(run), "--calibrated", "--dial", "0.5",
+                                                       "--mode", "gates"])
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(run), "--calibrated", "--dial", "0.5", "--max-new-tokens", "5",
                  "--json"]) == 0

@@ -34,6 +34,7 @@ def test_info(client):
     assert info["sources"] == ["alpha", "omega"] and info["calibrated"] is False
     assert info["limits"] == {"max_new_tokens": 300, "max_prompt_chars": 50, "max_concurrent": 2}
     assert info["model"]["step"] == 120 and info["model"]["tokenizer"] == "char"
+    assert info["mode"] == "mixture" and info["modes"] == ["mixture", "switch", "tokens", "product", "gates"]
 
 
 def test_generate_whole_and_streamed_agree(client):
@@ -55,7 +56,7 @@ def test_generate_whole_and_streamed_agree(client):
     ({"dial": 1.5}, "dial"), ({"dial": {"beta": 1}}, "dial"), ({"dial": "nan"}, "dial"),
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 301}, "max_new_tokens"),
     ({"prompt": "é"}, "prompt"), ({"prompt": "a" * 51}, "prompt"), ({"temperature": -1}, "temperature"),
-    ({"calibrated": True}, "calibrated"), ({"seed": "x"}, "seed"),
+    ({"calibrated": True}, "calibrated"), ({"seed": "x"}, "seed"), ({"mode": "bogus"}, "mode"),
 ])
 def test_bad_requests_name_the_field(client, body, field):
     r = client.post("/api/generate", json={"stream": False} | body)

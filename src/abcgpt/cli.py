@@ -8,9 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import torch
-
 from abcgpt.common import AbcgptError, existing_dir, pick_device
+from abcgpt.dial import MODES
 
 
 def cmd_prepare(args) -> None:
@@ -53,69 +52,39 @@ def cmd_train(args) -> None:
 
 def cmd_sample(args) -> None:
     from abcgpt.checkpoint import load_checkpoint
-    from abcgpt.dial import format_dial, parse_dial
-    from abcgpt.generate import generate, generate_tokens, stream_text
+    from abcgpt.dial import format_dial
+    from abcgpt.engine import Engine
 
-    if args.n < 1 or args.max_new_tokens < 1:
-        raise AbcgptError("-n and --max-new-tokens must be at least 1")
-    if args.temperature < 0:
-        raise AbcgptError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    ckpt = load_checkpoint(args.ckpt, pick_device(args.device))
-    model, tok, sources = ckpt.model, ckpt.tokenizer, ckpt.sources
-    gated = model.config.gates == "abc"
+    engine = Engine(load_checkpoint(args.ckpt, pick_device(args.device)))
+    sources, mode, notes = engine.sources, engine.mode(args.mode), []
     specs = args.sweep.split(",") if args.sweep else [args.dial]
-    dials = []
-    for spec in specs:
-        d, note = parse_dial(spec, sources)
-        if note:
-            print(f"note: {note}", file=sys.stderr)
-        dials.append(calibrated(ckpt, spec, d) if args.calibrated else d)
-    prompt = args.prompt if args.prompt else "\n"
-    tok.encode(prompt)  # fails early, with a clear message, on characters the model does not know
-    top_k = args.top_k or None
-
-    if args.sweep or args.json:  # one batch: every dial position times n samples
-        rows = [d for d in dials for _ in range(args.n)]
-        texts = generate(model, tok, [prompt] * len(rows), torch.stack(rows) if gated else None,
-                         args.max_new_tokens, args.temperature, top_k, args.seed)
-        labels = [format_dial(d, sources) for d in dials for _ in range(args.n)]
-        if args.json:
-            for i, (label, d, text) in enumerate(zip(labels, rows, texts)):
-                print(json.dumps({"dial": label, "weights": dict(zip(sources, d.tolist())),
-                                  "sample": i % args.n, "prompt": args.prompt, "text": text}))
-        else:
-            print_side_by_side([f"dial {lab}" for lab in labels], [prompt.lstrip("\n") + t for t in texts],
-                               sources)
-        return
-    ids = torch.tensor([tok.encode(prompt)])
-    model = model.folded(dials[0])  # one fixed dial: fold its gates into the weights, generation costs nothing more
-    for i in range(args.n):
-        print(f"--- sample {i + 1}/{args.n}, dial {format_dial(dials[0], sources)} "
-              f"({', '.join(f'{s} {w:.2f}' for s, w in zip(sources, dials[0].tolist()))})")
+    dials = [engine.dial_tensor(spec, args.calibrated, mode, notes) for spec in specs]
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+              mode=mode)
+    if args.n == 1 and not (args.sweep or args.json):  # one sample: stream it to the terminal
+        weights = ", ".join(f"{s} {w:.2f}" for s, w in zip(sources, dials[0].tolist()))
+        print(f"--- dial {format_dial(dials[0], sources)} ({weights}), mode {mode}")
         sys.stdout.write(args.prompt)
-        seed = None if args.seed is None else args.seed + i
-        stream = generate_tokens(model, ids, None, args.max_new_tokens,
-                                 args.temperature, top_k, seed)
-        for piece in stream_text(tok, stream):
+        for piece in engine.stream(args.prompt, dials[0], **kw):
             sys.stdout.write(piece)
             sys.stdout.flush()
         print()
-
-
-def calibrated(ckpt, spec: str, dial: torch.Tensor) -> torch.Tensor:
-    """--calibrated: the number asked for is the share of the second source's style; map it to a dial."""
-    from abcgpt.style import apply_calibration
-
-    cal = ckpt.meta.get("calibration")
-    if cal is None:
-        raise AbcgptError(f"{ckpt.path} has no calibration: run `abcgpt calibrate --ckpt {ckpt.path}` first")
-    try:
-        share = float(spec)
-    except ValueError:
-        raise AbcgptError(f"--calibrated takes a number in [0, 1] (the share of {ckpt.sources[-1]}), "
-                          f"got {spec!r}") from None
-    a = apply_calibration(cal, share)
-    return torch.tensor([1.0 - a, a])
+        return
+    texts = engine.sweep(args.prompt, dials, n=args.n, **kw)  # one batch: every dial position times n samples
+    if args.json:
+        for d, row in zip(dials, texts):
+            for i, text in enumerate(row):
+                print(json.dumps({"dial": format_dial(d, sources), "weights": dict(zip(sources, d.tolist())),
+                                  "mode": mode, "sample": i, "prompt": args.prompt, "text": text}))
+    elif args.sweep:
+        labels = [f"dial {format_dial(d, sources)}" for d in dials for _ in range(args.n)]
+        print_side_by_side(labels, [args.prompt + t for row in texts for t in row], sources)
+    else:
+        for i, text in enumerate(texts[0]):
+            print(f"--- sample {i + 1}/{args.n}, dial {format_dial(dials[0], sources)}, mode {mode}")
+            print(args.prompt + text)
 
 
 def cmd_baselines(args) -> None:
@@ -133,7 +102,7 @@ def cmd_eval(args) -> None:
     settings = Settings.quick(args.samples or 4) if args.quick else Settings(samples=args.samples or 32)
     settings.prompt = args.prompt
     report, figures = build_report(Path(args.ckpt), Path(args.baselines) if args.baselines else None,
-                                   args.quick, settings, pick_device(args.device))
+                                   args.quick, settings, pick_device(args.device), mode=args.mode)
     out = Path(args.out) if args.out else Path(args.ckpt) / "report"
     write_report(report, figures, out)
     print((out / "report.md").read_text())
@@ -143,15 +112,16 @@ def cmd_eval(args) -> None:
 def cmd_calibrate(args) -> None:
     from abcgpt.report import Settings, calibrate
 
-    cal = calibrate(Path(args.ckpt), Settings(samples=args.samples, prompt=args.prompt), pick_device(args.device))
+    cal = calibrate(Path(args.ckpt), Settings(samples=args.samples, prompt=args.prompt), pick_device(args.device),
+                    mode=args.mode)
     pairs = ", ".join(f"{a:.2f}->{d:.2f}" for a, d in zip(cal["share"], cal["dial"]))
-    print(f"calibration stored in the checkpoint (share asked -> dial): {pairs}")
+    print(f"calibration (mode {cal['mode']}) stored in the checkpoint (share asked -> dial): {pairs}")
 
 
 def cmd_export(args) -> None:
     from abcgpt.export import export_gpt2
 
-    out = export_gpt2(Path(args.ckpt), args.dial, Path(args.out), force=args.force)
+    out = export_gpt2(Path(args.ckpt), args.dial, Path(args.out), force=args.force, mode=args.mode)
     print(f"exported to {out}: load it with transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained")
 
 
@@ -182,7 +152,7 @@ def cmd_serve(args) -> None:
     from abcgpt.serve import serve
 
     serve(Path(args.ckpt), args.host, args.port, pick_device(args.device), max_concurrent=args.max_concurrent,
-          max_new_tokens=args.max_new_tokens, max_prompt_chars=args.max_prompt_chars)
+          max_new_tokens=args.max_new_tokens, max_prompt_chars=args.max_prompt_chars, mode=args.mode)
 
 
 def print_side_by_side(headers: list[str], texts: list[str], sources: list[str]) -> None:
@@ -223,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set train.lr=3e-4 (repeatable)")
 
+    def mode_arg(sp):
+        sp.add_argument("--mode", choices=MODES, default=None,
+                        help="what the dial does between corners: mixture (the default for the partition method: each "
+                             "sample from one source, drawn with the dial's odds), switch (a blend: the source may "
+                             "change at each line or sentence), tokens, product, gates (the network's own gates; the "
+                             "default for method=reference)")
+
     sp = sub.add_parser("prepare", help="fetch the sources, train the tokenizer, write token shards")
     recipe_args(sp)
     sp.set_defaults(config="tiny")
@@ -252,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calibrated", action="store_true",
                     help="read the dial as the share of the second source's style (needs `abcgpt calibrate`)")
     sp.add_argument("--device", default="auto")
+    mode_arg(sp)
     sp.set_defaults(func=cmd_sample)
 
     sp = sub.add_parser("baselines", help="train the ungated comparison models (joint, and without each source)")
@@ -268,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, help="samples per style-curve position (default 32; quick 4)")
     sp.add_argument("--prompt", default="\n", help="prompt of every style sample (default: a newline)")
     sp.add_argument("--device", default="auto")
+    mode_arg(sp)
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("calibrate", help="fit and store the map from style share to dial position")
@@ -275,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, default=32, help="samples per dial position")
     sp.add_argument("--prompt", default="\n", help="prompt of every style sample (default: a newline)")
     sp.add_argument("--device", default="auto")
+    mode_arg(sp)
     sp.set_defaults(func=cmd_calibrate)
 
     sp = sub.add_parser("serve", help="a web page with a dial slider, and an HTTP API")
@@ -285,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, default=1000, help="cap on new tokens per request")
     sp.add_argument("--max-prompt-chars", type=int, default=4000, help="cap on prompt length")
     sp.add_argument("--device", default="auto")
+    mode_arg(sp)
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("export", help="write a Hugging Face transformers GPT-2 folder at one dial position")
@@ -293,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dial to fold in: a number in [0, 1] (two sources), a source name, 'uniform', or name=w,...")
     sp.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer, README)")
     sp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    mode_arg(sp)
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("info", help="what a checkpoint is: sources, size, recipe, steps, losses, calibration")

@@ -31,6 +31,8 @@ units on a tent around the centroid instead (on in the middle of the dial, off a
 """
 
 import math
+from collections.abc import Mapping, Sequence
+from numbers import Real
 
 import numpy as np
 import torch
@@ -148,54 +150,147 @@ def corner(k: int, n_sources: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(k), n_sources).float()
 
 
-def parse_dial(spec: str | float, sources: list[str]) -> tuple[torch.Tensor, str | None]:
-    """Parse a dial given by a user into an (N,) simplex point, plus a note when weights were normalised.
+# ----------------------------------------------------------------------------- between the corners
+#
+# A dial's `mode` says what the network does between corners. At a corner every mode is that corner's network.
+# K corners with log-softmax next-token distributions logp_k, combined with log-weights log_w (B, K):
+#   mixture  the posterior mixture of the corners (Branch-Train-Merge's ensemble): sum_k w_k p_k with
+#            w_k proportional to a_k * p_k(text so far). Its distribution over whole texts is sum_k a_k p_k(text),
+#            so each sample is one corner's text, and the corner is drawn with probability a_k (given the prompt).
+#   switch   the posterior mixture restarted at every line or sentence end: w goes back to the dial there, so
+#            a sample can change source at each boundary (a blend of sentences, not of characters).
+#   tokens   a fixed per-token mixture sum_k a_k p_k: every token from a fresh draw of the corner.
+#   product  a product of experts (logit interpolation): p proportional to prod_k p_k ** a_k.
+#   gates    the network's own gates at the dial (model.unit_gates), folded into one ordinary GPT.
+
+MODES = ("mixture", "switch", "tokens", "product", "gates")
+
+
+def combine_next(logp: torch.Tensor, log_w: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, V) next-token log-probs of the dial from the corners' (B, K, V) log-probs and log-weights (B, K)."""
+    if mode == "product":
+        return torch.log_softmax((log_w.exp()[..., None] * logp).sum(1), dim=-1)
+    return torch.logsumexp(log_w[..., None] + logp, dim=1)
+
+
+def update_weights(log_w: torch.Tensor, token_logp: torch.Tensor, mode: str, log_a: torch.Tensor,
+                   boundary: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-weights (B, K) for the next token, given each corner's log-prob (B, K) of the token just seen:
+    Bayes' rule for mixture and switch (switch restarts from the dial after a boundary token), the dial itself
+    for tokens and product."""
+    if mode not in ("mixture", "switch"):
+        return log_w
+    joint = log_w + token_logp
+    log_w = joint - torch.logsumexp(joint, dim=1, keepdim=True)
+    if mode == "switch" and boundary is not None:
+        log_w = torch.where(boundary[:, None], log_a, log_w)
+    return log_w
+
+
+def combine_scores(token_logp: torch.Tensor, log_a: torch.Tensor, mode: str,
+                   boundary: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) log-probs of a text under the dial (mixture, switch or tokens) from each corner's log-probs of its
+    tokens (B, K, T), the dial's log-weights (B, K) and which tokens end a line or sentence (B, T). For the
+    mixture this telescopes to log sum_k a_k p_k(text): its regret at a source s is at most -log(a_s) per text."""
+    log_w, out = log_a, []
+    for t in range(token_logp.size(-1)):
+        lp = token_logp[..., t]
+        out.append(torch.logsumexp(log_w + lp, dim=1))
+        log_w = update_weights(log_w, lp, mode, log_a, None if boundary is None else boundary[:, t])
+    return torch.stack(out, dim=1)
+
+
+def systematic_draw(weights: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+    """(G, n) corner indices: n draws from each of G categorical distributions (G, K), by systematic sampling with
+    offsets u (G,) ~ U[0, 1): the i-th draw is the inverse CDF at (i + u) / n. Each draw alone is distributed as
+    the weights; together the n draws hold corner k n * w_k times (within one), so a batch of samples shows the
+    dial's shares rather than a coin's luck."""
+    points = (torch.arange(n, device=weights.device) + u[:, None]) / n
+    cdf = weights.cumsum(dim=1)
+    idx = torch.searchsorted(cdf / cdf[:, -1:], points.contiguous(), right=True)  # right: never a zero weight
+    return idx.clamp(max=weights.size(1) - 1)
+
+
+DialSpec = float | str | Mapping[str, float] | Sequence[float] | torch.Tensor
+
+
+def parse_dial(spec: DialSpec, sources: list[str]) -> tuple[torch.Tensor, str | None]:
+    """Read a dial given by a user into an (N,) simplex point, plus a note when weights were normalised.
 
     Accepted: a number a in [0, 1] (two sources only; 0 = first source, 1 = second), a source name (its corner),
-    'uniform' (the centroid), or a named mixture 'name=w,name=w' with non-negative weights."""
+    'uniform' (the centroid), a named mixture 'name=w,name=w' or {name: w} with non-negative weights, or a
+    sequence of N weights in source order."""
     n = len(sources)
-    text = str(spec).strip()
+    if isinstance(spec, bool) or spec is None:
+        raise AbcgptError(f"dial must be a number, a source name, 'uniform', 'name=w,...' or a dict, got {spec!r}")
+    if isinstance(spec, torch.Tensor):
+        spec = spec.tolist()
+    if isinstance(spec, Mapping):
+        if not spec:
+            raise AbcgptError("dial dict is empty: give {name: weight} with names from " + ", ".join(sources))
+        return _weighted(list(spec.items()), sources, repr(dict(spec)))
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        if len(spec) != n:
+            raise AbcgptError(f"a dial of weights needs {n} numbers (one per source: {', '.join(sources)}), "
+                              f"got {len(spec)}")
+        return _weighted(list(zip(sources, spec)), sources, repr(list(spec)))
+    if isinstance(spec, Real):
+        return _scalar(float(spec), repr(spec), sources), None
+    if not isinstance(spec, str):
+        raise AbcgptError(f"dial must be a number, a source name, 'uniform', 'name=w,...' or a dict, got {spec!r}")
+    text = spec.strip()
     try:
-        a = float(text)
+        return _scalar(float(text), text, sources), None
     except ValueError:
-        a = None
-    if a is not None:
-        if not math.isfinite(a) or not 0.0 <= a <= 1.0:
-            raise AbcgptError(f"dial {text} is outside [0, 1]: 0 means {sources[0]}, 1 means {sources[-1]}")
-        if n != 2:
-            raise AbcgptError(f"a numeric dial needs two sources, this model has {n}: use name=weight,... "
-                              f"with names from {', '.join(sources)}")
-        return torch.tensor([1.0 - a, a]), None
+        pass
     if text == "uniform":
         return torch.full((n,), 1.0 / n), None
     if text in sources:
         return corner(sources.index(text), n), None
-    weights = torch.zeros(n, dtype=torch.float64)  # float64: huge finite weights must not overflow to inf
+    pairs = []
     for part in text.split(","):
         name, eq, w = part.partition("=")
-        name = name.strip()
         if not eq:
             raise AbcgptError(f"cannot read dial {text!r}: give a number in [0, 1], a source name, 'uniform', "
                               f"or name=weight,... with names from {', '.join(sources)}")
-        if name not in sources:
-            raise AbcgptError(f"unknown source {name!r} in dial; known sources: {', '.join(sources)}")
         try:
             weight = float(w)
         except ValueError:
-            raise AbcgptError(f"weight of {name!r} in dial is not a number: {w.strip()!r}") from None
-        if not math.isfinite(weight) or weight < 0:
-            raise AbcgptError(f"weight of {name!r} in dial must be a finite number >= 0, got {w.strip()}")
-        weights[sources.index(name)] += weight
+            raise AbcgptError(f"weight of {name.strip()!r} in dial is not a number: {w.strip()!r}") from None
+        pairs.append((name.strip(), weight))
+    return _weighted(pairs, sources, repr(text))
+
+
+def _scalar(a: float, text: str, sources: list[str]) -> torch.Tensor:
+    if not math.isfinite(a) or not 0.0 <= a <= 1.0:
+        raise AbcgptError(f"dial {text} is outside [0, 1]: 0 means {sources[0]}, 1 means {sources[-1]}")
+    if len(sources) != 2:
+        raise AbcgptError(f"a numeric dial needs two sources, this model has {len(sources)}: use name=weight,... "
+                          f"with names from {', '.join(sources)}")
+    return torch.tensor([1.0 - a, a])
+
+
+def _weighted(pairs: list, sources: list[str], shown: str) -> tuple[torch.Tensor, str | None]:
+    """(name, weight) pairs -> normalised simplex point; a name given twice adds up."""
+    weights = torch.zeros(len(sources), dtype=torch.float64)  # float64: huge finite weights must not overflow
+    for name, w in pairs:
+        if not isinstance(name, str) or name not in sources:
+            raise AbcgptError(f"unknown source {name!r} in dial; known sources: {', '.join(sources)}")
+        if not isinstance(w, Real) or isinstance(w, bool):
+            raise AbcgptError(f"weight of {name!r} in dial is not a number: {w!r}")
+        if not math.isfinite(w) or w < 0:
+            raise AbcgptError(f"weight of {name!r} in dial must be a finite number >= 0, got {w}")
+        weights[sources.index(name)] += float(w)
     top = float(weights.max())
     if top <= 0:
-        raise AbcgptError(f"dial {text!r} has all weights zero: at least one must be positive")
+        raise AbcgptError(f"dial {shown} has all weights zero: at least one must be positive")
     scaled = weights / top  # divide by the largest first, so huge weights cannot overflow the sum
     total = top * float(scaled.sum())
     note = None
     if abs(total - 1.0) > 1e-6:
         weights = scaled / scaled.sum()
-        shown = ",".join(f"{s}={w:.3g}" for s, w in zip(sources, weights.tolist()) if w > 0)
-        note = f"dial weights summed to {total:g}; normalised to {shown}"
+        parts = ",".join(f"{s}={w:.3g}" for s, w in zip(sources, weights.tolist()) if w > 0)
+        note = f"dial weights summed to {total:g}; normalised to {parts}"
     return weights.float(), note
 
 

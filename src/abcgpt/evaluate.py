@@ -29,6 +29,16 @@ def batch_losses(model: GPT, tokens, dial: torch.Tensor | None, batch_size: int,
     return np.array(out)
 
 
+@torch.no_grad()
+def dial_losses(engine, tokens, dials: list[torch.Tensor], mode: str, batch_size: int, n_batches: int) -> np.ndarray:
+    """(len(dials), n_batches) loss (nats) of one source's fixed held-out batches at each dial, in one mode,
+    through the inference engine (a combining mode computes the corners once per batch for every dial)."""
+    out = []
+    for x, y in heldout_batches(tokens, engine.model.config.block_size, batch_size, n_batches):
+        out.append([-float(lp.mean()) for lp in engine.logprobs(x, y, dials, mode)])
+    return np.array(out).T
+
+
 def heldout_loss(model: GPT, tokens, dial: torch.Tensor, batch_size: int, n_batches: int,
                  autocast=nullcontext) -> float:
     """Mean next-token loss (nats) over n_batches fixed held-out batches of one source, at one dial."""

@@ -20,7 +20,8 @@ import torch
 
 from abcgpt.checkpoint import Checkpoint, load_checkpoint
 from abcgpt.common import AbcgptError, replace_dir
-from abcgpt.dial import format_dial, parse_dial
+from abcgpt.dial import format_dial
+from abcgpt.engine import Engine
 from abcgpt.model import GPT
 from abcgpt.tokenizer import EOT, BPETokenizer, CharTokenizer
 
@@ -36,10 +37,14 @@ def _transformers():
     return transformers
 
 
-def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False) -> Path:
+def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode: str | None = None) -> Path:
     """Write a transformers GPT-2 folder for the checkpoint's model folded at `dial` (a dial spec as users type
     it: "0.3", a source name, "uniform", "a=0.2,b=0.8"). Returns `out`. With force an existing `out` is
-    replaced atomically (the new folder is written to out.tmp, then swapped in)."""
+    replaced atomically (the new folder is written to out.tmp, then swapped in).
+
+    Only a dial that one network computes can be exported (Engine.network): a corner in any mode, or any dial in
+    mode gates. Between corners, the combining modes (the default mixture among them) run several corner networks
+    at generation time; that is refused with a one-line error, before anything is written."""
     out = Path(out)
     if out.exists() and not force:
         raise AbcgptError(f"{out} exists; use --force to overwrite")
@@ -47,9 +52,11 @@ def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False) -> P
         raise AbcgptError(f"{out} exists and is not a folder; not overwriting it")
     tf = _transformers()
     ckpt = load_checkpoint(Path(ckpt_path), "cpu")
-    weights, note = parse_dial(dial, ckpt.sources)
-    model = ckpt.model.float().eval()
-    plain = model.folded(weights)
+    ckpt.model.float()
+    engine, notes = Engine(ckpt), []
+    weights = engine.dial_tensor(dial, notes=notes)
+    plain = engine.network(weights, mode)
+    note = notes[0] if notes else None
 
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():

@@ -258,7 +258,7 @@ class GPT(nn.Module):
             logits = self.lm_head(x)
         else:  # routed: the (tied) LM head's weights learn from a channel only as its mask allows
             logits = RoutedHead.apply(x, self.lm_head.weight, mask_res[:, None, :])
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     @torch.no_grad()

@@ -18,9 +18,8 @@ from abcgpt.checkpoint import Checkpoint, load_checkpoint
 from abcgpt.common import AbcgptError, existing_dir, replace_dir
 from abcgpt.data import PreparedData, prepared_data
 from abcgpt.dial import corner, format_dial
-from abcgpt.evaluate import batch_losses
-from abcgpt.generate import generate
-from abcgpt.model import GPT
+from abcgpt.engine import Engine
+from abcgpt.evaluate import batch_losses, dial_losses
 from abcgpt.neurons import band_response, firing_fractions, plot_neuron_view, specialty_histogram
 from abcgpt.style import (
     StyleClassifier,
@@ -128,32 +127,51 @@ def load_baselines(path: Path, dial: Checkpoint, device) -> dict[str, Checkpoint
 # ----------------------------------------------------------------------------- style
 
 
-def style_at(model: GPT, tokenizer, clf: StyleClassifier, dials: list[torch.Tensor], s: Settings) -> dict:
-    """K samples per dial (same prompt and the same random stream at every position), scored by the classifier."""
-    shares, segment, mixing, texts = [], [], [], []
+def style_at(engine: Engine, clf: StyleClassifier, dials: list[torch.Tensor], mode: str, s: Settings,
+             judge: Engine | None = None) -> dict:
+    """K samples per dial (same prompt and the same random stream at every position), scored by the classifier,
+    and, given a judge (the ungated joint baseline), by the judge's loss per token: how fluent they are."""
+    shares, segment, mixing, texts, fluency = [], [], [], [], []
     for d in dials:
-        batch = generate(model.folded(d), tokenizer, [s.prompt] * s.samples, None, s.new_tokens,
-                         s.temperature, s.top_k, s.seed)
+        batch = engine.generate(s.prompt, d, s.new_tokens, s.temperature, s.top_k, s.seed, n=s.samples, mode=mode)
         shares.append(sample_shares(clf, batch).tolist())
         w = within_sample(clf, batch)
         segment.append(w["segment_share"])
         mixing.append(w["mixing"])
         texts.append(batch[0])
+        if judge is not None:  # the prompt is the first token: every generated token is scored
+            fluency.append(float(np.mean([judge.loss(s.prompt + t, "uniform") for t in batch])))
     return {"share": shares, "segment_share": segment, "mixing": mixing, "example": texts,
-            "samples_per_point": s.samples, "new_tokens": s.new_tokens, "temperature": s.temperature,
-            "top_k": s.top_k}
+            "fluency": fluency or None, "samples_per_point": s.samples, "new_tokens": s.new_tokens,
+            "temperature": s.temperature, "top_k": s.top_k}
 
 
 # ----------------------------------------------------------------------------- the report
 
 
+def regret_grid(n_sources: int, s: Settings) -> list[tuple[str, torch.Tensor]]:
+    """The report's grid of dial positions: for two sources the loss curve's points; for more, the points of every
+    edge of the simplex, and the centroid."""
+    if n_sources == 2:
+        return [(f"{t:.2f}", d) for t, d in zip(*dial_path(2, s.loss_points))]
+    grid = []
+    for i in range(n_sources):
+        for j in range(i + 1, n_sources):
+            for t in np.linspace(0.0, 1.0, s.edge_points)[1:-1]:
+                grid.append((f"{i}-{j}@{t:.2f}", (1 - t) * corner(i, n_sources) + t * corner(j, n_sources)))
+    return grid + [("uniform", torch.full((n_sources,), 1.0 / n_sources))]
+
+
 def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = False, settings: Settings | None = None,
-                 device: str | torch.device = "cpu", progress: bool = True) -> tuple[dict, dict[str, bytes]]:
-    """All numbers of the report (a JSON-able dict) and its figures (PNG bytes by file name)."""
+                 device: str | torch.device = "cpu", progress: bool = True, mode: str | None = None
+                 ) -> tuple[dict, dict[str, bytes]]:
+    """All numbers of the report (a JSON-able dict) and its figures (PNG bytes by file name), for the dial in one
+    mode (the engine's default unless given)."""
     t0 = time.time()
     s = settings or (Settings.quick() if quick else Settings())
     ckpt = load_checkpoint(ckpt_path, device)
-    model, sources = ckpt.model.eval(), ckpt.sources
+    engine = Engine(ckpt)
+    model, sources, mode = engine.model, engine.sources, engine.mode(mode)
     if model.config.gates != "abc":
         raise AbcgptError(f"{ckpt.path} is an ungated model: the report is for dial models")
     data = heldout_data(ckpt)
@@ -164,38 +182,64 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
         if progress:
             print(f"[{time.time() - t0:5.1f}s] {msg}")
 
-    # the N x N corner table and the middle
-    say("held-out loss at every corner and the middle")
-    def at(dial: torch.Tensor) -> dict[str, np.ndarray]:
-        """Batch losses of every source at one dial, its gates folded into the weights once."""
-        fixed = model.folded(dial)
-        return {src: batch_losses(fixed, data.heldout[j], None, bs, s.batches) for j, src in enumerate(sources)}
+    # every dial position the losses are needed at, scored once: corners, middle, the loss curve, the regret grid,
+    # and the near-corner points (a tenth of the dial on a source) where isolation is also reported
+    corners = [corner(i, n) for i in range(n)]
+    middle_dial = torch.full((n,), 1.0 / n)
+    ts, path = dial_path(n, s.loss_points)
+    grid = regret_grid(n, s)
+    near = {(src, t): 0.9 * corners[j] + 0.1 * corners[i] for i, src in enumerate(sources)
+            for j, t in enumerate(sources) if i != j}
+    dials = corners + [middle_dial] + path + [d for _, d in grid] + list(near.values())
+    keys = list(dict.fromkeys(tuple(round(x, 6) for x in d.tolist()) for d in dials))
+    say(f"held-out loss at {len(keys)} dial positions (mode {mode})")
+    per_source = {src: dial_losses(engine, data.heldout[j], [torch.tensor(k) for k in keys], mode, bs, s.batches)
+                  for j, src in enumerate(sources)}
 
-    cells = {t: at(corner(i, n)) for i, t in enumerate(sources)}
-    middle = at(torch.full((n,), 1.0 / n))
+    def losses(d: torch.Tensor) -> dict[str, np.ndarray]:
+        i = keys.index(tuple(round(x, 6) for x in d.tolist()))
+        return {src: per_source[src][i] for src in sources}
+
+    cells = {t: losses(corners[i]) for i, t in enumerate(sources)}
+    middle = losses(middle_dial)
     L = {t: {src: float(v.mean()) for src, v in row.items()} for t, row in cells.items()}
+
+    def regret(d: torch.Tensor) -> float:
+        at = losses(d)
+        return float(sum(w * (at[src].mean() - L[src][src]) for w, src in zip(d.tolist(), sources)))
+
+    positions = [{"dial": label, "weights": d.tolist(), "regret": regret(d)} for label, d in grid]
+    worst = max(positions, key=lambda p: p["regret"])
     report = {
         "checkpoint": str(ckpt.path), "recipe": ckpt.recipe.name, "step": ckpt.meta["step"], "sources": sources,
-        "settings": asdict(s), "quick": quick,
+        "mode": mode, "settings": asdict(s), "quick": quick,
         "heldout_tokens_per_cell": tokens_per_cell,
         "corner_table": {t: {src: mean_ci(v) for src, v in row.items()} for t, row in cells.items()},
         "corner_loss": {src: mean_ci(cells[src][src]) for src in sources},
         "contrast": {src: min(L[t][src] for t in sources if t != src) - L[src][src] for src in sources},
         "middle": {src: mean_ci(middle[src]) for src in sources},
+        "regret": {"positions": positions, "max": worst["regret"], "argmax": worst["dial"],
+                   "tokens_per_point": tokens_per_cell * n},
     }
 
-    # baselines: joint, and never saw s
-    base_loss = {}
+    # baselines: joint, and never saw s; the joint model also judges the samples' fluency
+    base_loss, judge = {}, None
     if baselines is not None:
         say("baselines")
         for name, b in load_baselines(baselines, ckpt, device).items():
             base_loss[name] = {src: float(batch_losses(b.model, data.heldout[j], None, bs, s.batches).mean())
                                for j, src in enumerate(sources)}
+            if name == "joint":
+                judge = Engine(b)
         joint = base_loss["joint"]
         report["baselines"] = base_loss
-        report["isolation"] = {
-            src: {t: (L[t][src] - joint[src]) / (base_loss[f"without_{src}"][src] - joint[src])
-                  for t in sources if t != src} for src in sources}
+
+        def isolation(loss: float, src: str) -> float:
+            return (loss - joint[src]) / (base_loss[f"without_{src}"][src] - joint[src])
+
+        report["isolation"] = {src: {t: isolation(L[t][src], src) for t in sources if t != src} for src in sources}
+        report["isolation_near"] = {src: {t: isolation(float(losses(near[src, t])[src].mean()), src)
+                                          for t in sources if t != src} for src in sources}
         for src in sources:
             report["corner_loss"][src]["joint"] = joint[src]
             report["corner_loss"][src]["vs_joint"] = L[src][src] - joint[src]
@@ -205,46 +249,50 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
                 other = sources[1 - sources.index(src)]
                 report["corner_loss"][src]["alone"] = base_loss[f"without_{other}"][src]
     else:
-        report["isolation"] = None
+        report["isolation"] = report["isolation_near"] = None
 
-    # loss along the dial
-    say(f"held-out loss at {s.loss_points} dial positions")
-    ts, path = dial_path(n, s.loss_points)
-    points = [at(d) for d in path]
-    curve = {src: [mean_ci(p[src]) for p in points] for src in sources}
+    curve = {src: [mean_ci(losses(d)[src]) for d in path] for src in sources}
     report["loss_curve"] = {"t": ts, "dial": [format_dial(d, sources) for d in path], "loss": curve,
                             "tokens_per_point": tokens_per_cell}
 
     # style curve along every edge of the simplex (for two sources: the dial), scored by a classifier
-    # trained on held-out text
+    # trained on held-out text, and the samples' fluency under the judge
     say("style classifier")
     clf = fit_classifier(data, s)
     report["classifier"] = clf.to_dict()
     edges = [(i, j) for i in range(n) for j in range(i + 1, n)]
     points = s.style_points if n == 2 else s.edge_points
-    say(f"style curve: {s.samples} samples x {points} positions x {len(edges)} edge(s)")
+    say(f"style curve: {s.samples} samples x {points} positions x {len(edges)} edge(s)"
+        + (", judged by the joint baseline" if judge else ""))
     curves = []
     for i, j in edges:
-        ts = np.linspace(0.0, 1.0, points).tolist()
-        dials = [(1 - t) * corner(i, n) + t * corner(j, n) for t in ts]
-        st = style_at(model, data.tokenizer, clf, dials, s)
+        ets = np.linspace(0.0, 1.0, points).tolist()
+        edials = [(1 - t) * corners[i] + t * corners[j] for t in ets]
+        st = style_at(engine, clf, edials, mode, s, judge)
         share_to = [row[j] for row in st["share"]]
-        st.update(source_from=sources[i], source_to=sources[j], t=ts, dial=[format_dial(d, sources) for d in dials],
-                  share_to=share_to, calibration_error=calibration_error(ts, share_to),
+        st.update(source_from=sources[i], source_to=sources[j], t=ets, dial=[format_dial(d, sources) for d in edials],
+                  share_to=share_to, calibration_error=calibration_error(ets, share_to),
                   monotone=is_monotone(share_to, tol=0.05))
+        if st["fluency"]:  # against the dial-weighted mean of the two corners' samples
+            f = st["fluency"]
+            st["fluency_target"] = [(1 - t) * f[0] + t * f[-1] for t in ets]
+            st["fluency_gap"] = [a - b for a, b in zip(f, st["fluency_target"])]
         curves.append(st)
     report["style_curve"] = {"edges": curves, "samples_per_point": s.samples, "new_tokens": s.new_tokens,
                              "prompt": s.prompt}
     report["calibration_error"] = float(np.mean([c["calibration_error"] for c in curves]))
     report["monotone"] = all(c["monotone"] for c in curves)
-    sts = curves[0]["t"]
+    report["mixing_mid"] = float(np.mean([c["mixing"][len(c["t"]) // 2] or 0.0 for c in curves]))
+    if judge is not None:
+        report["fluency"] = {"judge": str(judge.path), "max_gap": max(max(c["fluency_gap"]) for c in curves),
+                             "heldout": {src: base_loss["joint"][src] for src in sources}}
     cal = ckpt.meta.get("calibration")
-    if cal is not None:
+    if cal is not None and cal.get("mode", "gates") == mode:
         say("style curve through the stored calibration")
-        asked = sts
+        asked = curves[0]["t"]
         cdials = [apply_calibration(cal, a) for a in asked]
-        cpath = [(1 - d) * corner(0, n) + d * corner(n - 1, n) for d in cdials]
-        cstyle = style_at(model, data.tokenizer, clf, cpath, s)
+        cpath = [(1 - d) * corners[0] + d * corners[n - 1] for d in cdials]
+        cstyle = style_at(engine, clf, cpath, mode, s)
         cshare = [row[1] for row in cstyle["share"]]
         report["calibrated"] = {"asked": asked, "dial": cdials, "share": cshare, "mixing": cstyle["mixing"],
                                 "calibration_error": calibration_error(asked, cshare),
@@ -265,6 +313,7 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
         "loss_vs_dial.png": plot_loss(report),
         "corners.png": plot_corners(report),
         "style_curve.png": plot_style(report),
+        "regret_fluency.png": plot_regret_fluency(report),
         "neurons.png": _png(lambda p: plot_neuron_view(report["neurons"]["histogram"], report["neurons"]["firing"],
                                                        report["neurons"]["response"],
                                                        [format_dial(d, sources) for d in npath], sources, p)),
@@ -362,6 +411,37 @@ def plot_style(r: dict) -> bytes:
     return _fig_bytes(fig, plt)
 
 
+def plot_regret_fluency(r: dict) -> bytes:
+    """Left: dial regret at each position of the grid. Right: the samples' fluency gap and mixing per position."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    pos, sources = r["regret"]["positions"], r["sources"]
+    if len(sources) == 2:
+        ax1.plot([p["weights"][1] for p in pos], [p["regret"] for p in pos], marker="o")
+        ax1.set_xlabel(f"dial  (0 = {sources[0]}, 1 = {sources[1]})")
+    else:
+        ax1.bar(range(len(pos)), [p["regret"] for p in pos])
+        ax1.set_xticks(range(len(pos)), [p["dial"] for p in pos], rotation=90, fontsize=6)
+        ax1.set_xlabel("grid position (edge i-j at t; uniform = centroid)")
+    ax1.axhline(0, color="gray", lw=1)
+    ax1.set_ylabel("dial regret (nats / token)")
+    ax1.set_title(f"mode {r['mode']}: regret, max {r['regret']['max']:+.3f}")
+    ax1.grid(alpha=0.3)
+    for k, e in enumerate(r["style_curve"]["edges"]):
+        label = f"{e['source_from']} -> {e['source_to']}"
+        if e.get("fluency_gap"):
+            ax2.plot(e["t"], e["fluency_gap"], marker="o", color=f"C{k}", label=f"fluency gap, {label}")
+        ax2.plot(e["t"], e["mixing"], marker="x", ls=":", color=f"C{k}", alpha=0.7, label=f"mixing, {label}")
+    ax2.axhline(0, color="gray", lw=1)
+    ax2.set_xlabel("position along the edge")
+    ax2.set_ylabel("nats / token (gap); share (mixing)")
+    ax2.set_title("samples: judge loss minus the corners' mean; mixing")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    return _fig_bytes(fig, plt)
+
+
 def plot_corners(r: dict) -> bytes:
     """Heatmap of the N x N corner table: rows = dial at a corner, columns = held-out source."""
     plt = _plt()
@@ -402,8 +482,9 @@ def _f(x, nd=3) -> str:
 def to_markdown(r: dict) -> str:
     sources, lines = r["sources"], []
     cell = r["heldout_tokens_per_cell"]
-    lines += [f"# Dial report: {r['recipe']}, step {r['step']}", "",
-              f"Checkpoint `{r['checkpoint']}`. Held-out loss in nats/token, {cell:,} tokens per cell "
+    lines += [f"# Dial report: {r['recipe']}, step {r['step']}, mode {r['mode']}", "",
+              f"Checkpoint `{r['checkpoint']}`. Dial mode **{r['mode']}** (what the dial does between corners). "
+              f"Held-out loss in nats/token, {cell:,} tokens per cell "
               f"({r['settings']['batches']} batches); 95% bootstrap CIs over batches."
               + (" **Quick report** (few samples): for tests, not for quoting." if r["quick"] else ""), ""]
     lines += ["## Loss of each source at each corner", "",
@@ -414,16 +495,18 @@ def to_markdown(r: dict) -> str:
     lines.append("| middle (uniform) | " + " | ".join(_f(r["middle"][s]["mean"]) for s in sources) + " |")
     lines.append("")
     orig = r.get("original")
-    head = "| source | corner loss | joint model | alone | contrast | isolation (worst corner) | middle vs joint |"
+    head = ("| source | corner loss | joint model | alone | contrast | isolation (worst corner) "
+            "| isolation at 0.1 of the dial (worst) | middle vs joint |")
     if orig:
         head += " original: corner / contrast / isolation |"
     lines += ["## Headline metrics (DESIGN.md §3)", "", head, "|---" * (head.count("|") - 1) + "|"]
     for s in sources:
         c = r["corner_loss"][s]
         iso = min(r["isolation"][s].values()) if r.get("isolation") else None
+        near = min(r["isolation_near"][s].values()) if r.get("isolation_near") else None
         mid = r["middle"][s].get("vs_joint")
         row = (f"| {s} | {_f(c['mean'])} [{_f(c['ci95'][0])}, {_f(c['ci95'][1])}] | {_f(c.get('joint'))} | "
-               f"{_f(c.get('alone'))} | {_f(r['contrast'][s])} | {_f(iso, 2)} | {_f(mid)} |")
+               f"{_f(c.get('alone'))} | {_f(r['contrast'][s])} | {_f(iso, 2)} | {_f(near, 2)} | {_f(mid)} |")
         if orig:
             row += (f" {_f(orig['corner_loss'].get(s))} / {_f(orig['contrast'].get(s), 2)} / "
                     f"{_f(orig['isolation'].get(s), 2)} |")
@@ -431,6 +514,14 @@ def to_markdown(r: dict) -> str:
     if not r.get("isolation"):
         lines += ["", "Isolation and the joint comparison need baselines: `abcgpt baselines`, then "
                   "`abcgpt eval --baselines DIR`."]
+    rg = r["regret"]
+    lines += ["", f"## Dial regret (DESIGN.md §3): max **{rg['max']:+.3f}** nats at {rg['argmax']}", "",
+              "Regret at a dial a = sum_s a_s (L(a, s) − L(corner s, s)): how much worse the dial predicts the text it "
+              f"asks for than the corners do ({rg['tokens_per_point']:,} held-out tokens per position).", "",
+              "| dial | " + " | ".join(sources) + " | regret |", "|---" * (len(sources) + 2) + "|"]
+    for pos in rg["positions"]:
+        lines.append(f"| {pos['dial']} | " + " | ".join(f"{w:.2f}" for w in pos["weights"])
+                     + f" | {pos['regret']:+.3f} |")
     st = r["style_curve"]
     lines += ["", f"## Style curve ({st['samples_per_point']} samples of {st['new_tokens']} tokens per position, "
               f"classifier accuracy {r['classifier']['accuracy']:.3f} on {r['classifier']['n_test']} held-out "
@@ -439,13 +530,25 @@ def to_markdown(r: dict) -> str:
         lines += ["", f"**{e['source_from']} → {e['source_to']}**: calibration error {e['calibration_error']:.3f}, "
                   f"monotone: {'yes' if e['monotone'] else 'no'}", "",
                   f"| dial | share read as {e['source_to']} | share of {e['source_to']} segments inside samples "
-                  "| mixing |", "|---|---|---|---|"]
+                  "| mixing | fluency (judge loss) | corners' weighted mean | gap |", "|---|---|---|---|---|---|---|"]
         j = sources.index(e["source_to"])
-        for d, sh, seg, mix in zip(e["dial"], e["share"], e["segment_share"], e["mixing"]):
-            lines.append(f"| {d} | {sh[j]:.2f} | {_f(seg[j] if seg else None, 2)} | {_f(mix, 2)} |")
+        flu = e["fluency"] or [None] * len(e["dial"])
+        target = e.get("fluency_target") or [None] * len(e["dial"])
+        gap = e.get("fluency_gap") or [None] * len(e["dial"])
+        for d, sh, seg, mix, f, ft, g in zip(e["dial"], e["share"], e["segment_share"], e["mixing"], flu, target, gap):
+            lines.append(f"| {d} | {sh[j]:.2f} | {_f(seg[j] if seg else None, 2)} | {_f(mix, 2)} | {_f(f)} | "
+                         f"{_f(ft)} | {'–' if g is None else f'{g:+.3f}'} |")
     lines += ["", f"Calibration error (mean |share − dial|, mean over edges): **{r['calibration_error']:.3f}**; "
               f"monotone (no point 0.05 below an earlier one): **{'yes' if r['monotone'] else 'no'}**. "
               "Mixing is 0 when every sample is wholly one style (a coin flip), 1 when each sample is an even blend."]
+    if r.get("fluency"):
+        fl = r["fluency"]
+        lines += ["", f"Fluency: the samples' mean loss per token under the ungated joint baseline (`{fl['judge']}`), "
+                  "which wrote none of them, against the dial-weighted mean of the two corners' samples; largest gap "
+                  f"**{fl['max_gap']:+.3f}** nats. The judge's loss on real held-out text: "
+                  + ", ".join(f"{src} {v:.3f}" for src, v in fl["heldout"].items()) + "."]
+    else:
+        lines += ["", "Fluency needs the joint baseline as a judge: `abcgpt eval --baselines DIR`."]
     if "calibrated" in r:
         c = r["calibrated"]
         lines += ["", f"Through the stored calibration: calibration error **{c['calibration_error']:.3f}**, "
@@ -454,9 +557,12 @@ def to_markdown(r: dict) -> str:
 
 
 def to_html(r: dict, md: str, figures: dict[str, bytes]) -> str:
-    """One self-contained page: the markdown tables as preformatted text and the figures inline."""
+    """One self-contained page: the markdown rendered as HTML (tables included), the figures inline."""
     import html
 
+    import markdown
+
+    body = markdown.markdown(md, extensions=["tables"])
     imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(b).decode()}" alt="{name}">'
                    f"<figcaption>{name}</figcaption></figure>" for name, b in figures.items())
     examples = "".join(f"<h4>{html.escape(e['source_from'])} → {html.escape(e['source_to'])}, dial "
@@ -464,8 +570,10 @@ def to_html(r: dict, md: str, figures: dict[str, bytes]) -> str:
                        for e in r["style_curve"]["edges"] for d, t in zip(e["dial"], e["example"]))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>abcgpt dial report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}}
-pre{{background:#f6f6f6;padding:.6em;white-space:pre-wrap}}img{{max-width:100%}}figure{{margin:1em 0}}</style>
-</head><body><pre>{html.escape(md)}</pre>{imgs}<h2>One sample per style position</h2>{examples}
+table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}pre{{background:#f6f6f6;padding:.6em;white-space:pre-wrap}}
+img{{max-width:100%}}figure{{margin:1em 0}}</style>
+</head><body>{body}{imgs}<h2>One sample per style position</h2>{examples}
 </body></html>"""
 
 
@@ -488,10 +596,14 @@ def write_report(report: dict, figures: dict[str, bytes], out: Path) -> None:
 # ----------------------------------------------------------------------------- calibration
 
 
-def calibrate(ckpt_path: Path, settings: Settings | None = None, device="cpu", progress: bool = True) -> dict:
-    """Measure the style curve, fit share -> dial, and store it in the checkpoint's config.json."""
+def calibrate(ckpt_path: Path, settings: Settings | None = None, device="cpu", progress: bool = True,
+              mode: str | None = None) -> dict:
+    """Measure the style curve in one mode, fit share -> dial, and store it (with its mode) in the checkpoint's
+    config.json."""
     s = settings or Settings()
     ckpt = load_checkpoint(ckpt_path, device)
+    engine = Engine(ckpt)
+    mode = engine.mode(mode)
     if len(ckpt.sources) != 2:
         raise AbcgptError("calibration maps a share of the second source to a dial position: it needs two sources")
     data = heldout_data(ckpt)
@@ -499,9 +611,10 @@ def calibrate(ckpt_path: Path, settings: Settings | None = None, device="cpu", p
     ts, path = dial_path(2, s.style_points)
     if progress:
         print(f"measuring the style curve: {s.samples} samples x {s.style_points} positions")
-    style = style_at(ckpt.model.eval(), data.tokenizer, clf, path, s)
+    style = style_at(engine, clf, path, mode, s)
     shares = [row[-1] for row in style["share"]]
-    cal = fit_calibration(ts, shares) | {"curve": {"dial": ts, "share": shares}, "samples_per_point": s.samples,
+    cal = fit_calibration(ts, shares) | {"mode": mode, "curve": {"dial": ts, "share": shares},
+                                         "samples_per_point": s.samples,
                                          "new_tokens": s.new_tokens, "classifier_accuracy": clf.accuracy}
     meta = dict(ckpt.meta, calibration=cal)
     cfg = ckpt.path / "config.json"

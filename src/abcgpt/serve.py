@@ -24,9 +24,8 @@ from starlette.background import BackgroundTask
 
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError
-from abcgpt.dial import parse_dial
-from abcgpt.generate import generate_ids, generate_tokens, stream_text
-from abcgpt.style import apply_calibration
+from abcgpt.dial import MODES
+from abcgpt.engine import Engine
 
 STATIC = Path(__file__).parent / "static"
 Dial = float | str | dict[str, float]
@@ -45,6 +44,8 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(40, ge=0)
     seed: int | None = SEED
     calibrated: bool = Field(False, description="read a numeric dial as the share of the second source's style")
+    mode: str | None = Field(None, description=f"what the dial does between corners: one of {', '.join(MODES)} "
+                                               "(default: the server's)")
     stream: bool = True
 
 
@@ -61,6 +62,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = SEED
     dial: Dial = Field(0.5, description="extra: the dial, as in /api/generate")
     calibrated: bool = False
+    mode: str | None = Field(None, description="extra: the dial's mode, as in /api/generate")
 
 
 class InputError(Exception):
@@ -71,11 +73,9 @@ class InputError(Exception):
 
 
 def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurrent: int = 2,
-               max_new_tokens: int = 1000, max_prompt_chars: int = 4000) -> FastAPI:
-    ckpt = load_checkpoint(ckpt_path, device)
-    model, tok, sources = ckpt.model.eval(), ckpt.tokenizer, ckpt.sources
-    gated = model.config.gates == "abc"
-    calibration = ckpt.meta.get("calibration")
+               max_new_tokens: int = 1000, max_prompt_chars: int = 4000, mode: str | None = None) -> FastAPI:
+    engine = Engine(load_checkpoint(ckpt_path, device))
+    sources, default_mode = engine.sources, engine.mode(mode)
     app = FastAPI(title="abcgpt", version="0.1.0",
                   description=f"A GPT with a dial over its training sources: {', '.join(sources)}.")
     app.state.active = 0  # generations running; the event loop is the only writer
@@ -87,32 +87,27 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
         return JSONResponse({"detail": [{"loc": ["body", e.field], "msg": e.msg, "type": "value_error"}]},
                             status_code=e.status)
 
-    def dial_tensor(spec: Dial, calibrated: bool) -> torch.Tensor:
-        if isinstance(spec, dict):
-            spec = ",".join(f"{k}={v}" for k, v in spec.items())
+    def checked(req, tokens_field: str, n_new: int) -> tuple[str, torch.Tensor]:
+        """The request's mode and dial, after the engine's checks (each failure names its field)."""
         try:
-            d, _ = parse_dial(spec, sources)
+            req_mode = engine.mode(req.mode or default_mode)
         except AbcgptError as e:
-            raise InputError("dial", str(e)) from None
-        if calibrated:
-            if calibration is None or len(sources) != 2 or not isinstance(spec, int | float):
-                raise InputError("calibrated", "needs a numeric dial and a checkpoint with a calibration "
-                                               "(`abcgpt calibrate`)")
-            a = apply_calibration(calibration, float(spec))
-            d = torch.tensor([1.0 - a, a])
-        return d
-
-    def prompt_ids(prompt: str) -> list[int]:
-        if len(prompt) > max_prompt_chars:
-            raise InputError("prompt", f"prompt has {len(prompt)} characters; at most {max_prompt_chars}")
+            raise InputError("mode", str(e)) from None
+        if req.calibrated and not isinstance(req.dial, int | float):
+            raise InputError("calibrated", "needs a numeric dial (the share of the second source's style)")
         try:
-            return tok.encode(prompt or "\n")
+            dial = engine.dial_tensor(req.dial, req.calibrated, req_mode)
+        except AbcgptError as e:
+            raise InputError("calibrated" if req.calibrated else "dial", str(e)) from None
+        if len(req.prompt) > max_prompt_chars:
+            raise InputError("prompt", f"prompt has {len(req.prompt)} characters; at most {max_prompt_chars}")
+        try:
+            engine.prompt_ids(req.prompt)
         except AbcgptError as e:
             raise InputError("prompt", str(e)) from None
-
-    def check_tokens(field: str, n: int) -> None:
-        if n > max_new_tokens:
-            raise InputError(field, f"{field} is {n}; at most {max_new_tokens}")
+        if n_new > max_new_tokens:
+            raise InputError(tokens_field, f"{tokens_field} is {n_new}; at most {max_new_tokens}")
+        return req_mode, dial
 
     def take_slot():
         """Claim a generation slot (429 when none is free); returns its release, which is safe to call twice."""
@@ -129,12 +124,10 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
 
         return release
 
-    async def pieces(request: Request, ids: list[int], dial: torch.Tensor, n_new: int, temperature: float,
+    async def pieces(request: Request, prompt: str, dial: torch.Tensor, mode: str, n_new: int, temperature: float,
                      top_k: int, seed: int | None):
         """Text pieces of one sequence as they are generated, until done or the client is gone."""
-        tokens = generate_tokens(model, torch.tensor([ids]), dial if gated else None, n_new, temperature,
-                                 top_k or None, seed)
-        texts = stream_text(tok, tokens)
+        texts = engine.stream(prompt, dial, n_new, temperature, top_k, seed, mode=mode)
         while True:
             piece = await asyncio.to_thread(next, texts, None)  # the model runs off the event loop
             if piece is None or await request.is_disconnected():
@@ -165,66 +158,66 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
 
     @app.get("/api/info")
     async def info():
-        cfg = model.config
-        return {"sources": sources, "calibrated": calibration is not None and len(sources) == 2,
+        cfg, model = engine.model.config, engine.model
+        cal = engine.calibration
+        return {"sources": sources, "calibrated": cal is not None and len(sources) == 2,
+                "calibration_mode": cal.get("mode", "gates") if cal else None,
+                "modes": list(MODES), "mode": default_mode,
                 "model": {"params": model.num_params(), "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                           "n_embd": cfg.n_embd, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
-                          "tokenizer": tok.kind, "recipe": ckpt.recipe.name, "step": ckpt.meta["step"],
-                          "gates": cfg.gates},
+                          "tokenizer": engine.tokenizer.kind, "recipe": engine.recipe.name,
+                          "step": engine.meta["step"], "gates": cfg.gates},
                 "limits": {"max_new_tokens": max_new_tokens, "max_prompt_chars": max_prompt_chars,
                            "max_concurrent": max_concurrent}}
 
     @app.post("/api/generate")
     async def api_generate(req: GenerateRequest, request: Request):
-        dial = dial_tensor(req.dial, req.calibrated)
-        ids = prompt_ids(req.prompt)
-        check_tokens("max_new_tokens", req.max_new_tokens)
+        mode, dial = checked(req, "max_new_tokens", req.max_new_tokens)
         weights = dict(zip(sources, dial.tolist()))
         release = take_slot()
-        stream = pieces(request, ids, dial, req.max_new_tokens, req.temperature, req.top_k, req.seed)
+        stream = pieces(request, req.prompt, dial, mode, req.max_new_tokens, req.temperature, req.top_k, req.seed)
         if not req.stream:
             try:
                 text = "".join([p async for p in stream])
             finally:
                 release()
-            return {"text": text, "dial": weights, "prompt": req.prompt}
+            return {"text": text, "dial": weights, "mode": mode, "prompt": req.prompt}
 
         async def events():
             text = []
             async for p in stream:
                 text.append(p)
                 yield sse({"token": p})
-            yield sse({"done": True, "text": "".join(text), "dial": weights})
+            yield sse({"done": True, "text": "".join(text), "dial": weights, "mode": mode})
 
         return streaming(events(), release)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        dial = dial_tensor(req.dial, req.calibrated)
-        ids = prompt_ids(req.prompt)
-        check_tokens("max_tokens", req.max_tokens)
+        mode, dial = checked(req, "max_tokens", req.max_tokens)
         if req.stream and req.n > 1:
             raise InputError("n", "streaming returns one completion: n must be 1 with stream=true")
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model or ckpt.recipe.name}
-        usage = {"prompt_tokens": len(ids), "completion_tokens": req.max_tokens * req.n,
-                 "total_tokens": len(ids) + req.max_tokens * req.n}
+                "model": req.model or engine.recipe.name}
+        n_prompt = len(engine.prompt_ids(req.prompt))
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": req.max_tokens * req.n,
+                 "total_tokens": n_prompt + req.max_tokens * req.n}
         release = take_slot()
         if req.stream:
             async def events():
-                async for p in pieces(request, ids, dial, req.max_tokens, req.temperature, req.top_k, req.seed):
+                async for p in pieces(request, req.prompt, dial, mode, req.max_tokens, req.temperature, req.top_k,
+                                      req.seed):
                     yield sse(head | {"choices": [{"text": p, "index": 0, "logprobs": None, "finish_reason": None}]})
                 yield sse(head | {"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]})
                 yield sse("[DONE]")
 
             return streaming(events(), release)
-        try:  # n completions in one batch, one dial for all
-            rows = await asyncio.to_thread(generate_ids, model, tok, torch.tensor([ids] * req.n),
-                                           dial if gated else None, req.max_tokens, req.temperature,
-                                           req.top_k or None, req.seed)
+        try:  # n completions in one batch
+            rows = await asyncio.to_thread(engine.sweep, req.prompt, [dial], req.max_tokens, req.temperature,
+                                           req.top_k, req.seed, req.n, False, mode)
         finally:
             release()
-        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": "length"} for i, t in enumerate(rows)]
+        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": "length"} for i, t in enumerate(rows[0])]
         return head | {"choices": choices, "usage": usage}
 
     return app

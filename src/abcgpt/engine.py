@@ -1,0 +1,432 @@
+"""The inference engine: one object that every surface generates and scores through (`abcgpt sample`, the web
+server, `abcgpt.load`, the dial report, `abcgpt export`), so the same prompt, dial, mode and seed give the same
+text everywhere. It owns what a dial means (its mode, see dial.py), calibration, the empty-prompt default, when to
+fold gates into weights, and the checks on sampling arguments.
+
+    engine = Engine(load_checkpoint("runs/demo"))
+    engine.generate("Once", dial=0.3, n=4, seed=0)           # 4 samples, about a quarter of them Shakespeare
+    engine.generate("Once", dial=0.5, mode="switch")          # a blend: the source may change at each sentence
+    for piece in engine.stream("ROMEO:", dial=0.9): ...
+    engine.loss("To be, or not to be", dial=1.0)
+
+Cost. A corner, and any dial in mode gates, is one folded GPT: the cost of an ordinary GPT. mixture draws each
+sample's corner from the posterior given the prompt (its distribution over texts is exactly the token-by-token
+posterior mixture's) and then runs that corner alone: one GPT again, plus one pass over the prompt per corner.
+switch, tokens and product run every corner with weight > 0 at every step, batched in one pass: up to N times
+a corner.
+"""
+
+import math
+from collections.abc import Callable, Iterator
+from numbers import Integral, Real
+
+import torch
+import torch.nn.functional as F
+
+from abcgpt.checkpoint import Checkpoint
+from abcgpt.common import AbcgptError
+from abcgpt.dial import (
+    MODES,
+    DialSpec,
+    combine_next,
+    combine_scores,
+    corner,
+    parse_dial,
+    systematic_draw,
+    update_weights,
+)
+from abcgpt.model import GPT, KVCache
+from abcgpt.style import apply_calibration
+from abcgpt.tokenizer import Tokenizer
+
+BOUNDARY_CHARS = ".!?"  # a token ending in one of these (or holding a line break) ends a sentence for `switch`
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits or log-probs -> (B,) token ids. A temperature below 1e-4 means greedy (dividing by less
+    overflows)."""
+    if temperature < 1e-4:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def decode(model: GPT, ids: torch.Tensor, dials: torch.Tensor | None, max_new_tokens: int,
+           step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], use_cache: bool = True
+           ) -> Iterator[torch.Tensor]:
+    """The decoding loop: model rows ids (R, T0) with dials (R, N) or None; step maps the last logits (R, V) to
+    (what to yield, the (R,) tokens to feed back). With the cache each step feeds one token; when the context
+    reaches block_size the cache is rebuilt from the last 3/4 of it (learned positions cannot slide). Without it,
+    every step re-runs the whole (cropped) context, as nanoGPT does."""
+    model.eval()
+    p = next(model.parameters())
+    block, idx = model.config.block_size, ids.to(p.device)
+    cache, feed = None, idx
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits, _ = model(idx[:, -block:], dials)
+        else:
+            if cache is None or cache.pos + feed.size(1) > block:
+                feed = idx[:, -(3 * block // 4):] if cache is not None else idx[:, -block:]
+                cache = KVCache(model.config, idx.size(0), block, p.device, p.dtype)
+            logits, _ = model(feed, dials, cache=cache)
+        out, nxt = step(logits[:, -1, :].float())
+        idx = torch.cat([idx, nxt[:, None]], dim=1)
+        feed = nxt[:, None]
+        yield out
+
+
+def generate_tokens(model: GPT, prompt: torch.Tensor, dial: torch.Tensor | None, max_new_tokens: int,
+                    temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
+                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Plain sampling from one network (a bare GPT, gated with dials (B, N) or (N,), or not): (B,) tokens per step.
+    The Engine does this for gates mode and the corners; tests and benchmarks call it on bare models."""
+    gen = torch.Generator(device=next(model.parameters()).device)
+    gen.manual_seed(seed) if seed is not None else gen.seed()
+
+    def step(logits):
+        t = sample_next(logits, temperature, top_k, gen)
+        return t, t
+
+    return decode(model, prompt, None if dial is None else dial.to(prompt.device), max_new_tokens, step, use_cache)
+
+
+def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor]) -> Iterator[str]:
+    """Text pieces of a single sequence as its tokens arrive. Byte-level BPE can end a token mid-character, so a
+    piece is only released once it decodes cleanly."""
+    ids, shown = [], 0
+    for t in tokens:
+        ids.append(int(t[0]))
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd") and len(text) > shown:
+            yield text[shown:]
+            shown = len(text)
+    text = tokenizer.decode(ids)
+    if len(text) > shown:
+        yield text[shown:]
+
+
+class Engine:
+    """A trained dial model, ready to generate and score text at any dial position and mode."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.checkpoint = ckpt
+        self.model: GPT = ckpt.model.eval()
+        self.tokenizer: Tokenizer = ckpt.tokenizer
+        self.sources: list[str] = list(ckpt.sources)
+        self.meta: dict = ckpt.meta
+        self.recipe = ckpt.recipe
+        self.path = ckpt.path
+        self.device = next(self.model.parameters()).device
+        self.gated = self.model.config.gates == "abc"
+        self._folded: dict[tuple[float, ...], GPT] = {}
+        self._boundary: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ the dial
+
+    @property
+    def default_mode(self) -> str:
+        """mixture for the partition method, whose corners are separate sub-networks and whose interior was never
+        trained; gates for the original method (DESIGN §1), which trains the interior, and for ungated models."""
+        if self.gated and self.model.config.method == "partition":
+            return "mixture"
+        return "gates"
+
+    @property
+    def calibration(self) -> dict | None:
+        return self.meta.get("calibration")
+
+    def mode(self, mode: str | None) -> str:
+        if mode is None:
+            return self.default_mode
+        if mode not in MODES:
+            raise AbcgptError(f"unknown dial mode {mode!r}; choose from {', '.join(MODES)}")
+        return mode
+
+    def dial_tensor(self, spec: DialSpec, calibrated: bool = False, mode: str | None = None,
+                    notes: list[str] | None = None) -> torch.Tensor:
+        """(N,) weights of a dial spec (a note is appended to `notes` when weights were normalised).
+        calibrated=True reads a number as the wanted share of the last source's style and maps it through the
+        stored calibration, which must have been measured in the same mode."""
+        if not calibrated:
+            d, note = parse_dial(spec, self.sources)
+            if note and notes is not None:
+                notes.append(note)
+            return d
+        cal, mode = self.calibration, self.mode(mode)
+        if cal is None:
+            raise AbcgptError(f"{self.path} has no calibration: run `abcgpt calibrate --ckpt {self.path}` first")
+        if len(self.sources) != 2:
+            raise AbcgptError(f"calibrated needs two sources, this model has {len(self.sources)}")
+        if cal.get("mode", "gates") != mode:
+            raise AbcgptError(f"the stored calibration was measured in mode {cal.get('mode', 'gates')}, not {mode}: "
+                              f"use that mode, or run `abcgpt calibrate --ckpt {self.path} --mode {mode}`")
+        if isinstance(spec, bool) or not isinstance(spec, Real | str):
+            raise AbcgptError(f"calibrated takes a number in [0, 1] (the share of {self.sources[-1]}'s style), "
+                              f"got {spec!r}")
+        try:
+            share = float(spec)
+        except ValueError:
+            raise AbcgptError(f"calibrated takes a number in [0, 1] (the share of {self.sources[-1]}'s style), "
+                              f"got {spec!r}") from None
+        a = apply_calibration(cal, share)
+        return torch.tensor([1.0 - a, a])
+
+    def dial(self, spec: DialSpec, calibrated: bool = False, mode: str | None = None) -> dict[str, float]:
+        """The normalised weight of each source (rounded to 6 decimals: the dial is float32)."""
+        return {s: round(w, 6) for s, w in zip(self.sources, self.dial_tensor(spec, calibrated, mode).tolist())}
+
+    def folded(self, dial: torch.Tensor) -> GPT:
+        """The ordinary GPT that computes the gated model at one dial (cached: corners are asked for often)."""
+        if not self.gated:
+            return self.model
+        key = tuple(dial.tolist())
+        if key not in self._folded:
+            if len(self._folded) >= 8:
+                self._folded.pop(next(iter(self._folded)))
+            self._folded[key] = self.model.folded(dial.to(self.device))
+        return self._folded[key]
+
+    def network(self, dial: torch.Tensor, mode: str | None = None) -> GPT:
+        """The one ordinary GPT that computes this dial in this mode: a corner in any mode, any dial in gates.
+        Between corners the other modes combine several corner networks at every token: no single GPT does."""
+        mode = self.mode(mode)
+        if mode == "gates" or not self.gated or int((dial > 0).sum()) == 1:
+            return self.folded(dial)
+        shown = ",".join(f"{s}={w:.3g}" for s, w in zip(self.sources, dial.tolist()) if w > 0)
+        raise AbcgptError(f"dial {shown} in mode {mode} combines {int((dial > 0).sum())} corner networks at "
+                          f"generation time and is not one GPT-2: give a corner, or mode gates to fold the network's "
+                          f"own gates at that dial")
+
+    def _boundaries(self) -> torch.Tensor:
+        """(V,) True for tokens that end a line or a sentence (where `switch` may change source)."""
+        if self._boundary is None:
+            tok, flags = self.tokenizer, []
+            for i in range(self.model.config.vocab_size):
+                text = tok.decode([i]) if i < tok.vocab_size else ""
+                flags.append("\n" in text or text.rstrip().endswith(tuple(BOUNDARY_CHARS)) or i == tok.eot_id)
+            self._boundary = torch.tensor(flags, device=self.device)
+        return self._boundary
+
+    # ------------------------------------------------------------------ arguments
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of a prompt. An empty prompt starts from a line break (else the document separator): the model
+        needs one token to start from."""
+        if not isinstance(prompt, str):
+            raise AbcgptError(f"prompt must be a string, got {type(prompt).__name__}")
+        if prompt:
+            return list(self.tokenizer.encode(prompt))  # AbcgptError on characters the model does not know
+        try:
+            ids = list(self.tokenizer.encode("\n"))
+        except AbcgptError:
+            ids = []
+        if not ids and self.tokenizer.eot_id is not None:
+            ids = [self.tokenizer.eot_id]
+        if not ids:
+            raise AbcgptError("give a prompt: this model's vocabulary has no line break to start from")
+        return ids
+
+    @staticmethod
+    def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, n: int = 1) -> None:
+        if not isinstance(n, Integral) or isinstance(n, bool) or n < 1:
+            raise AbcgptError(f"n must be an integer >= 1, got {n!r}")
+        if not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise AbcgptError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not isinstance(temperature, Real) or not math.isfinite(temperature) or temperature < 0:
+            raise AbcgptError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, Integral) or top_k < 0):
+            raise AbcgptError(f"top_k must be None or an integer >= 0 (0 = off), got {top_k!r}")
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """A private random stream: a seedless call never touches torch's global RNG."""
+        gen = torch.Generator(device=self.device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        return gen
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt: str = "", dial: DialSpec = 0.5, max_new_tokens: int = 200, temperature: float = 0.8,
+                 top_k: int | None = 40, seed: int | None = None, n: int = 1, calibrated: bool = False,
+                 mode: str | None = None) -> str | list[str]:
+        """The text generated after `prompt` (not repeating it): a str for n == 1, else a list of n samples drawn
+        as one batch. seed makes it reproducible."""
+        texts = self.sweep(prompt, [dial], max_new_tokens, temperature, top_k, seed, n, calibrated, mode)[0]
+        return texts[0] if n == 1 else texts
+
+    def sweep(self, prompt: str, dials: list[DialSpec], max_new_tokens: int = 200, temperature: float = 0.8,
+              top_k: int | None = 40, seed: int | None = None, n: int = 1, calibrated: bool = False,
+              mode: str | None = None) -> list[list[str]]:
+        """n samples at each of several dial positions, all in one batch: a list of n texts per position."""
+        self.check_sampling(max_new_tokens, temperature, top_k, n)
+        mode = self.mode(mode)
+        rows = torch.stack([self.dial_tensor(d, calibrated, mode) for d in dials]).repeat_interleave(n, dim=0)
+        ids = torch.tensor([self.prompt_ids(prompt)]).expand(rows.size(0), -1)
+        tokens = list(self.tokens(ids, rows, mode, max_new_tokens, temperature, top_k, self._generator(seed), n))
+        texts = [self.tokenizer.decode(row) for row in torch.stack(tokens, dim=1).tolist()]
+        return [texts[i:i + n] for i in range(0, len(texts), n)]
+
+    def stream(self, prompt: str = "", dial: DialSpec = 0.5, max_new_tokens: int = 200, temperature: float = 0.8,
+               top_k: int | None = 40, seed: int | None = None, calibrated: bool = False,
+               mode: str | None = None) -> Iterator[str]:
+        """Pieces of one sample's text as they are generated; joined, they equal generate(...) with the same
+        arguments. Arguments are checked here, before the first piece is asked for."""
+        self.check_sampling(max_new_tokens, temperature, top_k)
+        mode = self.mode(mode)
+        d = self.dial_tensor(dial, calibrated, mode)
+        ids = torch.tensor([self.prompt_ids(prompt)])
+        return stream_text(self.tokenizer, self.tokens(ids, d[None], mode, max_new_tokens, temperature, top_k,
+                                                       self._generator(seed), 1))
+
+    def tokens(self, ids: torch.Tensor, dials: torch.Tensor, mode: str, max_new_tokens: int, temperature: float,
+               top_k: int | None, gen: torch.Generator, group: int = 1, use_cache: bool = True
+               ) -> Iterator[torch.Tensor]:
+        """Yield (B,) new tokens for prompts ids (B, T0) at dials (B, N). Rows come in groups of `group` that share
+        a prompt and a dial (mixture draws their corners together, by systematic sampling)."""
+        top_k = top_k or None
+        ids, dials = ids.to(self.device), dials.to(self.device)
+        ids = ids[:, -self.model.config.block_size:]
+
+        corners_only = bool(((dials > 0).sum(dim=1) == 1).all())
+        if not self.gated or mode == "gates" or corners_only:  # one network per row: every mode agrees at a corner
+            return self._decode_rows(ids, dials, max_new_tokens, temperature, top_k, gen, use_cache)
+        if mode == "mixture":
+            log_w = self._prompt_log_weights(ids, dials, mode)
+            u = torch.rand(ids.size(0) // group, generator=gen, device=self.device)
+            ks = systematic_draw(log_w[::group].exp(), group, u).flatten()
+            rows = F.one_hot(ks, dials.size(1)).to(dials)
+            return self._decode_rows(ids, rows, max_new_tokens, temperature, top_k, gen, use_cache)
+        return self._decode_combined(ids, dials, mode, max_new_tokens, temperature, top_k, gen, use_cache)
+
+    def _decode_rows(self, ids, dials, max_new_tokens, temperature, top_k, gen, use_cache):
+        """Rows that share a dial run through its folded network (the cost of an ordinary GPT), one loop per
+        distinct dial, stepped together so the random stream is used in a fixed order."""
+        def plain(logits):
+            t = sample_next(logits, temperature, top_k, gen)
+            return t, t
+
+        if not self.gated:
+            yield from decode(self.model, ids, None, max_new_tokens, plain, use_cache)
+            return
+        uniq, which = torch.unique(dials, dim=0, return_inverse=True)
+        loops = [decode(self.folded(d), ids[which == i], None, max_new_tokens, plain, use_cache)
+                 for i, d in enumerate(uniq)]
+        for outs in zip(*loops):
+            t = torch.empty(ids.size(0), dtype=torch.long, device=self.device)
+            for i, o in enumerate(outs):
+                t[which == i] = o
+            yield t
+
+    def _decode_combined(self, ids, dials, mode, max_new_tokens, temperature, top_k, gen, use_cache):
+        """switch, tokens, product: every corner with weight > 0 in one batch of B x K rows, combined per token."""
+        active = (dials > 0).any(dim=0).nonzero().flatten()
+        B, K, N = ids.size(0), active.numel(), dials.size(1)
+        log_a = dials[:, active].log()
+        log_w = self._prompt_log_weights(ids, dials, mode)[:, active]
+        rows = F.one_hot(active, N).to(dials).repeat(B, 1)  # row b * K + k runs corner active[k]
+        boundary = self._boundaries()
+        state = {"log_w": log_w}
+
+        def step(logits):
+            logp = torch.log_softmax(logits, dim=-1).view(B, K, -1)
+            t = sample_next(combine_next(logp, state["log_w"], mode), temperature, top_k, gen)
+            seen = logp.gather(2, t[:, None, None].expand(B, K, 1)).squeeze(2)
+            state["log_w"] = update_weights(state["log_w"], seen, mode, log_a, boundary[t])
+            return t, t.repeat_interleave(K)
+
+        return decode(self.model, ids.repeat_interleave(K, dim=0), rows, max_new_tokens, step, use_cache)
+
+    @torch.no_grad()
+    def _prompt_log_weights(self, ids: torch.Tensor, dials: torch.Tensor, mode: str) -> torch.Tensor:
+        """(B, N) log-weights of the corners after reading the prompt: the posterior for mixture and switch (switch
+        restarts at each boundary), the dial itself for tokens and product."""
+        log_a = dials.log()
+        if mode not in ("mixture", "switch") or ids.size(1) < 2:
+            return log_a
+        x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+        lp = self._corner_logprobs(x, y, range(dials.size(1)))
+        boundary = self._boundaries()[y] if mode == "switch" else None
+        log_w = log_a
+        for t in range(y.size(1)):
+            log_w = update_weights(log_w, lp[..., t], mode, log_a, None if boundary is None else boundary[:, t])
+        return log_w
+
+    # ------------------------------------------------------------------ scoring
+
+    @torch.no_grad()
+    def _corner_logprobs(self, x: torch.Tensor, y: torch.Tensor, corners) -> torch.Tensor:
+        """(B, K, T): each corner's log-prob of every target token, one folded corner at a time."""
+        n, out = len(self.sources), []
+        for k in corners:
+            logits, _ = self.folded(corner(int(k), n))(x, targets=y)
+            out.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1))
+        return torch.stack(out, dim=1)
+
+    @torch.no_grad()
+    def logprobs(self, x: torch.Tensor, y: torch.Tensor, dials: list[torch.Tensor], mode: str | None = None
+                 ) -> list[torch.Tensor]:
+        """(B, T) log-probs of the targets y given x (B, T <= block_size) at each dial, in one mode. The corners'
+        log-probs are computed once and shared by every dial of a combining mode."""
+        mode = self.mode(mode)
+        x, y = x.to(self.device), y.to(self.device)
+        cached, out = None, []
+        for d in dials:
+            d = d.to(self.device)
+            if mode == "gates" or not self.gated or int((d > 0).sum()) == 1:
+                logits, _ = self.folded(d)(x, targets=y)
+                out.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1))
+            elif mode == "product":
+                acc = 0.0
+                for k in (d > 0).nonzero().flatten().tolist():
+                    logits, _ = self.folded(corner(k, len(self.sources)))(x, targets=y)
+                    acc = acc + d[k] * torch.log_softmax(logits.float(), dim=-1)
+                out.append(torch.log_softmax(acc, dim=-1).gather(-1, y[..., None]).squeeze(-1))
+            else:
+                if cached is None:
+                    cached = self._corner_logprobs(x, y, range(len(self.sources)))
+                active = (d > 0).nonzero().flatten()
+                log_a = d[active].log()[None].expand(x.size(0), -1)
+                boundary = self._boundaries()[y] if mode == "switch" else None
+                out.append(combine_scores(cached[:, active], log_a, mode, boundary))
+        return out
+
+    def loss(self, text: str, dial: DialSpec = 0.5, mode: str | None = None, calibrated: bool = False) -> float:
+        """Mean next-token loss (nats per token) of `text` at a dial: every token after the first is predicted from
+        the ones before it. Texts longer than block_size are scored in consecutive windows of block_size
+        predictions (each window starts fresh, with no context from the one before)."""
+        if not isinstance(text, str):
+            raise AbcgptError(f"text must be a string, got {type(text).__name__}")
+        ids = self.tokenizer.encode(text)
+        if len(ids) < 2:
+            raise AbcgptError(f"loss needs a text of at least 2 tokens, got {len(ids)}")
+        mode = self.mode(mode)
+        d = self.dial_tensor(dial, calibrated, mode)
+        t = torch.tensor(list(ids), dtype=torch.long)
+        block, total = self.model.config.block_size, 0.0
+        for s in range(0, len(ids) - 1, block):
+            chunk = t[s:s + block + 1]
+            total -= float(self.logprobs(chunk[:-1][None], chunk[1:][None], [d], mode)[0].sum())
+        return total / (len(ids) - 1)
+
+    # ------------------------------------------------------------------ display
+
+    def num_params(self) -> int:
+        return self.model.num_params()
+
+    def __repr__(self) -> str:
+        p = self.num_params()
+        size = f"{p / 1e6:.1f}M" if p >= 1e6 else f"{p / 1e3:.0f}k"
+        cfg = self.model.config
+        return (f"Engine(sources={self.sources}, params={size}, recipe={self.recipe.name!r}, "
+                f"step={self.meta.get('step')}, layers={cfg.n_layer}, block_size={cfg.block_size}, "
+                f"gates={cfg.gates!r}, mode={self.default_mode!r}, device={str(self.device)!r}, "
+                f"path={str(self.path)!r})")
