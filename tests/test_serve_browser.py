@@ -1,5 +1,5 @@
 """End to end in a real headless Chromium (Debian's package, driven by Playwright): the page loads, text
-streams in, and moving the slider changes the voice. .ci/run installs chromium."""
+streams in, moving the slider changes the voice, and the mode select sends its mode. .ci/run installs chromium."""
 
 import os
 import shutil
@@ -14,6 +14,7 @@ from abcgpt.serve import create_app
 from abcgpt.train import train
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+LAUNCH = {"executable_path": CHROMIUM, "args": ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]}
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,15 @@ def server(tmp_path_factory):
         yield base
 
 
+@pytest.fixture
+def page():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(**LAUNCH)
+        yield browser.new_page(viewport={"width": 1280, "height": 900})
+        browser.close()
+
+
 def letters(text: str, alphabet: str) -> int:
     return sum(c in alphabet for c in text)
 
@@ -36,8 +46,7 @@ def letters(text: str, alphabet: str) -> int:
 def test_slider_streams_and_changes_the_voice(server):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                                                     "--disable-dev-shm-usage"])
+        browser = p.chromium.launch(**LAUNCH)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server)
         page.wait_for_selector("#dial")
@@ -71,3 +80,46 @@ def test_slider_streams_and_changes_the_voice(server):
         if os.environ.get("ABCGPT_SCREENSHOT"):  # how docs/serve.png is made
             page.screenshot(path=os.environ["ABCGPT_SCREENSHOT"], full_page=True)
         browser.close()
+
+
+def test_mode_select_sends_its_mode(server, page):
+    info = page.request.get(f"{server}/api/info").json()
+    assert info["modes"] == ["mixture", "switch", "tokens", "product", "gates"] and info["mode"] != "switch"
+    page.goto(server)
+    page.wait_for_selector("#dial")
+    assert page.eval_on_selector_all("#mode option", "os => os.map(o => o.value)") == info["modes"]
+    assert page.input_value("#mode") == info["mode"]
+    assert page.get_by_label("between corners").get_attribute("id") == "mode"
+    page.fill("#prompt", " ")
+    page.fill("#length", "20")
+    generates = lambda r: r.url.endswith("/api/generate")  # noqa: E731
+    with page.expect_request(generates) as req:  # choosing a mode restarts generation with it
+        page.select_option("#mode", "switch")
+    assert req.value.post_data_json["mode"] == "switch"
+    page.wait_for_function("document.querySelector('#status').dataset.kind !== 'busy'", timeout=30_000)
+    status = page.inner_text("#status")
+    assert status.startswith("done") and "switch" in status, status
+    assert "switch" in page.inner_text("#mode-hint")
+    with page.expect_request(generates) as req:
+        page.click("#sweep")
+    assert req.value.post_data_json["mode"] == "switch" and req.value.post_data_json["stream"] is False
+    page.click("#stop")
+
+
+def test_calibrated_is_off_outside_the_calibration_mode(server, page):
+    """A calibration holds only in its own mode: elsewhere the page disables the toggle (the server says 422)."""
+    info = page.request.get(f"{server}/api/info").json() | {"calibrated": True, "calibration_mode": "gates"}
+    page.route("**/api/info", lambda route: route.fulfill(json=info))
+    page.goto(server)
+    page.wait_for_selector("#dial")
+    assert page.is_disabled("#calibrated") == (info["mode"] != "gates")
+    page.select_option("#mode", "gates")
+    assert page.is_enabled("#calibrated") and page.is_hidden("#calibrated-why")
+    page.check("#calibrated")
+    page.select_option("#mode", "switch")
+    assert page.is_disabled("#calibrated") and "gates" in page.inner_text("#calibrated-why")
+    page.fill("#prompt", " ")
+    page.fill("#length", "5")
+    with page.expect_request(lambda r: r.url.endswith("/api/generate")) as req:
+        page.click("#generate")
+    assert req.value.post_data_json["calibrated"] is False

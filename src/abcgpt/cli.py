@@ -127,6 +127,7 @@ def cmd_export(args) -> None:
 
 def cmd_info(args) -> None:
     from abcgpt.checkpoint import load_checkpoint
+    from abcgpt.engine import Engine
 
     ckpt = load_checkpoint(args.ckpt)
     m, meta = ckpt.model.config, ckpt.meta
@@ -140,7 +141,8 @@ def cmd_info(args) -> None:
         f"{m.n_embd}, context {m.block_size}, gates={m.gates}, routing={m.routing}",
         f"tokenizer     {ckpt.tokenizer.kind}, vocabulary {ckpt.tokenizer.vocab_size}",
         f"recipe        {ckpt.recipe.name}, step {meta['step']} of {ckpt.recipe.train.steps}",
-        f"calibration   {'yes' if cal else 'no'}",
+        f"calibration   {'yes (mode ' + cal.get('mode', 'gates') + ')' if cal else 'no'}",
+        f"dial mode     {Engine(ckpt).default_mode} by default between corners (--mode to choose)",
     ]
     if heldout:
         lines.append("held-out loss at the last evaluation (own corner): "

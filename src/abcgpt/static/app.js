@@ -4,6 +4,13 @@
 const $ = (id) => document.getElementById(id);
 const COLORS = ["#4f7cff", "#e0607e", "#2fb38a", "#f0a33a", "#9b6cf0", "#38b2d6", "#c98a4b", "#7a8599"];
 const DEBOUNCE_MS = 300;
+const MODE_HINTS = {  // what the dial does between corners (GET /api/info's modes)
+  mixture: "each sample is one source's text, the source picked with the dial's odds",
+  switch: "a blend: the source may change at each line or sentence end",
+  tokens: "every token from a fresh draw of the source, with the dial's odds",
+  product: "a product of experts: the sources' next-token logits interpolated",
+  gates: "the network's own gates at the dial (untrained between corners unless trained with method=reference)",
+};
 
 const state = {
   info: null,
@@ -244,6 +251,32 @@ function buildWeights(box, names) {
   refresh();
 }
 
+// ---------------------------------------------------------------- mode
+
+function buildModes(modes, current) {
+  const select = $("mode");
+  for (const m of modes) {
+    const opt = el("option", "", m === current ? `${m} (default)` : m);
+    opt.value = m;
+    opt.title = MODE_HINTS[m] || "";
+    select.append(opt);
+  }
+  select.value = current;
+  $("mode-row").hidden = $("mode-hint").hidden = !modes.length;
+  select.addEventListener("change", () => { modeChanged(); dialMoved(); });  // restarts like the dial
+  modeChanged();
+}
+
+// The hint under the select; the calibration only holds in the mode it was measured in (else the server says 422).
+function modeChanged() {
+  const mode = $("mode").value, cal = state.info.calibration_mode;
+  $("mode-hint").textContent = MODE_HINTS[mode] ? `${mode}: ${MODE_HINTS[mode]}` : "";
+  const off = Boolean(cal && mode && mode !== cal);
+  $("calibrated").disabled = off;
+  $("calibrated-why").hidden = !off || $("calibrated-row").hidden;
+  $("calibrated-why").textContent = off ? `calibrated: only in the ${cal} mode, where it was measured` : "";
+}
+
 // ---------------------------------------------------------------- requests
 
 function numberOf(id, parse = Number) {
@@ -259,7 +292,8 @@ function request(stream) {
     temperature: numberOf("temperature"),
     top_k: numberOf("top-k", (v) => parseInt(v, 10)),
     seed: numberOf("seed", (v) => parseInt(v, 10)),
-    calibrated: !$("calibrated-row").hidden && $("calibrated").checked,
+    calibrated: !$("calibrated-row").hidden && !$("calibrated").disabled && $("calibrated").checked,
+    mode: $("mode").value || undefined,  // undefined (left out): the server's default
     stream,
   };
 }
@@ -355,7 +389,8 @@ async function generate() {
         finished = true;
         const secs = ((performance.now() - gen.t0) / 1000).toFixed(1);
         const dial = msg.dial ? ` · ${describe(msg.dial, true)}` : "";
-        setStatus(`done: ${gen.n} tokens · ${secs} s${dial}`);
+        const mode = msg.mode ? ` · ${msg.mode}` : "";
+        setStatus(`done: ${gen.n} tokens · ${secs} s${mode}${dial}`);
       }
     }
     if (!finished) setStatus(`stream ended early after ${gen.n} tokens`, "warn");
@@ -448,7 +483,8 @@ async function sweep() {
   }
   if (state.sweep === ctrl) state.sweep = null;
   updateStop();
-  setStatus(`sweep done · seed ${base.seed}` + (failed ? ` · ${failed} failed` : ""), failed ? "error" : "",
+  const mode = base.mode ? ` · ${base.mode}` : "";
+  setStatus(`sweep done · seed ${base.seed}${mode}` + (failed ? ` · ${failed} failed` : ""), failed ? "error" : "",
     "sweep-status");
 }
 
@@ -494,6 +530,7 @@ async function init() {
     if (Number($("length").value) > lim.max_new_tokens) $("length").value = lim.max_new_tokens;
   }
   $("calibrated-row").hidden = !(info.calibrated && state.sources.length === 2);
+  buildModes(info.modes || [], info.mode);
   if (state.sources.length < 2) {
     setStatus("the model has fewer than two sources: no dial", "warn");
     state.dial = state.sources.length ? { [state.sources[0]]: 1 } : 0.5;
