@@ -202,10 +202,11 @@ def combine_scores(token_logp: torch.Tensor, log_a: torch.Tensor, mode: str,
 
 def systematic_draw(weights: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
     """(G, n) corner indices: n draws from each of G categorical distributions (G, K), by systematic sampling with
-    offsets u (G,) ~ U[0, 1): the i-th draw is the inverse CDF at (i + u) / n. Each draw alone is distributed as
-    the weights; together the n draws hold corner k n * w_k times (within one), so a batch of samples shows the
-    dial's shares rather than a coin's luck."""
+    offsets u (G,) ~ U[0, 1): the i-th draw is the inverse CDF at (i + u) / n. Together the n draws hold corner k
+    n * w_k times (within one), so a batch of samples shows the dial's shares rather than a coin's luck; the draws
+    come out sorted, so the caller shuffles them to make each one alone distributed as the weights."""
     points = (torch.arange(n, device=weights.device) + u[:, None]) / n
+    points = points.clamp(max=1.0 - 1e-6)  # in float32 (n - 1 + u) / n can round to 1: past a zero last weight
     cdf = weights.cumsum(dim=1)
     idx = torch.searchsorted(cdf / cdf[:, -1:], points.contiguous(), right=True)  # right: never a zero weight
     return idx.clamp(max=weights.size(1) - 1)

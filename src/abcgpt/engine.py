@@ -302,7 +302,9 @@ class Engine:
         if mode == "mixture":
             log_w = self._prompt_log_weights(ids, dials, mode)
             u = torch.rand(ids.size(0) // group, generator=gen, device=self.device)
-            ks = systematic_draw(log_w[::group].exp(), group, u).flatten()
+            ks = systematic_draw(log_w[::group].exp(), group, u)
+            shuffle = torch.rand(ks.shape, generator=gen, device=self.device).argsort(dim=1)
+            ks = ks.gather(1, shuffle).flatten()  # so no sample's place in the batch fixes its corner
             rows = F.one_hot(ks, dials.size(1)).to(dials)
             return self._decode_rows(ids, rows, max_new_tokens, temperature, top_k, gen, use_cache)
         return self._decode_combined(ids, dials, mode, max_new_tokens, temperature, top_k, gen, use_cache)

@@ -272,7 +272,8 @@ class GPT(nn.Module):
         if self.config.gates == "none":
             return self
         g_res, layers = self._split(self.unit_gates(dial))
-        plain = GPT(dataclasses.replace(self.config, gates="none"))
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the caller's stream alone
+            plain = GPT(dataclasses.replace(self.config, gates="none"))
         plain.load_state_dict({k: v for k, v in self.state_dict().items() if k != "specialties"})
         plain.to(self.transformer.wte.weight.device)
         g_res = g_res[0]
