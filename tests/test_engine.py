@@ -16,7 +16,15 @@ import abcgpt
 from abcgpt.cli import main
 from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
-from abcgpt.dial import MODES, combine_next, combine_scores, corner, systematic_draw, update_weights
+from abcgpt.dial import (
+    MODES,
+    combine_next,
+    combine_scores,
+    corner,
+    next_segment_source,
+    systematic_draw,
+    update_weights,
+)
 from abcgpt.engine import Engine
 from abcgpt.serve import create_app
 from abcgpt.tokenizer import CharTokenizer
@@ -447,3 +455,28 @@ def test_network_is_one_gpt_only_where_one_gpt_computes_the_dial(engine):
     for mode in ("mixture", "switch", "tokens", "product"):
         with pytest.raises(AbcgptError, match=f"mode {mode}"):
             engine.network(half, mode)
+
+
+def test_next_segment_source_gives_the_next_sentence_to_the_furthest_behind():
+    """switch's generation: the corner furthest below its share of the text so far writes the next sentence."""
+    a = torch.tensor([[0.5, 0.5, 0.0], [0.9, 0.1, 0.0]])
+    written = torch.tensor([[30.0, 10.0, 0.0], [10.0, 0.0, 0.0]])
+    # row 0: 0.5 * 40 - 30 = -10 against 0.5 * 40 - 10 = +10; row 1: 0.9 * 10 - 10 = -1 against 0.1 * 10 - 0 = +1
+    assert next_segment_source(a, written).tolist() == [1, 1]
+    # a corner the dial leaves out never writes, even when every other one is ahead of its share
+    assert next_segment_source(torch.tensor([[1.0, 0.0]]), torch.tensor([[5.0, 0.0]])).tolist() == [0]
+
+
+def test_switch_blends_inside_a_sample_where_mixture_does_not(engine):
+    """At dial 0.5 switch hands sentences to both corners within one sample; mixture keeps each sample one source's
+    text. This seconds-trained model seldom ends a line, so a fresh engine counts a space as a sentence end too."""
+    words = Engine(engine.checkpoint)
+    words._boundary = words._boundaries() | torch.tensor([words.tokenizer.decode([i]) == " "
+                                                          for i in range(len(words._boundaries()))])
+
+    def both(mode: str) -> int:
+        texts = words.generate(" ", dial=0.5, max_new_tokens=150, temperature=0.3, seed=0, n=8, mode=mode)
+        return sum(sum(c in ALPHA for c in t) >= 10 and sum(c in OMEGA for c in t) >= 10 for t in texts)
+
+    assert both("switch") >= 6
+    assert both("mixture") <= 1

@@ -157,8 +157,10 @@ def corner(k: int, n_sources: int) -> torch.Tensor:
 #   mixture  the posterior mixture of the corners (Branch-Train-Merge's ensemble): sum_k w_k p_k with
 #            w_k proportional to a_k * p_k(text so far). Its distribution over whole texts is sum_k a_k p_k(text),
 #            so each sample is one corner's text, and the corner is drawn with probability a_k (given the prompt).
-#   switch   the posterior mixture restarted at every line or sentence end: w goes back to the dial there, so
-#            a sample can change source at each boundary (a blend of sentences, not of characters).
+#   switch   a blend of sentences: one corner writes each sentence (up to a line or sentence end). It scores text as
+#            the posterior mixture restarted from the dial at every boundary (each sentence's corner drawn with the
+#            dial's odds); it generates by giving the next sentence to the corner furthest below its share of the
+#            text so far (next_segment_source), so a sample's shares follow the dial.
 #   tokens   a fixed per-token mixture sum_k a_k p_k: every token from a fresh draw of the corner.
 #   product  a product of experts (logit interpolation): p proportional to prod_k p_k ** a_k.
 #   gates    the network's own gates at the dial (model.unit_gates), folded into one ordinary GPT.
@@ -198,6 +200,16 @@ def combine_scores(token_logp: torch.Tensor, log_a: torch.Tensor, mode: str,
         out.append(torch.logsumexp(log_w + lp, dim=1))
         log_w = update_weights(log_w, lp, mode, log_a, None if boundary is None else boundary[:, t])
     return torch.stack(out, dim=1)
+
+
+def next_segment_source(dial: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+    """switch, when generating: the corner (B,) that writes the next sentence is the one furthest below its share of
+    the text so far, dial_k * total - written_k (tokens written by each corner, (B, K)), never a corner the dial
+    leaves out. So the text's shares follow the dial whatever each corner's sentence length: drawing each sentence's
+    corner with the dial's odds (the distribution switch scores held-out text with) lets the corner with the longer
+    sentences take most of the text."""
+    deficit = dial * written.sum(dim=1, keepdim=True) - written
+    return deficit.masked_fill(dial == 0, float("-inf")).argmax(dim=1)
 
 
 def systematic_draw(weights: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from abcgpt.dial import (
     combine_next,
     combine_scores,
     corner,
+    next_segment_source,
     parse_dial,
     systematic_draw,
     update_weights,
@@ -329,20 +330,28 @@ class Engine:
             yield t
 
     def _decode_combined(self, ids, dials, mode, max_new_tokens, temperature, top_k, gen, use_cache):
-        """switch, tokens, product: every corner with weight > 0 in one batch of B x K rows, combined per token."""
+        """switch, tokens, product: every corner with weight > 0 in one batch of B x K rows (row b * K + k runs
+        corner k), so any of them can take over at the next token; their next-token distributions are combined
+        (tokens, product) or one of them writes (switch)."""
         active = (dials > 0).any(dim=0).nonzero().flatten()
         B, K, N = ids.size(0), active.numel(), dials.size(1)
-        log_a = dials[:, active].log()
+        a = dials[:, active]
         log_w = self._prompt_log_weights(ids, dials, mode)[:, active]
-        rows = F.one_hot(active, N).to(dials).repeat(B, 1)  # row b * K + k runs corner active[k]
-        boundary = self._boundaries()
-        state = {"log_w": log_w}
+        rows = F.one_hot(active, N).to(dials).repeat(B, 1)
+        boundary, every = self._boundaries(), torch.arange(B, device=self.device)
+        # switch: the first sentence's corner is drawn from the posterior given the prompt
+        state = {"writer": torch.multinomial(log_w.exp(), 1, generator=gen).squeeze(1),
+                 "written": torch.zeros(B, K, device=self.device)}
 
         def step(logits):
             logp = torch.log_softmax(logits, dim=-1).view(B, K, -1)
-            t = sample_next(combine_next(logp, state["log_w"], mode), temperature, top_k, gen)
-            seen = logp.gather(2, t[:, None, None].expand(B, K, 1)).squeeze(2)
-            state["log_w"] = update_weights(state["log_w"], seen, mode, log_a, boundary[t])
+            if mode != "switch":
+                t = sample_next(combine_next(logp, log_w, mode), temperature, top_k, gen)
+                return t, t.repeat_interleave(K)
+            writer = state["writer"]
+            t = sample_next(logp[every, writer], temperature, top_k, gen)
+            state["written"][every, writer] += 1
+            state["writer"] = torch.where(boundary[t], next_segment_source(a, state["written"]), writer)
             return t, t.repeat_interleave(K)
 
         return decode(self.model, ids.repeat_interleave(K, dim=0), rows, max_new_tokens, step, use_cache)
