@@ -125,8 +125,19 @@ def test_baselines_with_another_recipe_are_refused(runs, tmp_path):
     with pytest.raises(AbcgptError, match=r"baseline joint .* differs from the dial model in train.lr: 0.5"):
         build_report(runs / "dial", other, quick=True, progress=False)
     shutil.copy(runs / "base" / "joint" / "last" / "config.json", cfg_path)
+    # a baseline that never saw one source is optional: without it there is no isolation, the rest stands
     shutil.rmtree(other / "without_omega")
-    with pytest.raises(AbcgptError, match="baseline without_omega not found"):
+    report, _ = build_report(runs / "dial", other, quick=True, progress=False)
+    assert report["isolation"] is None and report["baselines"]["joint"] and report["fluency"]["max_gap"] is not None
+    # an unfinished joint baseline is refused, naming its step
+    cfg["recipe"]["train"]["lr"] = json.loads((runs / "base" / "joint" / "last" / "config.json").read_text())[
+        "recipe"]["train"]["lr"]
+    cfg["step"] = 100
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(AbcgptError, match="baseline joint .* is unfinished: step 100 of 200"):
+        build_report(runs / "dial", other, quick=True, progress=False)
+    shutil.rmtree(other / "joint")
+    with pytest.raises(AbcgptError, match="baseline joint not found"):
         build_report(runs / "dial", other, quick=True, progress=False)
 
 

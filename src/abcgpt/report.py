@@ -108,15 +108,23 @@ def check_baseline(dial: Checkpoint, base: Checkpoint, name: str) -> None:
 
 
 def load_baselines(path: Path, dial: Checkpoint, device) -> dict[str, Checkpoint]:
-    """joint and without_<s> for every source, from a folder written by `abcgpt baselines`."""
+    """joint, and without_<s> for the sources that have a finished one, from a folder written by `abcgpt baselines`.
+    The joint model is required (the comparisons and the fluency judge); isolation needs every without_<s>."""
     path = Path(path)
     found = {}
     for name in ["joint"] + [f"without_{s}" for s in dial.sources]:
         run = path / name
         if not (existing_dir(run / "last") / "config.json").is_file():
+            if name != "joint":
+                continue
             raise AbcgptError(f"baseline {name} not found in {path} (expected {run}/last): run "
                               f"`abcgpt baselines --config ... --out {path}`")
         ckpt = load_checkpoint(existing_dir(run / "last"), device)
+        if ckpt.meta["step"] < ckpt.recipe.train.steps:  # still training, or stopped: not the recipe's model
+            if name != "joint":
+                continue
+            raise AbcgptError(f"baseline joint ({ckpt.path}) is unfinished: step {ckpt.meta['step']} of "
+                              f"{ckpt.recipe.train.steps}; resume it with `abcgpt baselines` (same arguments)")
         if ckpt.model.config.gates != "none":
             raise AbcgptError(f"baseline {name} ({ckpt.path}) is a gated model; baselines are ungated")
         check_baseline(dial, ckpt, name)
@@ -237,16 +245,22 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
         def isolation(loss: float, src: str) -> float:
             return (loss - joint[src]) / (base_loss[f"without_{src}"][src] - joint[src])
 
-        report["isolation"] = {src: {t: isolation(L[t][src], src) for t in sources if t != src} for src in sources}
-        report["isolation_near"] = {src: {t: isolation(float(losses(near[src, t])[src].mean()), src)
-                                          for t in sources if t != src} for src in sources}
+        missing = [src for src in sources if f"without_{src}" not in base_loss]
+        if missing:
+            say(f"no isolation: baselines {', '.join('without_' + m for m in missing)} are missing")
+            report["isolation"] = report["isolation_near"] = None
+        else:
+            report["isolation"] = {src: {t: isolation(L[t][src], src) for t in sources if t != src}
+                                   for src in sources}
+            report["isolation_near"] = {src: {t: isolation(float(losses(near[src, t])[src].mean()), src)
+                                              for t in sources if t != src} for src in sources}
         for src in sources:
             report["corner_loss"][src]["joint"] = joint[src]
             report["corner_loss"][src]["vs_joint"] = L[src][src] - joint[src]
             report["middle"][src]["joint"] = joint[src]
             report["middle"][src]["vs_joint"] = report["middle"][src]["mean"] - joint[src]
-            if n == 2:  # with two sources, "never saw the other" is "trained on s alone"
-                other = sources[1 - sources.index(src)]
+            other = sources[1 - sources.index(src)] if n == 2 else None
+            if f"without_{other}" in base_loss:  # with two sources, "never saw the other" is "trained on s alone"
                 report["corner_loss"][src]["alone"] = base_loss[f"without_{other}"][src]
     else:
         report["isolation"] = report["isolation_near"] = None
@@ -372,8 +386,9 @@ def plot_loss(r: dict) -> bytes:
         ax.fill_between(curve["t"], lo, hi, color=c, alpha=0.2)
         if r.get("baselines"):
             ax.axhline(r["baselines"]["joint"][src], color=c, ls="--", lw=1, label=f"joint model on {src}")
-            ax.axhline(r["baselines"][f"without_{src}"][src], color=c, ls=":", lw=1,
-                       label=f"never saw {src}")
+            if f"without_{src}" in r["baselines"]:
+                ax.axhline(r["baselines"][f"without_{src}"][src], color=c, ls=":", lw=1,
+                           label=f"never saw {src}")
     ax.set_xlabel(f"dial  (0 = {sources[0]}, 1 = {sources[-1]})")
     ax.set_ylabel("held-out loss (nats / token)")
     ax.set_title(f"{r['recipe']}, step {r['step']}: loss across the dial")
@@ -512,8 +527,8 @@ def to_markdown(r: dict) -> str:
                     f"{_f(orig['isolation'].get(s), 2)} |")
         lines.append(row)
     if not r.get("isolation"):
-        lines += ["", "Isolation and the joint comparison need baselines: `abcgpt baselines`, then "
-                  "`abcgpt eval --baselines DIR`."]
+        lines += ["", "Isolation needs every baseline (the joint comparison and fluency need the joint one): "
+                  "`abcgpt baselines`, then `abcgpt eval --baselines DIR`."]
     rg = r["regret"]
     lines += ["", f"## Dial regret (DESIGN.md §3): max **{rg['max']:+.3f}** nats at {rg['argmax']}", "",
               "Regret at a dial a = sum_s a_s (L(a, s) − L(corner s, s)): how much worse the dial predicts the text it "
