@@ -5,6 +5,7 @@
     python scripts/ablate.py run --name partition --mode switch --seeds 0 1 2 --baselines runs/tiny_baselines
     python scripts/ablate.py table            # the markdown table of docs/ablations.md, from the results file
     python scripts/ablate.py plot             # isolation against corner loss, one point per setting
+    python scripts/ablate.py modes --name partition-corners100 --seed 0   # one run in every mode (docs/modes.png)
 
 Each (name, seed) trains into ROOT/NAME/sSEED with `abcgpt train` and is scored with `abcgpt eval --baselines`
 in one dial mode (`--mode`; the checkpoint's default otherwise) into sSEED/report (or sSEED/report-MODE): a
@@ -176,6 +177,40 @@ def cmd_plot(args) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_modes(args) -> None:
+    """One run's reports in every mode, along the dial: regret, style share, mixing and the fluency gap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(args.root) / args.name / f"s{args.seed}"
+    reports = sorted((json.loads(p.read_text()) for p in run.glob("report*/report.json")), key=lambda r: r["mode"])
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for k, r in enumerate(reports):
+        e, c = r["style_curve"]["edges"][0], f"C{k}"
+        pos = r["regret"]["positions"]
+        axes[0].plot([p["weights"][1] for p in pos], [p["regret"] for p in pos], marker=".", color=c, label=r["mode"])
+        axes[1].plot(e["t"], e["share_to"], marker=".", color=c)
+        axes[2].plot(e["t"], e["mixing"], marker=".", color=c)
+        if e.get("fluency_gap"):
+            axes[3].plot(e["t"], e["fluency_gap"], marker=".", color=c)
+    axes[1].plot([0, 1], [0, 1], color="gray", ls="--", lw=1)
+    for ax in (axes[0], axes[3]):  # gates' untrained middle is 1-2 nats off; the others within a few hundredths
+        ax.set_yscale("symlog", linthresh=0.05)
+    titles = ["dial regret (nats/token, symlog)", f"share read as {reports[0]['sources'][1]}", "mixing inside samples",
+              "fluency: judge loss − corners' mean (symlog)"]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"dial (0 = {reports[0]['sources'][0]}, 1 = {reports[0]['sources'][1]})", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{args.name}, seed {args.seed}: the dial between corners, by mode", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="runs/ablations", help="where runs and results.jsonl go")
@@ -192,8 +227,12 @@ def main() -> None:
     sub.add_parser("table")
     pl = sub.add_parser("plot")
     pl.add_argument("--out", default="docs/ablation_frontier.png")
+    md = sub.add_parser("modes", help="one run's reports in every mode, along the dial (two sources)")
+    md.add_argument("--name", default="partition-corners100")
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--out", default="docs/modes.png")
     args = p.parse_args()
-    {"run": cmd_run, "table": cmd_table, "plot": cmd_plot}[args.cmd](args)
+    {"run": cmd_run, "table": cmd_table, "plot": cmd_plot, "modes": cmd_modes}[args.cmd](args)
 
 
 if __name__ == "__main__":
