@@ -11,9 +11,10 @@ fold gates into weights, and the checks on sampling arguments.
 
 Cost. A corner, and any dial in mode gates, is one folded GPT: the cost of an ordinary GPT. mixture draws each
 sample's corner from the posterior given the prompt (its distribution over texts is exactly the token-by-token
-posterior mixture's) and then runs that corner alone: one GPT again, plus one pass over the prompt per corner.
-switch, tokens and product run every corner with weight > 0 at every step, batched in one pass: up to N times
-a corner.
+posterior mixture's) and then runs that corner alone: one folded GPT for a single sample (plus one pass over the
+prompt per corner); a batch whose samples landed on different corners runs the gated model with one corner per
+row, in one pass. switch, tokens and product run every corner with weight > 0 at every step, batched in one
+pass: up to N times a corner.
 """
 
 import math
@@ -311,23 +312,18 @@ class Engine:
         return self._decode_combined(ids, dials, mode, max_new_tokens, temperature, top_k, gen, use_cache)
 
     def _decode_rows(self, ids, dials, max_new_tokens, temperature, top_k, gen, use_cache):
-        """Rows that share a dial run through its folded network (the cost of an ordinary GPT), one loop per
-        distinct dial, stepped together so the random stream is used in a fixed order."""
+        """One network per row: the folded network when every row has the same dial (the cost of an ordinary GPT),
+        else the gated model with a dial per row, in one batch (a loop per dial costs more: each small batch pays
+        the whole per-step overhead)."""
         def plain(logits):
             t = sample_next(logits, temperature, top_k, gen)
             return t, t
 
         if not self.gated:
-            yield from decode(self.model, ids, None, max_new_tokens, plain, use_cache)
-            return
-        uniq, which = torch.unique(dials, dim=0, return_inverse=True)
-        loops = [decode(self.folded(d), ids[which == i], None, max_new_tokens, plain, use_cache)
-                 for i, d in enumerate(uniq)]
-        for outs in zip(*loops):
-            t = torch.empty(ids.size(0), dtype=torch.long, device=self.device)
-            for i, o in enumerate(outs):
-                t[which == i] = o
-            yield t
+            return decode(self.model, ids, None, max_new_tokens, plain, use_cache)
+        if bool((dials == dials[0]).all()):
+            return decode(self.folded(dials[0]), ids, None, max_new_tokens, plain, use_cache)
+        return decode(self.model, ids, dials, max_new_tokens, plain, use_cache)
 
     def _decode_combined(self, ids, dials, mode, max_new_tokens, temperature, top_k, gen, use_cache):
         """switch, tokens, product: every corner with weight > 0 in one batch of B x K rows (row b * K + k runs
