@@ -85,7 +85,7 @@ def cmd_run(args) -> None:
 
 def _agg(values: list, signed: bool = False) -> str:
     x = np.array([v for v in values if v is not None], dtype=float)
-    f = "{:+.2f}" if signed else "{:.2f}"
+    f = "{:+.3f}" if signed else "{:.2f}"  # signed: regret and fluency gaps, a few thousandths for the mixture
     if x.size == 0:
         return "–"
     if x.size == 1:
