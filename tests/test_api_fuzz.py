@@ -158,7 +158,7 @@ def test_a_failing_stream_gives_its_slot_back(app, monkeypatch):
         yield torch.tensor([1])
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("abcgpt.serve.generate_tokens", broken)
+    monkeypatch.setattr("abcgpt.engine.Engine.tokens", broken)
     for _ in range(3):  # more than max_concurrent
         with TestClient(app, raise_server_exceptions=False) as client:
             try:
