@@ -40,7 +40,7 @@ def bpe_run(tmp_path_factory):
 
 def check_equivalent(run, dial, out):
     """The exported folder, loaded by transformers alone, computes what the gated model computes at the dial."""
-    export_gpt2(run, dial, out)
+    export_gpt2(run, dial, out, mode="gates")  # the gated network at that dial, folded
     ckpt = load_checkpoint(run)
     d, _ = parse_dial(dial, ckpt.sources)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -91,7 +91,7 @@ def test_bpe_export_matches_the_gated_model(bpe_run, tmp_path):
 
 
 def test_config_card_and_files(char_run, tmp_path):
-    out = export_gpt2(char_run, "alpha=1,omega=3", tmp_path / "hf")
+    out = export_gpt2(char_run, "alpha=1,omega=3", tmp_path / "hf", mode="gates")
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md"} <= files
     assert not (tmp_path / "hf.tmp").exists()
@@ -116,9 +116,9 @@ def test_card_has_the_reports_numbers(char_run, tmp_path):
     try:
         card = (export_gpt2(char_run, "alpha", tmp_path / "a") / "README.md").read_text()
         assert "the alpha corner" in card and "| omega | 4.321 |" in card
-        card = (export_gpt2(char_run, "uniform", tmp_path / "u") / "README.md").read_text()
+        card = (export_gpt2(char_run, "uniform", tmp_path / "u", mode="gates") / "README.md").read_text()
         assert "middle" in card and "| alpha | 2.500 |" in card and "| omega | 2.750 |" in card
-        card = (export_gpt2(char_run, "0.3", tmp_path / "m") / "README.md").read_text()
+        card = (export_gpt2(char_run, "0.3", tmp_path / "m", mode="gates") / "README.md").read_text()
         assert "no held-out numbers for this dial" in card
     finally:
         (char_run / "report" / "report.json").unlink()

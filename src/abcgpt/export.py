@@ -234,6 +234,9 @@ def _model_card(ckpt: Checkpoint, given: Path, spec: str, weights: torch.Tensor,
     ]
     if note:
         lines.append(f"- Note: {note}")
+    if gated and int((weights > 0).sum()) > 1:  # only mode gates folds a dial between corners (Engine.network)
+        lines.append("- Between corners this is the network's own gates at the dial (mode `gates`), not the "
+                     "mixture of its corners that abcgpt generates by default there")
     lines += [
         "", "## Model", "",
         f"- GPT-2: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} embedding width, context {c.block_size} tokens,"
