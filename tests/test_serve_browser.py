@@ -103,7 +103,10 @@ def test_mode_select_sends_its_mode(server, page):
     with page.expect_request(generates) as req:
         page.click("#sweep")
     assert req.value.post_data_json["mode"] == "switch" and req.value.post_data_json["stream"] is False
-    page.click("#stop")
+    # (a sweep of 20 tokens can end before a Stop click lands: wait for it instead, and read its status)
+    page.wait_for_function("document.querySelector('#sweep-status').innerText.includes('sweep done')",
+                           timeout=60_000)
+    assert "switch" in page.inner_text("#sweep-status")
 
 
 def test_calibrated_is_off_outside_the_calibration_mode(server, page):
