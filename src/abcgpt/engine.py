@@ -91,12 +91,23 @@ def generate_tokens(model: GPT, prompt: torch.Tensor, dial: torch.Tensor | None,
     The Engine does this for gates mode and the corners; tests and benchmarks call it on bare models."""
     gen = torch.Generator(device=next(model.parameters()).device)
     gen.manual_seed(seed) if seed is not None else gen.seed()
+    return decode(model, prompt, None if dial is None else dial.to(prompt.device), max_new_tokens,
+                  plain_step(temperature, top_k, gen), use_cache)
 
+
+def _target_logprobs(model: GPT, x: torch.Tensor, y: torch.Tensor, dial: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) log-probs a network gives the targets y after x."""
+    logits, _ = model(x, dial, targets=y)
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
+
+
+def plain_step(temperature: float, top_k: int | None, gen: torch.Generator):
+    """decode's step for one network: sample each row's next token and feed it back."""
     def step(logits):
         t = sample_next(logits, temperature, top_k, gen)
         return t, t
 
-    return decode(model, prompt, None if dial is None else dial.to(prompt.device), max_new_tokens, step, use_cache)
+    return step
 
 
 def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor]) -> Iterator[str]:
@@ -315,10 +326,7 @@ class Engine:
         """One network per row: the folded network when every row has the same dial (the cost of an ordinary GPT),
         else the gated model with a dial per row, in one batch (a loop per dial costs more: each small batch pays
         the whole per-step overhead)."""
-        def plain(logits):
-            t = sample_next(logits, temperature, top_k, gen)
-            return t, t
-
+        plain = plain_step(temperature, top_k, gen)
         if not self.gated:
             return decode(self.model, ids, None, max_new_tokens, plain, use_cache)
         if bool((dials == dials[0]).all()):
@@ -372,25 +380,24 @@ class Engine:
     @torch.no_grad()
     def _corner_logprobs(self, x: torch.Tensor, y: torch.Tensor, corners) -> torch.Tensor:
         """(B, K, T): each corner's log-prob of every target token, one folded corner at a time."""
-        n, out = len(self.sources), []
-        for k in corners:
-            logits, _ = self.folded(corner(int(k), n))(x, targets=y)
-            out.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1))
-        return torch.stack(out, dim=1)
+        n = len(self.sources)
+        return torch.stack([_target_logprobs(self.folded(corner(int(k), n)), x, y) for k in corners], dim=1)
 
     @torch.no_grad()
     def logprobs(self, x: torch.Tensor, y: torch.Tensor, dials: list[torch.Tensor], mode: str | None = None
                  ) -> list[torch.Tensor]:
         """(B, T) log-probs of the targets y given x (B, T <= block_size) at each dial, in one mode. The corners'
-        log-probs are computed once and shared by every dial of a combining mode."""
+        log-probs are computed once and shared by every dial of a combining mode. A dial scored once in mode gates
+        runs the gated model as it is: folding pays only for a dial that is used again (corners, generation)."""
         mode = self.mode(mode)
         x, y = x.to(self.device), y.to(self.device)
         cached, out = None, []
         for d in dials:
             d = d.to(self.device)
-            if mode == "gates" or not self.gated or int((d > 0).sum()) == 1:
-                logits, _ = self.folded(d)(x, targets=y)
-                out.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1))
+            if not self.gated or int((d > 0).sum()) == 1:
+                out.append(_target_logprobs(self.folded(d), x, y))
+            elif mode == "gates":
+                out.append(_target_logprobs(self.model, x, y, d))
             elif mode == "product":
                 acc = 0.0
                 for k in (d > 0).nonzero().flatten().tolist():
