@@ -87,8 +87,9 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
         return JSONResponse({"detail": [{"loc": ["body", e.field], "msg": e.msg, "type": "value_error"}]},
                             status_code=e.status)
 
-    def checked(req, tokens_field: str, n_new: int) -> tuple[str, torch.Tensor]:
-        """The request's mode and dial, after the engine's checks (each failure names its field)."""
+    def checked(req, tokens_field: str, n_new: int) -> tuple[str, torch.Tensor, int]:
+        """The request's mode, dial and prompt length in tokens, after the engine's checks (each failure names
+        its field)."""
         try:
             req_mode = engine.mode(req.mode or default_mode)
         except AbcgptError as e:
@@ -102,12 +103,12 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
         if len(req.prompt) > max_prompt_chars:
             raise InputError("prompt", f"prompt has {len(req.prompt)} characters; at most {max_prompt_chars}")
         try:
-            engine.prompt_ids(req.prompt)
+            n_prompt = len(engine.prompt_ids(req.prompt))
         except AbcgptError as e:
             raise InputError("prompt", str(e)) from None
         if n_new > max_new_tokens:
             raise InputError(tokens_field, f"{tokens_field} is {n_new}; at most {max_new_tokens}")
-        return req_mode, dial
+        return req_mode, dial, n_prompt
 
     def take_slot():
         """Claim a generation slot (429 when none is free); returns its release, which is safe to call twice."""
@@ -172,7 +173,7 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
 
     @app.post("/api/generate")
     async def api_generate(req: GenerateRequest, request: Request):
-        mode, dial = checked(req, "max_new_tokens", req.max_new_tokens)
+        mode, dial, _ = checked(req, "max_new_tokens", req.max_new_tokens)
         weights = dict(zip(sources, dial.tolist()))
         release = take_slot()
         stream = pieces(request, req.prompt, dial, mode, req.max_new_tokens, req.temperature, req.top_k, req.seed)
@@ -194,12 +195,11 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        mode, dial = checked(req, "max_tokens", req.max_tokens)
+        mode, dial, n_prompt = checked(req, "max_tokens", req.max_tokens)
         if req.stream and req.n > 1:
             raise InputError("n", "streaming returns one completion: n must be 1 with stream=true")
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model or engine.recipe.name}
-        n_prompt = len(engine.prompt_ids(req.prompt))
         usage = {"prompt_tokens": n_prompt, "completion_tokens": req.max_tokens * req.n,
                  "total_tokens": n_prompt + req.max_tokens * req.n}
         release = take_slot()
