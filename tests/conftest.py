@@ -38,6 +38,20 @@ def synthetic_text(alphabet: str, n_chars: int, seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def source_tables(**paths: Path) -> str:
+    """[[data.sources]] tables, one per name=path."""
+    return "".join(f'[[data.sources]]\nname = "{name}"\npath = "{path}"\n\n' for name, path in paths.items())
+
+
+def train_synthetic(tmp: Path, *overrides: str) -> Path:
+    """A run of write_recipe's recipe in tmp/run (seconds), with --set overrides; returns the run folder."""
+    from abcgpt.config import load_recipe
+    from abcgpt.train import train
+
+    train(load_recipe(str(write_recipe(tmp)), list(overrides)), tmp / "run", progress=False)
+    return tmp / "run"
+
+
 def write_recipe(tmp: Path, extra_train: str = "", sources: str | None = None) -> Path:
     """A seconds-long recipe over two synthetic sources with disjoint alphabets."""
     (tmp / "a.txt").write_text(synthetic_text("abcdefg", 40_000, 0))

@@ -2,7 +2,7 @@ import json
 import shutil
 
 import pytest
-from conftest import write_recipe
+from conftest import source_tables, write_recipe
 
 from abcgpt.cli import main
 
@@ -106,9 +106,9 @@ def test_config_errors(tmp_path, capsys):
     err = one_line_error(capsys, "train", "--config", recipe, "--out", str(tmp_path / "r"), "--set", "train.lrr=1")
     assert "unknown config key 'train.lrr'" in err
     err = one_line_error(capsys, "train", "--config", recipe, "--out", str(tmp_path / "r"), "--set", "lr=fast")
-    assert "train.lr must be float" in err
+    assert "train.lr = 'fast' is not allowed: input should be a valid number" in err
     err = one_line_error(capsys, "train", "--config", recipe, "--out", str(tmp_path / "r"), "--set", "gates=maybe")
-    assert "model.gates must be one of abc, none" in err
+    assert "model.gates = 'maybe' is not allowed: input should be 'abc' or 'none'" in err
     assert "unknown recipe 'huge'" in one_line_error(capsys, "train", "--config", "huge", "--out", "x")
     (tmp_path / "bad.toml").write_text("[model]\nn_layers = 3\n")
     assert "unknown key model.n_layers" in one_line_error(capsys, "prepare", "--config", str(tmp_path / "bad.toml"))
@@ -119,15 +119,7 @@ def test_config_errors(tmp_path, capsys):
 @pytest.mark.parametrize("content, msg", [(b"", "empty"), (b"caf\xe9 au lait\n" * 50, "UTF-8")])
 def test_bad_source_files(tmp_path, capsys, content, msg):
     (tmp_path / "bad.txt").write_bytes(content)
-    sources = f"""
-[[data.sources]]
-name = "bad"
-path = "{tmp_path / 'bad.txt'}"
-[[data.sources]]
-name = "ok"
-path = "{tmp_path / 'a.txt'}"
-"""
-    recipe = write_recipe(tmp_path, sources=sources)
+    recipe = write_recipe(tmp_path, sources=source_tables(bad=tmp_path / "bad.txt", ok=tmp_path / "a.txt"))
     err = one_line_error(capsys, "prepare", "--config", str(recipe))
     assert msg in err and "bad.txt" in err
 
@@ -192,4 +184,4 @@ def test_unknown_log_sink(tmp_path, capsys):
     recipe = str(write_recipe(tmp_path))
     err = one_line_error(capsys, "train", "--config", recipe, "--out", str(tmp_path / "r"),
                          "--set", 'train.log_to=["mlflow"]')
-    assert "train.log_to may name tensorboard and wandb, got 'mlflow'" in err
+    assert "train.log_to.0 = 'mlflow' is not allowed: input should be 'tensorboard' or 'wandb'" in err

@@ -8,6 +8,7 @@
    nothing in them is ever unpickled.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import torch
 from conftest import REPO, write_recipe
 from safetensors.torch import load_file, save_file
 
+import abcgpt.checkpoint
 import abcgpt.common
 from abcgpt.checkpoint import load_checkpoint, resolve, restore_training_state, save_checkpoint
 from abcgpt.cli import main
@@ -184,6 +186,25 @@ def test_crash_while_replacing_a_recovered_checkpoint_keeps_one(tmp_path, monkey
         save_checkpoint(run / "last", ckpt.model, ckpt.recipe, ckpt.tokenizer, ckpt.sources, 5)
     monkeypatch.undo()
     assert load_checkpoint(run / "last").meta["step"] in (4, 5)
+
+
+def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
+    """A write that fails midway (here: the disk fills up while the optimizer state is written) is one line naming
+    the checkpoint; the half-written last.tmp is removed and the checkpoint that was there is untouched."""
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["train.steps=4", "train.checkpoint_every=2"])
+    train(recipe, tmp_path / "run", progress=False)
+    last = tmp_path / "run" / "last"
+    ckpt = load_checkpoint(last)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(abcgpt.checkpoint, "save_file", full)
+    optimizer = ckpt.model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu")
+    with pytest.raises(AbcgptError, match=f"cannot write {last}: No space left on device"):
+        save_checkpoint(last, ckpt.model, ckpt.recipe, ckpt.tokenizer, ckpt.sources, 5, optimizer=optimizer)
+    assert not (tmp_path / "run" / "last.tmp").exists()
+    assert load_checkpoint(last).meta["step"] == 4
 
 
 # ----------------------------------------------------------------------------- 2. hostile files

@@ -15,15 +15,11 @@ A dial is a number a in [0, 1] (two sources: 0 is the first source, 1 the second
 from pathlib import Path
 
 from abcgpt.checkpoint import load_checkpoint
-from abcgpt.common import AbcgptError, pick_device
+from abcgpt.common import pick_device
 from abcgpt.engine import Engine
 
 
 def load(run_dir: str | Path, device: str = "auto") -> Engine:
     """Load a run directory (its best checkpoint, else its last) or a checkpoint directory.
-    device: "auto" (cuda, then mps, then cpu), or any torch device name."""
-    try:
-        dev = pick_device(device)
-    except RuntimeError as e:
-        raise AbcgptError(f"unknown device {device!r}: {e}") from None
-    return Engine(load_checkpoint(Path(run_dir), dev))
+    device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps"."""
+    return Engine(load_checkpoint(Path(run_dir), pick_device(device)))

@@ -4,22 +4,32 @@
     config.json            recipe, model config, source names and order, tokenizer, step, metrics, file hashes
     tokenizer.json         the tokenizer the model was trained with
     optimizer.safetensors  AdamW moments and the RNG states (training checkpoints only, for exact resume)
+
+Nothing in config.json is trusted as written: on load it is checked against the schema below (its recipe and model
+tables against their own declarations), then against the files and itself, before any of it is used. Anything
+malformed is one AbcgptError naming the checkpoint, the key and what is allowed.
 """
 
 import dataclasses
 import hashlib
 import json
-import shutil
+import math
+import reprlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
-from safetensors import SafetensorError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from abcgpt.common import AbcgptError, existing_dir, fsync_dir, replace_dir
-from abcgpt.config import Recipe, recipe_from_dict
+from abcgpt.common import DECLARED, AbcgptError, atomic_dir, existing_dir, interrupts_deferred
+from abcgpt.config import DERIVED, Recipe, recipe_from_dict
+from abcgpt.dial import MODES
 from abcgpt.model import GPT, GPTConfig
+from abcgpt.sources import check_source_name
 from abcgpt.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "abcgpt-checkpoint"
@@ -32,11 +42,208 @@ class Checkpoint:
     model: GPT
     recipe: Recipe
     tokenizer: Tokenizer
-    meta: dict  # the whole config.json
+    meta: dict  # the whole config.json, as written (checked on load)
 
     @property
     def sources(self) -> list[str]:
         return self.meta["sources"]
+
+
+# ----------------------------------------------------------------------------- config.json's schema
+
+
+def _source_name(name: str) -> str:
+    try:
+        check_source_name(name)
+    except AbcgptError as e:
+        raise ValueError(str(e)) from None  # pydantic reports a ValueError with its key
+    return name
+
+
+SourceName = Annotated[str, AfterValidator(_source_name)]
+# files are read as checkpoint/name: a plain file name of the folder, never a path out of it
+FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=255)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(ge=1)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+U128 = Annotated[int, Field(ge=0, lt=2**128)]
+
+
+class TokenizerEntry(BaseModel):
+    model_config = DECLARED
+    kind: Literal["char", "bpe"]
+    vocab_size: Positive
+    file: Literal["tokenizer.json"]
+
+
+class RecipeEntry(BaseModel):
+    """Its tables' keys and values are checked by config.recipe_from_dict."""
+    model_config = DECLARED
+    name: str = Field(min_length=1)
+    data: dict
+    model: dict
+    train: dict
+
+
+class Metrics(BaseModel):
+    """What training stores: the last evaluation's held-out loss at each source's corner and the middle."""
+    model_config = DECLARED
+    heldout: dict[str, dict[str, float]] | None = None  # {dial position: {source: loss}}
+    corner_own: float | None = None
+
+
+class Curve(BaseModel):
+    model_config = DECLARED
+    dial: list[Unit]
+    share: list[Unit]
+
+
+class Calibration(BaseModel):
+    """What report.calibrate stores: the knots share -> dial that style.apply_calibration interpolates, the mode
+    they were measured in, and how."""
+    model_config = DECLARED
+    share: list[Unit] = Field(min_length=2)
+    dial: list[Unit] = Field(min_length=2)
+    mode: Literal[MODES] = "gates"  # stored before there were modes: measured through the gates
+    curve: Curve | None = None
+    samples_per_point: Positive | None = None
+    new_tokens: Positive | None = None
+    classifier_accuracy: Unit | None = None
+
+    @model_validator(mode="after")
+    def knots(self) -> "Calibration":
+        if len(self.share) != len(self.dial):
+            raise ValueError(f"share and dial must have the same length, not {len(self.share)} and {len(self.dial)}")
+        if self.share != sorted(self.share):
+            raise ValueError("share must be non-decreasing: the knots of an interpolation, in order")
+        if self.curve and len(self.curve.dial) != len(self.curve.share):
+            raise ValueError("curve.dial and curve.share must have the same length")
+        return self
+
+
+class ParamGroup(BaseModel):
+    model_config = DECLARED | {"extra": "allow"}  # another torch version may store other AdamW options
+    params: list[Count]
+    lr: float = Field(ge=0.0)
+    betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(min_length=2, max_length=2)
+    eps: float = Field(gt=0.0)
+    weight_decay: float = Field(ge=0.0)
+
+
+class OptimizerEntry(BaseModel):
+    model_config = DECLARED
+    param_groups: list[ParamGroup]
+    scalars: dict[Annotated[str, Field(pattern=r"^[0-9]+\.[A-Za-z_]+$")], float]  # "param index.name": value
+
+
+class PCG64State(BaseModel):
+    model_config = DECLARED
+    state: U128
+    inc: U128
+
+
+class BatcherEntry(BaseModel):
+    """numpy's PCG64 state, as data.Batcher.state returns it."""
+    model_config = DECLARED
+    bit_generator: Literal["PCG64"]
+    state: PCG64State
+    has_uint32: int = Field(ge=0, le=1)
+    uinteger: int = Field(ge=0, lt=2**32)
+
+
+class Trainer(BaseModel):
+    """What restore_training_state and train read to resume."""
+    model_config = DECLARED
+    optimizer: OptimizerEntry | None = None
+    batcher: BatcherEntry | None = None
+    best: Annotated[float, Field(ge=0.0, allow_inf_nan=True)] | None = None  # inf until the first evaluation
+
+
+class Meta(BaseModel):
+    """config.json."""
+    model_config = DECLARED
+    format: Literal[FORMAT]
+    version: Literal[VERSION]
+    step: Count
+    sources: list[SourceName] = Field(min_length=2)
+    recipe: RecipeEntry
+    model: dict  # GPTConfig's keys, checked by GPTConfig; keys an older abcgpt did not write come from the recipe
+    tokenizer: TokenizerEntry
+    num_params: Count
+    metrics: Metrics | None = None
+    calibration: Calibration | None = None
+    trainer: Trainer | None = None
+    files: dict[FileName, Sha256]
+
+    @field_validator("sources")
+    @classmethod
+    def unique(cls, sources: list[str]) -> list[str]:
+        dup = sorted(s for s, n in Counter(sources).items() if n > 1)
+        if dup:
+            raise ValueError(f"{dup[0]!r} is listed twice")
+        return sources
+
+    @field_validator("files")
+    @classmethod
+    def complete(cls, files: dict[str, str]) -> dict[str, str]:
+        if not {"model.safetensors", "tokenizer.json"} <= files.keys():
+            raise ValueError("must list the sha256 of model.safetensors and tokenizer.json")
+        return files
+
+    @model_validator(mode="after")
+    def consistent(self) -> "Meta":
+        heldout = self.metrics.heldout if self.metrics else None
+        if heldout is not None:
+            positions = set(self.sources) | {"middle"}
+            if heldout.keys() != positions or any(row.keys() != set(self.sources) for row in heldout.values()):
+                raise ValueError(f"metrics.heldout must hold a loss for every one of sources "
+                                 f"({', '.join(self.sources)}) at each one's corner and at the middle")
+        if self.trainer and self.trainer.optimizer and "optimizer.safetensors" not in self.files:
+            raise ValueError("trainer.optimizer is set but files does not list optimizer.safetensors")
+        return self
+
+
+def _schema_error(e: ValidationError, prefix: tuple = ()) -> str:
+    """pydantic's first complaint as one line: the key, the value given and what is allowed."""
+    err = e.errors(include_url=False)[0]
+    loc = [*prefix, *err["loc"]]
+    key = ".".join(map(str, loc))
+    if err["type"] == "value_error":  # our own checks, whose message says what is wrong with the value
+        return f"{key}: {err['ctx']['error']}" if loc else str(err["ctx"]["error"])
+    why = err["msg"][0].lower() + err["msg"][1:]
+    if err["type"] == "missing":
+        return f"{key} is missing"
+    if err["type"] == "extra_forbidden":
+        return f"{key} is not a key abcgpt writes"
+    if loc and loc[-1] == "[key]":  # a key of a dict, like a file name
+        return f"{'.'.join(map(str, loc[:-2]))} has a key {loc[-2]!r}: {why}"
+    return f"{key} = {reprlib.repr(err['input'])}: {why}"
+
+
+def read_meta(path: Path) -> dict:
+    """path/config.json, checked against Meta."""
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep, an integer of 5000 digits
+        raise AbcgptError(f"{path}/config.json is corrupted: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AbcgptError(f"{path} is not an abcgpt checkpoint (config.json has no format: {FORMAT!r})")
+    version = meta.get("version")
+    if type(version) is not int or version != VERSION:  # (True == 1.0 == 1 in Python)
+        raise AbcgptError(f"{path} is checkpoint version {reprlib.repr(version)}; this abcgpt reads {VERSION}")
+    try:
+        Meta.model_validate(meta)
+    except ValidationError as e:
+        raise _malformed(path, _schema_error(e)) from None
+    return meta
+
+
+def _malformed(path: Path, why: str) -> AbcgptError:
+    return AbcgptError(" ".join(f"checkpoint {path} has a malformed config.json: {why}".split()))
+
+
+# ----------------------------------------------------------------------------- writing
 
 
 def sha256(path: Path) -> str:
@@ -51,37 +258,31 @@ def save_checkpoint(path: Path, model: GPT, recipe: Recipe, tokenizer: Tokenizer
                     step: int, metrics: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
                     trainer: dict | None = None) -> None:
     """Write into path.tmp, fsync, then swap it in: a crash at any moment leaves a complete checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
-    tokenizer.save(tmp / "tokenizer.json")
-    if optimizer is not None:
-        tensors, state_meta = _flatten_optimizer(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        trainer = dict(trainer or {}, optimizer=state_meta)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "step": step,
-        "sources": sources,
-        "recipe": recipe.to_dict(),
-        "model": dataclasses.asdict(model.config),
-        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "file": "tokenizer.json"},
-        "num_params": model.num_params(),
-        "metrics": metrics or {},
-        "trainer": trainer,
-        "files": {f.name: sha256(f) for f in sorted(tmp.iterdir())},
-    }
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-    fsync_dir(tmp)
-    replace_dir(tmp, path)
+    with interrupts_deferred(), atomic_dir(Path(path)) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
+        tokenizer.save(tmp / "tokenizer.json")
+        if optimizer is not None:
+            tensors, state_meta = _flatten_optimizer(optimizer)
+            tensors["rng.torch"] = torch.get_rng_state()
+            if torch.cuda.is_available():
+                for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                    tensors[f"rng.cuda.{i}"] = s
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            trainer = dict(trainer or {}, optimizer=state_meta)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            "sources": sources,
+            "recipe": recipe.to_dict(),
+            "model": dataclasses.asdict(model.config),
+            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "file": "tokenizer.json"},
+            "num_params": model.num_params(),
+            "metrics": metrics or {},
+            "trainer": trainer,
+            "files": {f.name: sha256(f) for f in sorted(tmp.iterdir())},
+        }
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))  # last: it holds the others' hashes
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -100,7 +301,7 @@ def restore_training_state(ckpt: Checkpoint, optimizer: torch.optim.Optimizer) -
     """Load optimizer moments and RNG states into place; returns the trainer metadata."""
     trainer = ckpt.meta.get("trainer") or {}
     f = ckpt.path / "optimizer.safetensors"
-    if "optimizer" not in trainer or not f.is_file():
+    if any(trainer.get(k) is None for k in ("optimizer", "batcher", "best")) or not f.is_file():
         raise AbcgptError(f"{ckpt.path} holds no optimizer state (not a training checkpoint): cannot resume")
     tensors = _load_tensors(f)
     try:
@@ -150,37 +351,61 @@ def resolve(path: Path) -> Path:
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """A checkpoint (or a run directory's best, else last), with every file checked before it is used."""
     path = resolve(path)
-    try:
-        meta = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AbcgptError(f"{path}/config.json is corrupted: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise AbcgptError(f"{path} is not an abcgpt checkpoint (config.json has no format: {FORMAT!r})")
-    if meta.get("version") != VERSION:
-        raise AbcgptError(f"{path} is checkpoint version {meta.get('version')}; this abcgpt reads {VERSION}")
-    files, step = meta.get("files"), meta.get("step")
-    if not isinstance(files, dict) or "model.safetensors" not in files or not isinstance(step, int):
-        raise AbcgptError(f"{path}/config.json is corrupted: it must list the hashes of the checkpoint's files "
-                          "and an integer step")
-    for name, digest in files.items():
+    meta = read_meta(path)
+    for name, digest in meta["files"].items():  # plain file names (checked): nothing outside path is read
         f = path / name
         if not f.is_file():
             raise AbcgptError(f"checkpoint {path} is incomplete: {name} is missing")
         if sha256(f) != digest:
             raise AbcgptError(f"checkpoint {path} is corrupted: {name} does not match its recorded sha256")
+    tokenizer = load_tokenizer(path / "tokenizer.json")
+    entry = meta["tokenizer"]
+    if (tokenizer.kind, tokenizer.vocab_size) != (entry["kind"], entry["vocab_size"]):
+        raise _malformed(path, f"tokenizer says {entry['kind']} with {entry['vocab_size']} tokens, tokenizer.json "
+                               f"holds {tokenizer.kind} with {tokenizer.vocab_size}")
     try:
         recipe = recipe_from_dict(meta["recipe"])
-        # keys a checkpoint from an older abcgpt lacks come from its recipe, which knows their old values
-        model = GPT(GPTConfig(**(dataclasses.asdict(recipe.model) | meta["model"])))
-        load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
     except AbcgptError as e:
-        raise AbcgptError(f"checkpoint {path} cannot be loaded: {e}") from None
-    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, SafetensorError, RuntimeError) as e:
-        raise AbcgptError(f"checkpoint {path} cannot be loaded ({type(e).__name__}): {e}") from None
-    model.to(device)
-    tokenizer = load_tokenizer(path / "tokenizer.json")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise AbcgptError(f"checkpoint {path} is inconsistent: its tokenizer has {tokenizer.vocab_size} tokens, "
-                          f"its model {model.config.vocab_size}")
-    return Checkpoint(path, model, recipe, tokenizer, meta)
+        raise _malformed(path, f"recipe: {e}") from None
+    except ValidationError as e:
+        raise _malformed(path, _schema_error(e, ("recipe",))) from None
+    try:  # keys a checkpoint from an older abcgpt lacks come from its recipe, which knows their old values
+        config = GPTConfig(**(dataclasses.asdict(recipe.model) | meta["model"]))
+    except ValidationError as e:
+        raise _malformed(path, _schema_error(e, ("model",))) from None
+    except (TypeError, ValueError) as e:
+        raise _malformed(path, f"model: {e}") from None
+    _check_agreement(path, meta, recipe, config, tokenizer)
+    try:
+        # the size first, on no memory: config.json cannot make us allocate more than its weights file holds
+        with torch.device("meta"):
+            need = sum(p.numel() for p in GPT(config).parameters())
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            have = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        if need > have:
+            raise ValueError(f"its model has {need:,} parameters, model.safetensors holds {have:,} numbers")
+        model = GPT(config)
+        load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    except (SafetensorError, RuntimeError, ValueError, TypeError, AssertionError) as e:
+        raise AbcgptError(" ".join(f"checkpoint {path} cannot be loaded ({type(e).__name__}): {e}".split())) from None
+    return Checkpoint(path, model.to(device), recipe, tokenizer, meta)
+
+
+def _check_agreement(path: Path, meta: dict, recipe: Recipe, config: GPTConfig, tokenizer: Tokenizer) -> None:
+    """The parts of config.json that describe the same thing must say the same."""
+    names = [s.name for s in recipe.data.sources]
+    if names != meta["sources"]:
+        raise _malformed(path, f"recipe.data.sources are {', '.join(names)}; sources are "
+                               f"{', '.join(meta['sources'])}: the same names, in the same order, are allowed")
+    if config.n_sources != len(names):
+        raise _malformed(path, f"model.n_sources = {config.n_sources}, but there are {len(names)} sources")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise _malformed(path, f"model.vocab_size = {config.vocab_size}, but its tokenizer has "
+                               f"{tokenizer.vocab_size} tokens: at least as many are allowed")
+    ours, recipes = dataclasses.asdict(config), dataclasses.asdict(recipe.model)
+    for k in ours:
+        if k not in DERIVED["model"] and ours[k] != recipes[k]:
+            raise _malformed(path, f"model.{k} = {ours[k]!r}, but recipe.model.{k} = {recipes[k]!r}: they must "
+                                   "agree")

@@ -1,6 +1,7 @@
 """The `abcgpt` command: prepare, train, sample, baselines, eval, calibrate, serve, export, info, config."""
 
 import argparse
+import dataclasses
 import itertools
 import json
 import shutil
@@ -8,11 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from abcgpt.common import AbcgptError, existing_dir, pick_device
-from abcgpt.dial import MODES
-
 
 def cmd_prepare(args) -> None:
+    from abcgpt.common import existing_dir
     from abcgpt.config import load_recipe
     from abcgpt.data import load_data, prepare, stale_reason
 
@@ -29,6 +28,7 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from abcgpt.checkpoint import load_checkpoint
+    from abcgpt.common import AbcgptError, declared, existing_dir
     from abcgpt.config import load_recipe
     from abcgpt.train import train
 
@@ -40,18 +40,20 @@ def cmd_train(args) -> None:
         if not (last / "config.json").is_file():
             raise AbcgptError(f"{run} holds no checkpoint to resume (no {run}/last)")
         recipe = load_checkpoint(last).recipe
-        if args.steps:
-            recipe.train.steps = args.steps
+        if args.steps is not None:
+            with declared("--"):
+                recipe.train = dataclasses.replace(recipe.train, steps=args.steps)
         train(recipe, run, resume=True)
         return
     if not args.out:
         raise AbcgptError("train needs --out RUN_DIR (or --resume RUN_DIR)")
-    overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps else [])
+    overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     train(load_recipe(args.config or "tiny", overrides), Path(args.out))
 
 
 def cmd_sample(args) -> None:
     from abcgpt.checkpoint import load_checkpoint
+    from abcgpt.common import pick_device
     from abcgpt.dial import format_dial
     from abcgpt.engine import Engine
 
@@ -59,6 +61,8 @@ def cmd_sample(args) -> None:
     sources, mode, notes = engine.sources, engine.mode(args.mode), []
     specs = args.sweep.split(",") if args.sweep else [args.dial]
     dials = [engine.dial_tensor(spec, args.calibrated, mode, notes) for spec in specs]
+    engine.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.n, args.seed, len(dials))
+    engine.prompt_ids(args.prompt)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
@@ -91,29 +95,34 @@ def cmd_baselines(args) -> None:
     from abcgpt.config import load_recipe
     from abcgpt.train import train_baselines
 
-    overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps else [])
+    overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     paths = train_baselines(load_recipe(args.config, overrides), Path(args.out))
     print("baselines: " + ", ".join(str(p) for p in paths))
 
 
 def cmd_eval(args) -> None:
+    from abcgpt.common import check_writable, declared, pick_device
     from abcgpt.report import Settings, build_report, write_report
 
-    settings = Settings.quick(args.samples or 4) if args.quick else Settings(samples=args.samples or 32)
+    with declared("--"):
+        samples = {} if args.samples is None else {"samples": args.samples}
+        settings = Settings.quick(**samples) if args.quick else Settings(**samples)
     settings.prompt = args.prompt
+    out = check_writable(Path(args.out) if args.out else Path(args.ckpt) / "report")
     report, figures = build_report(Path(args.ckpt), Path(args.baselines) if args.baselines else None,
                                    args.quick, settings, pick_device(args.device), mode=args.mode)
-    out = Path(args.out) if args.out else Path(args.ckpt) / "report"
     write_report(report, figures, out)
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.html'} (also report.json, report.md and the PNGs there)")
 
 
 def cmd_calibrate(args) -> None:
+    from abcgpt.common import declared, pick_device
     from abcgpt.report import Settings, calibrate
 
-    cal = calibrate(Path(args.ckpt), Settings(samples=args.samples, prompt=args.prompt), pick_device(args.device),
-                    mode=args.mode)
+    with declared("--"):
+        settings = Settings(samples=args.samples, prompt=args.prompt)
+    cal = calibrate(Path(args.ckpt), settings, pick_device(args.device), mode=args.mode)
     pairs = ", ".join(f"{a:.2f}->{d:.2f}" for a, d in zip(cal["share"], cal["dial"]))
     print(f"calibration (mode {cal['mode']}) stored in the checkpoint (share asked -> dial): {pairs}")
 
@@ -151,6 +160,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from abcgpt.common import pick_device
     from abcgpt.serve import serve
 
     serve(Path(args.ckpt), args.host, args.port, pick_device(args.device), max_concurrent=args.max_concurrent,
@@ -178,16 +188,28 @@ def print_side_by_side(headers: list[str], texts: list[str], sources: list[str])
 
 
 def cmd_config(args) -> None:
-    from abcgpt.config import list_recipes, load_recipe
+    from abcgpt.config import describe_keys, list_recipes, load_recipe
 
+    if args.keys:
+        print("\n".join(describe_keys()))
+        return
     if not args.config:
         print("built-in recipes: " + ", ".join(list_recipes()))
         return
     print(json.dumps(load_recipe(args.config, args.set).to_dict(), indent=2))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line like every other error (and the usage left to --help)."""
+
+    def error(self, message: str):
+        from abcgpt.common import AbcgptError
+
+        raise AbcgptError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="abcgpt", description="Train and use a GPT with a dial over its training sources.")
+    p = Parser(prog="abcgpt", description="Train and use a GPT with a dial over its training sources.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def recipe_args(sp, required=False):
@@ -196,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a recipe key, e.g. --set train.lr=3e-4 (repeatable)")
 
     def mode_arg(sp):
+        from abcgpt.dial import MODES
+
         sp.add_argument("--mode", choices=MODES, default=None,
                         help="what the dial does between corners: mixture (the default for the partition method: each "
                              "sample from one source, drawn with the dial's odds), switch (a blend: the source may "
@@ -285,20 +309,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("config", help="show a recipe with defaults and overrides applied")
     recipe_args(sp)
+    sp.add_argument("--keys", action="store_true", help="list every recipe key: its type, range and default")
     sp.set_defaults(func=cmd_config)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Every failure a user can cause ends in one line on stderr: exit 2 for an error, 130 for
+    Ctrl-C; what was on disk before stays as it was (every write is atomic)."""
     try:
+        from abcgpt.common import AbcgptError, Interrupted  # (imports torch: a Ctrl-C may come meanwhile)
+
+        args = build_parser().parse_args(argv)
         args.func(args)
+    except KeyboardInterrupt:  # first: when it comes during the import above, the names below are not bound yet
+        return fail("interrupted; nothing was left half-written", 130)
+    except Interrupted as e:
+        return fail(str(e), 130)
     except AbcgptError as e:
-        print(f"abcgpt: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
-        return 2
+        return fail(str(e))
     except BrokenPipeError:  # `abcgpt sample ... | head`
         return 0
+    except OSError as e:  # a file that cannot be read or written: name it
+        return fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
     return 0
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"abcgpt: error: {' '.join(message.split())}", file=sys.stderr)  # always one line
+    return code
 
 
 if __name__ == "__main__":

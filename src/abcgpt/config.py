@@ -1,56 +1,66 @@
 """Recipes: TOML files with [data], [model] and [train] tables; any key overridable with --set key=value.
 
-A recipe is a name (a file in abcgpt/configs/) or a path. Unknown keys and wrong types are errors."""
+A recipe is a name (a file in abcgpt/configs/) or a path. Every key is declared once below (and [model] in
+model.GPTConfig) with its type, its range and its default; unknown keys, wrong types and values out of range are
+errors that name the key, the value and what is allowed, before any work starts."""
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field
+import typing
 from pathlib import Path
+from typing import Literal
 
-from abcgpt.common import AbcgptError
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from abcgpt.common import DECLARED, DEVICE, AbcgptError, declared
 from abcgpt.model import GPTConfig
 from abcgpt.sources import SourceSpec
 
 RECIPE_DIR = Path(__file__).parent / "configs"
+BIG = 10**9  # a ceiling for counts of steps and batches: far above any real run, far below an overflow
 
 
-@dataclass
+@dataclass(config=DECLARED)
 class DataConfig:
-    dir: str = "data/{recipe}"  # where prepared shards go; {recipe} is the recipe's name
-    tokenizer: str = "char"  # "char" | "bpe"
-    vocab_size: int = 4096  # BPE only
-    heldout_fraction: float = 0.1  # held out from the end of a source that has no validation file
-    sources: list[SourceSpec] = field(default_factory=list)
+    dir: str = Field("data/{recipe}", min_length=1)  # where prepared shards go; {recipe} is the recipe's name
+    tokenizer: Literal["char", "bpe"] = "char"
+    vocab_size: int = Field(4096, ge=257, le=2**20)  # BPE only: 256 bytes, the end-of-text token and merges
+    heldout_fraction: float = Field(0.1, gt=0.0, le=0.5)  # held out from the end of a source without a validation file
+    sources: list[SourceSpec] = Field(default_factory=list)  # checked by SourceSpec itself
 
 
-@dataclass
+@dataclass(config=DECLARED)
 class TrainConfig:
-    steps: int = 5000
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    dial_sampling: str = "per_sequence"  # "per_sequence" | "per_batch" (the reference: one dial per step)
-    dial_concentration: float = 0.5  # dial ~ Beta(c, c) / Dirichlet(c)
-    corner_fraction: float = 1.0  # share of draws put at an exact corner (one source alone); 1 = always
-    only_sources: list = field(default_factory=list)  # ungated baselines: train on these sources only ([] = all)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, else fp32) | "float32" | "bfloat16"
+    steps: int = Field(5000, ge=1, le=BIG)
+    batch_size: int = Field(64, ge=1, le=2**20)
+    grad_accum: int = Field(1, ge=1, le=2**16)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    min_lr: float = Field(1e-4, ge=0.0, le=10.0)  # and <= lr
+    warmup_steps: int = Field(100, ge=0, le=BIG)
+    weight_decay: float = Field(0.1, ge=0.0, le=10.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, le=1e6)  # 0: no clipping
+    # "per_batch" is the reference's: one dial per step
+    dial_sampling: Literal["per_sequence", "per_batch"] = "per_sequence"
+    dial_concentration: float = Field(0.5, gt=0.0, le=1e6)  # dial ~ Beta(c, c) / Dirichlet(c)
+    # share of draws put at an exact corner (one source alone); 1 = always
+    corner_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    only_sources: list[str] = Field(default_factory=list)  # ungated baselines: train on these sources only ([] = all)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    device: str = Field("auto", pattern=DEVICE.pattern)  # auto, cpu, cuda, cuda:N, mps
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, else fp32
     compile: bool = False
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2), not DDP
-    peak_tflops: float = 0.0  # the accelerator's dense bf16 peak for MFU; 0 looks it up by GPU name
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    eval_every: int = 250
-    eval_batches: int = 8  # held-out batches per source per dial position
-    log_every: int = 10
-    log_to: list = field(default_factory=list)  # besides metrics.jsonl: "tensorboard", "wandb" (offline by default)
-    checkpoint_every: int = 250
+    peak_tflops: float = Field(0.0, ge=0.0, le=1e6)  # the accelerator's dense bf16 peak for MFU; 0: by GPU name
+    threads: int = Field(0, ge=0, le=4096)  # torch CPU threads; 0 leaves torch's default
+    eval_every: int = Field(250, ge=1, le=BIG)
+    eval_batches: int = Field(8, ge=1, le=10**5)  # held-out batches per source per dial position
+    log_every: int = Field(10, ge=1, le=BIG)
+    # besides metrics.jsonl: "tensorboard", "wandb" (offline by default)
+    log_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    checkpoint_every: int = Field(250, ge=1, le=BIG)
 
 
 @dataclass
@@ -73,16 +83,32 @@ class Recipe:
 # keys the recipe does not set: they come from the data (vocabulary, number of sources)
 DERIVED = {"model": {"vocab_size", "n_sources"}}
 SECTIONS = {"data": DataConfig, "model": GPTConfig, "train": TrainConfig}
-CHOICES = {
-    ("data", "tokenizer"): ("char", "bpe"),
-    ("model", "gates"): ("abc", "none"),
-    ("model", "method"): ("partition", "reference"),
-    ("model", "gate_shape"): ("cos2", "linear"),
-    ("model", "shared_gate"): ("always", "middle"),
-    ("model", "routing"): ("soft", "routed"),
-    ("train", "dial_sampling"): ("per_sequence", "per_batch"),
-    ("train", "dtype"): ("auto", "float32", "bfloat16"),
-}
+
+
+def declared_keys(section: str) -> dict:
+    """The keys a recipe may set in a section, with their declarations (pydantic FieldInfo: default, range)."""
+    return {k: f for k, f in SECTIONS[section].__pydantic_fields__.items() if k not in DERIVED.get(section, ())}
+
+
+def describe_keys() -> list[str]:
+    """One line per recipe key: its type, what is allowed and its default (`abcgpt config --keys`)."""
+    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "pattern": "matches", "min_length": "length >="}
+
+    def kind(t) -> str:
+        if typing.get_origin(t) is Literal:
+            return " | ".join(map(repr, typing.get_args(t)))
+        if typing.get_origin(t) is list:
+            return f"list of {kind(typing.get_args(t)[0])}"
+        return t.__name__
+
+    lines = []
+    for section in SECTIONS:
+        for key, f in declared_keys(section).items():
+            limits = " ".join(f"{sign} {getattr(m, name)}" for m in f.metadata for name, sign in signs.items()
+                              if getattr(m, name, None) is not None)
+            default = "none (list two or more)" if key == "sources" else repr(f.get_default(call_default_factory=True))
+            lines.append(f"{section + '.' + key:<30} {kind(f.annotation) + ' ' + limits:<52} default {default}")
+    return lines
 
 
 # model.method = "reference" is the original method of DESIGN §1: these are its values of the knobs the two
@@ -92,55 +118,36 @@ REFERENCE_METHOD = {"model": {"routing": "soft", "narrowness": 1.0, "gate_shape"
                     "train": {"dial_sampling": "per_batch", "dial_concentration": 0.5, "corner_fraction": 0.0}}
 
 
-def _fields(section: str) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(SECTIONS[section]) if f.name not in DERIVED.get(section, ())}
-
-
-def _check_type(where: str, value, default):
-    """Values must have the type of the field's default (an int is accepted where a float is expected)."""
-    want = type(default)
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if want is not type(value):
-        raise AbcgptError(f"{where} must be {want.__name__}, got {value!r}")
-    return value
-
-
 def build_recipe(raw: dict, name: str) -> Recipe:
     """Validate a parsed TOML dict and fill in defaults."""
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise AbcgptError(f"unknown table [{sorted(unknown)[0]}] in recipe {name}; allowed: data, model, train")
-    sections = {}
     for section in SECTIONS:
         if not isinstance(raw.get(section, {}), dict):
             raise AbcgptError(f"[{section}] in recipe {name} must be a table, got {raw[section]!r}")
     reference = raw.get("model", {}).get("method") == "reference"
+    sections = {}
     for section, cls in SECTIONS.items():
         table = (REFERENCE_METHOD.get(section, {}) if reference else {}) | dict(raw.get(section, {}))
-        fields = _fields(section)
-        kwargs = {}
-        for key, value in table.items():
-            if key not in fields:
+        keys = declared_keys(section)
+        for key in table:
+            if key not in keys:
                 raise AbcgptError(f"unknown key {section}.{key} in recipe {name}; allowed: "
-                                  f"{', '.join(f'{section}.{k}' for k in fields)}")
-            if section == "data" and key == "sources":
-                if not isinstance(value, list):
-                    raise AbcgptError("data.sources must be a list of tables ([[data.sources]])")
-                kwargs[key] = [SourceSpec.from_dict(s if isinstance(s, dict) else {"name": s}) for s in value]
-                continue
-            value = _check_type(f"{section}.{key}", value, getattr(cls(), key))
-            choices = CHOICES.get((section, key))
-            if choices and value not in choices:
-                raise AbcgptError(f"{section}.{key} must be one of {', '.join(choices)}, got {value!r}")
-            kwargs[key] = value
-        sections[section] = cls(**kwargs)
+                                  f"{', '.join(f'{section}.{k}' for k in keys)}")
+        if section == "data" and "sources" in table:
+            if not isinstance(table["sources"], list):
+                raise AbcgptError("data.sources must be a list of tables ([[data.sources]])")
+            table["sources"] = [SourceSpec.from_dict(s) for s in table["sources"]]
+        with declared(f"{section}."):
+            sections[section] = cls(**table)
     recipe = Recipe(name=name, **sections)
     validate(recipe)
     return recipe
 
 
 def validate(r: Recipe) -> None:
+    """The rules that tie keys together (each key's own range is declared with it)."""
     names = [s.name for s in r.data.sources]
     if len(names) < 2:
         raise AbcgptError(f"recipe {r.name} lists {len(names)} source(s); a dial needs at least two")
@@ -152,34 +159,17 @@ def validate(r: Recipe) -> None:
         if name not in names:
             raise AbcgptError(f"train.only_sources names {name!r}, which is not a source of the recipe "
                               f"({', '.join(names)})")
-    for sink in t.log_to:
-        if sink not in ("tensorboard", "wandb"):
-            raise AbcgptError(f"train.log_to may name tensorboard and wandb, got {sink!r}")
     if t.only_sources and m.gates != "none":
         raise AbcgptError('train.only_sources is for ungated baselines: set model.gates = "none" too')
-    positive = {"model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
-                "model.block_size": m.block_size, "model.narrowness": m.narrowness, "train.steps": t.steps,
-                "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.lr": t.lr,
-                "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches,
-                "train.log_every": t.log_every, "train.checkpoint_every": t.checkpoint_every,
-                "train.dial_concentration": t.dial_concentration}
-    for key, v in positive.items():
-        if not v > 0:
-            raise AbcgptError(f"{key} must be > 0, got {v}")
-    if m.specialty_concentration < 0:
-        raise AbcgptError(f"model.specialty_concentration must be > 0, or 0 for 1/N; got {m.specialty_concentration}")
-    if not 0.0 <= m.shared_fraction < 1.0:
-        raise AbcgptError(f"model.shared_fraction must be in [0, 1), got {m.shared_fraction}")
-    if not 0.0 <= t.corner_fraction <= 1.0:
-        raise AbcgptError(f"train.corner_fraction must be in [0, 1], got {t.corner_fraction}")
     if m.n_embd % m.n_head:
         raise AbcgptError(f"model.n_embd ({m.n_embd}) must be a multiple of model.n_head ({m.n_head})")
-    if not 0.0 <= m.dropout < 1.0:
-        raise AbcgptError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if not 0.0 <= t.min_lr <= t.lr:
-        raise AbcgptError(f"train.min_lr must be in [0, train.lr], got {t.min_lr}")
-    if not 0.0 < r.data.heldout_fraction <= 0.5:
-        raise AbcgptError(f"data.heldout_fraction must be in (0, 0.5], got {r.data.heldout_fraction}")
+    if t.min_lr > t.lr:
+        raise AbcgptError(f"train.min_lr ({t.min_lr}) must not be above train.lr ({t.lr})")
+    try:
+        r.data_dir  # noqa: B018 (formats data.dir)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        raise AbcgptError(f"data.dir = {r.data.dir!r} is not allowed: the only placeholder it may hold is "
+                          "{recipe} (write {{ and }} for braces)") from None
 
 
 def parse_override(item: str) -> tuple[str, str, object]:
@@ -190,10 +180,10 @@ def parse_override(item: str) -> tuple[str, str, object]:
         raise AbcgptError(f"--set takes key=value, got {item!r}")
     if "." in key:
         section, _, name = key.partition(".")
-        if section not in SECTIONS or name not in _fields(section):
+        if section not in SECTIONS or name not in declared_keys(section):
             raise AbcgptError(f"unknown config key {key!r}; see `abcgpt config --config NAME` for the keys")
     else:
-        owners = [s for s in SECTIONS if key in _fields(s)]
+        owners = [s for s in SECTIONS if key in declared_keys(s)]
         if not owners:
             raise AbcgptError(f"unknown config key {key!r}; see `abcgpt config --config NAME` for the keys")
         if len(owners) > 1:

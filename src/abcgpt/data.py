@@ -7,7 +7,6 @@ noticed instead of silently trained on.
 """
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from abcgpt.common import AbcgptError, existing_dir, fsync_dir, replace_dir
+from abcgpt.common import AbcgptError, atomic_dir, check_writable, existing_dir
 from abcgpt.config import Recipe
 from abcgpt.dial import sample_dials
 from abcgpt.sources import load_source
@@ -37,41 +36,35 @@ def data_key(recipe: Recipe) -> dict:
 
 def prepare(recipe: Recipe, out: Path | None = None, progress: bool = True) -> Path:
     """Load every source, train the tokenizer, write the shards and the manifest (atomically, as one folder)."""
-    out = Path(out or recipe.data_dir)
+    out = check_writable(Path(out or recipe.data_dir))
     t0 = time.time()
     texts = [load_source(s, recipe.data.heldout_fraction, progress) for s in recipe.data.sources]
     if recipe.data.tokenizer == "char":  # the alphabet must cover held-out text too
         tok = train_tokenizer("char", {t.name: t.train + t.heldout for t in texts})
     else:  # BPE merges are learnt from training text only
         tok = train_tokenizer("bpe", {t.name: t.train for t in texts}, recipe.data.vocab_size)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tok.save(tmp / "tokenizer.json")
-    entries = []
-    for t in texts:
-        entry = {"name": t.name, "origin": t.origin, "sha256": t.sha256}
-        for split in ("train", "heldout"):
-            ids = tok.encode_array(getattr(t, split))
-            ids.tofile(tmp / f"{t.name}.{split}.bin")
-            entry[f"{split}_tokens"] = int(ids.size)
-            entry[f"{split}_chars"] = len(getattr(t, split))
-        entries.append(entry)
-        if progress:
-            print(f"  {t.name}: {entry['train_tokens']:,} train / {entry['heldout_tokens']:,} held-out tokens"
-                  f"  ({t.origin})")
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "key": data_key(recipe),
-        "dtype": np.dtype(token_dtype(tok.vocab_size)).name,
-        "vocab_size": tok.vocab_size,
-        "sources": entries,
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    fsync_dir(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        tok.save(tmp / "tokenizer.json")
+        entries = []
+        for t in texts:
+            entry = {"name": t.name, "origin": t.origin, "sha256": t.sha256}
+            for split in ("train", "heldout"):
+                ids = tok.encode_array(getattr(t, split))
+                ids.tofile(tmp / f"{t.name}.{split}.bin")
+                entry[f"{split}_tokens"] = int(ids.size)
+                entry[f"{split}_chars"] = len(getattr(t, split))
+            entries.append(entry)
+            if progress:
+                print(f"  {t.name}: {entry['train_tokens']:,} train / {entry['heldout_tokens']:,} held-out tokens"
+                      f"  ({t.origin})")
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "key": data_key(recipe),
+            "dtype": np.dtype(token_dtype(tok.vocab_size)).name,
+            "vocab_size": tok.vocab_size,
+            "sources": entries,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if progress:
         print(f"prepared {out} in {time.time() - t0:.1f}s: {recipe.data.tokenizer} tokenizer, "
               f"vocab {tok.vocab_size}")

@@ -18,6 +18,7 @@ pass: up to N times a corner.
 """
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from numbers import Integral, Real
 
@@ -42,6 +43,9 @@ from abcgpt.style import apply_calibration
 from abcgpt.tokenizer import Tokenizer
 
 BOUNDARY_CHARS = ".!?"  # a token ending in one of these (or holding a line break) ends a sentence for `switch`
+MAX_ROWS = 1024  # sequences in one call (dial positions x n): each holds a KV cache of its own
+MAX_NEW_TOKENS = 100_000
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; JSON clients and numpy agree on int64
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
@@ -247,15 +251,26 @@ class Engine:
         return ids
 
     @staticmethod
-    def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, n: int = 1) -> None:
-        if not isinstance(n, Integral) or isinstance(n, bool) or n < 1:
-            raise AbcgptError(f"n must be an integer >= 1, got {n!r}")
-        if not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise AbcgptError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if not isinstance(temperature, Real) or not math.isfinite(temperature) or temperature < 0:
+    def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, n: int = 1,
+                       seed: int | None = None, positions: int = 1) -> None:
+        """Every sampling argument in its range, before any work: an AbcgptError naming the argument otherwise."""
+        def integer(x) -> bool:
+            return isinstance(x, Integral) and not isinstance(x, bool)
+
+        if not integer(n) or not 1 <= n <= MAX_ROWS:
+            raise AbcgptError(f"n must be an integer in [1, {MAX_ROWS}], got {n!r}")
+        if n * positions > MAX_ROWS:
+            raise AbcgptError(f"n x dial positions is {n} x {positions} = {n * positions} sequences; at most "
+                              f"{MAX_ROWS} in one call")
+        if not integer(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise AbcgptError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not math.isfinite(temperature) \
+                or temperature < 0:
             raise AbcgptError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, Integral) or top_k < 0):
+        if top_k is not None and (not integer(top_k) or top_k < 0):
             raise AbcgptError(f"top_k must be None or an integer >= 0 (0 = off), got {top_k!r}")
+        if seed is not None and (not integer(seed) or not 0 <= seed <= MAX_SEED):
+            raise AbcgptError(f"seed must be None or an integer in [0, 2**63 - 1], got {seed!r}")
 
     def _generator(self, seed: int | None) -> torch.Generator:
         """A private random stream: a seedless call never touches torch's global RNG."""
@@ -278,13 +293,18 @@ class Engine:
 
     def sweep(self, prompt: str, dials: list[DialSpec], max_new_tokens: int = 200, temperature: float = 0.8,
               top_k: int | None = 40, seed: int | None = None, n: int = 1, calibrated: bool = False,
-              mode: str | None = None) -> list[list[str]]:
-        """n samples at each of several dial positions, all in one batch: a list of n texts per position."""
-        self.check_sampling(max_new_tokens, temperature, top_k, n)
+              mode: str | None = None, stop: threading.Event | None = None) -> list[list[str]]:
+        """n samples at each of several dial positions, all in one batch: a list of n texts per position.
+        Setting `stop` (from another thread) ends the batch after the current token: the texts are then shorter."""
+        self.check_sampling(max_new_tokens, temperature, top_k, n, seed, len(dials))
         mode = self.mode(mode)
         rows = torch.stack([self.dial_tensor(d, calibrated, mode) for d in dials]).repeat_interleave(n, dim=0)
         ids = torch.tensor([self.prompt_ids(prompt)]).expand(rows.size(0), -1)
-        tokens = list(self.tokens(ids, rows, mode, max_new_tokens, temperature, top_k, self._generator(seed), n))
+        tokens = []
+        for t in self.tokens(ids, rows, mode, max_new_tokens, temperature, top_k, self._generator(seed), n):
+            tokens.append(t)
+            if stop is not None and stop.is_set():
+                break
         texts = [self.tokenizer.decode(row) for row in torch.stack(tokens, dim=1).tolist()]
         return [texts[i:i + n] for i in range(0, len(texts), n)]
 
@@ -293,7 +313,7 @@ class Engine:
                mode: str | None = None) -> Iterator[str]:
         """Pieces of one sample's text as they are generated; joined, they equal generate(...) with the same
         arguments. Arguments are checked here, before the first piece is asked for."""
-        self.check_sampling(max_new_tokens, temperature, top_k)
+        self.check_sampling(max_new_tokens, temperature, top_k, seed=seed)
         mode = self.mode(mode)
         d = self.dial_tensor(dial, calibrated, mode)
         ids = torch.tensor([self.prompt_ids(prompt)])

@@ -1,6 +1,5 @@
 """Held-out loss of every source at chosen dial positions: the numbers training logs and the demo prints."""
 
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -112,9 +111,3 @@ def plot_loss_curve(curve: dict, path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)

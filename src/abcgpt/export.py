@@ -13,13 +13,12 @@ vocabulary fails with an error, as abcgpt's own CharTokenizer does. Neither toke
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from abcgpt.checkpoint import Checkpoint, load_checkpoint
-from abcgpt.common import AbcgptError, replace_dir
+from abcgpt.common import AbcgptError, atomic_dir, check_writable
 from abcgpt.dial import format_dial
 from abcgpt.engine import Engine
 from abcgpt.model import GPT
@@ -50,6 +49,7 @@ def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode
         raise AbcgptError(f"{out} exists; use --force to overwrite")
     if out.exists() and not out.is_dir():
         raise AbcgptError(f"{out} exists and is not a folder; not overwriting it")
+    check_writable(out.parent)
     tf = _transformers()
     ckpt = load_checkpoint(Path(ckpt_path), "cpu")
     ckpt.model.float()
@@ -58,21 +58,13 @@ def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode
     plain = engine.network(weights, mode)
     note = notes[0] if notes else None
 
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         hf_tok, special = _hf_tokenizer(ckpt, tf)
         hf_model = _hf_model(plain, ckpt, dial, weights, special, tf)
         hf_model.save_pretrained(tmp, safe_serialization=True)
         hf_tok.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(ckpt, Path(ckpt_path), dial, weights, note, out.name),
                                        encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, out)
     return out
 
 

@@ -11,34 +11,42 @@ gates="none" builds an ordinary GPT-2: the baseline every comparison uses.
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 from torch.nn import functional as F
 
+from abcgpt.common import DECLARED
 from abcgpt.dial import apply_gate, draw_specialties, gate, partition_gate, partition_specialties, route_mask
 
 
-@dataclass
+@dataclass(config=DECLARED)
 class GPTConfig:
-    vocab_size: int = 65
-    n_sources: int = 2
-    block_size: int = 256
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
+    """The [model] table of a recipe: each key with its type, its range and its default, checked on creation."""
+    vocab_size: int = Field(65, ge=1, le=2**24)  # set from the data
+    n_sources: int = Field(2, ge=1, le=4096)  # set from the data
+    block_size: int = Field(256, ge=1, le=2**17)
+    n_layer: int = Field(6, ge=1, le=1024)
+    n_head: int = Field(6, ge=1, le=1024)
+    n_embd: int = Field(384, ge=1, le=2**16)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
-    gates: str = "abc"  # "abc": the dial's gates; "none": an ordinary GPT
-    method: str = "partition"  # "partition": one source (or all) per unit; "reference": DESIGN §1's Beta specialties
-    routing: str = "routed"  # "soft": plain backward; "routed": each sequence's gradient masked by its source
-    narrowness: float = 1.0
-    gate_shape: str = "cos2"  # "cos2": the tent of DESIGN §1; "linear": 1 - distance
-    specialty_seed: int = 1337
-    specialty_concentration: float = 0.0  # reference: Beta/Dirichlet concentration; 0 means 1/n_sources
-    shared_fraction: float = 0.0  # partition: share of every group of units that all sources share
-    shared_gate: str = "always"  # partition: shared units always on, or on in the "middle" and off at corners
+    gates: Literal["abc", "none"] = "abc"  # "abc": the dial's gates; "none": an ordinary GPT
+    # "partition": one source (or all) per unit; "reference": DESIGN §1's Beta specialties
+    method: Literal["partition", "reference"] = "partition"
+    # "soft": plain backward; "routed": each sequence's gradient masked by its source
+    routing: Literal["soft", "routed"] = "routed"
+    narrowness: float = Field(1.0, gt=0.0, le=1e6)
+    gate_shape: Literal["cos2", "linear"] = "cos2"  # "cos2": the tent of DESIGN §1; "linear": 1 - distance
+    specialty_seed: int = Field(1337, ge=0, le=2**63 - 1)
+    # reference: Beta/Dirichlet concentration; 0 means 1/n_sources
+    specialty_concentration: float = Field(0.0, ge=0.0, le=1e6)
+    shared_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # partition: share of every group of units all sources share
+    # partition: shared units always on, or on in the "middle" and off at corners
+    shared_gate: Literal["always", "middle"] = "always"
     gate_norms: bool = True  # gate the outputs of the blocks' LayerNorms too (DESIGN §1 does not)
 
 
@@ -155,16 +163,6 @@ class RoutedHead(torch.autograd.Function):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        if config.gates not in ("abc", "none"):
-            raise ValueError(f"gates must be 'abc' or 'none', got {config.gates!r}")
-        if config.routing not in ("soft", "routed"):
-            raise ValueError(f"routing must be 'soft' or 'routed', got {config.routing!r}")
-        if config.method not in ("partition", "reference"):
-            raise ValueError(f"method must be 'partition' or 'reference', got {config.method!r}")
-        if config.shared_gate not in ("always", "middle"):
-            raise ValueError(f"shared_gate must be 'always' or 'middle', got {config.shared_gate!r}")
-        if config.gate_shape not in ("cos2", "linear"):
-            raise ValueError(f"gate_shape must be 'cos2' or 'linear', got {config.gate_shape!r}")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),

@@ -6,19 +6,21 @@ batches, points and samples, for tests."""
 import base64
 import copy
 import json
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
 from abcgpt.checkpoint import Checkpoint, load_checkpoint
-from abcgpt.common import AbcgptError, existing_dir, replace_dir
+from abcgpt.common import DECLARED, AbcgptError, atomic_dir, atomic_write_text, check_writable, existing_dir, run_lock
 from abcgpt.data import PreparedData, prepared_data
 from abcgpt.dial import corner, format_dial
-from abcgpt.engine import Engine
+from abcgpt.engine import MAX_NEW_TOKENS, MAX_ROWS, MAX_SEED, Engine
 from abcgpt.evaluate import batch_losses, dial_losses
 from abcgpt.neurons import band_response, firing_fractions, plot_neuron_view, specialty_histogram
 from abcgpt.style import (
@@ -43,18 +45,19 @@ ORIGINAL = {
 }
 
 
-@dataclass
+@dataclass(config=DECLARED)
 class Settings:
-    loss_points: int = 21  # dial positions on the loss curve
-    batches: int = 8  # held-out batches per source per position
-    style_points: int = 11  # dial positions on the style curve (two sources)
-    edge_points: int = 5  # positions on each edge of the simplex (more sources)
-    samples: int = 32  # samples per style position
-    new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 40
-    classifier_chunks: int = 1500
-    seed: int = 1234
+    """How much the report measures; each value is checked against its range when created."""
+    loss_points: int = Field(21, ge=2, le=1001)  # dial positions on the loss curve
+    batches: int = Field(8, ge=1, le=10**5)  # held-out batches per source per position
+    style_points: int = Field(11, ge=2, le=1001)  # dial positions on the style curve (two sources)
+    edge_points: int = Field(5, ge=2, le=1001)  # positions on each edge of the simplex (more sources)
+    samples: int = Field(32, ge=1, le=MAX_ROWS)  # samples per style position
+    new_tokens: int = Field(200, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.8, ge=0.0)
+    top_k: int = Field(40, ge=0)
+    classifier_chunks: int = Field(1500, ge=10, le=10**6)
+    seed: int = Field(1234, ge=0, le=MAX_SEED)
     prompt: str = "\n"  # the same prompt at every position; a newline is common to most corpora
 
     @classmethod
@@ -182,6 +185,7 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
     model, sources, mode = engine.model, engine.sources, engine.mode(mode)
     if model.config.gates != "abc":
         raise AbcgptError(f"{ckpt.path} is an ungated model: the report is for dial models")
+    engine.prompt_ids(s.prompt)  # the checks first, then minutes of work
     data = heldout_data(ckpt)
     n, bs = len(sources), ckpt.recipe.train.batch_size
     tokens_per_cell = s.batches * bs * model.config.block_size
@@ -593,19 +597,14 @@ img{{max-width:100%}}figure{{margin:1em 0}}</style>
 
 
 def write_report(report: dict, figures: dict[str, bytes], out: Path) -> None:
-    """All files into out.tmp, then swapped in: an interrupted report never replaces a complete one."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    """All files at once: an interrupted report never replaces a complete one."""
     md = to_markdown(report)
-    (tmp / "report.json").write_text(json.dumps(report, indent=2))
-    (tmp / "report.md").write_text(md)
-    (tmp / "report.html").write_text(to_html(report, md, figures))
-    for name, data in figures.items():
-        (tmp / name).write_bytes(data)
-    replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.md").write_text(md)
+        (tmp / "report.html").write_text(to_html(report, md, figures))
+        for name, data in figures.items():
+            (tmp / name).write_bytes(data)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -621,19 +620,20 @@ def calibrate(ckpt_path: Path, settings: Settings | None = None, device="cpu", p
     mode = engine.mode(mode)
     if len(ckpt.sources) != 2:
         raise AbcgptError("calibration maps a share of the second source to a dial position: it needs two sources")
-    data = heldout_data(ckpt)
-    clf = fit_classifier(data, s)
-    ts, path = dial_path(2, s.style_points)
-    if progress:
-        print(f"measuring the style curve: {s.samples} samples x {s.style_points} positions")
-    style = style_at(engine, clf, path, mode, s)
-    shares = [row[-1] for row in style["share"]]
-    cal = fit_calibration(ts, shares) | {"mode": mode, "curve": {"dial": ts, "share": shares},
-                                         "samples_per_point": s.samples,
-                                         "new_tokens": s.new_tokens, "classifier_accuracy": clf.accuracy}
-    meta = dict(ckpt.meta, calibration=cal)
-    cfg = ckpt.path / "config.json"
-    tmp = cfg.with_name("config.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(cfg)
+    engine.prompt_ids(s.prompt)  # the checks first, then minutes of work
+    check_writable(ckpt.path)
+    # a run's checkpoint is rewritten by its trainer: hold the run (no trainer starts) until ours is written
+    in_run = ckpt.path.name in ("best", "last")
+    with run_lock(ckpt.path.parent) if in_run else nullcontext():
+        data = heldout_data(ckpt)
+        clf = fit_classifier(data, s)
+        ts, path = dial_path(2, s.style_points)
+        if progress:
+            print(f"measuring the style curve: {s.samples} samples x {s.style_points} positions")
+        style = style_at(engine, clf, path, mode, s)
+        shares = [row[-1] for row in style["share"]]
+        cal = fit_calibration(ts, shares) | {"mode": mode, "curve": {"dial": ts, "share": shares},
+                                             "samples_per_point": s.samples,
+                                             "new_tokens": s.new_tokens, "classifier_accuracy": clf.accuracy}
+        atomic_write_text(ckpt.path / "config.json", json.dumps(dict(ckpt.meta, calibration=cal), indent=2))
     return cal

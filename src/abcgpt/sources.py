@@ -25,6 +25,24 @@ from abcgpt.common import AbcgptError, cache_dir, data_dir
 
 TIMEOUT = 30  # seconds without data before a download gives up
 NORMALIZE = ("none", "reference")
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
+RESERVED_NAMES = (".", "..", "uniform")  # path parts, and the dial's word for the even mix
+
+
+def check_source_name(name) -> None:
+    """Source names become file names (shards, baseline runs) and words of the dial syntax (name=w,...): an
+    identifier, so that no name can leave its folder or be read as another dial (a number is a dial position)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name in RESERVED_NAMES or _is_number(name):
+        raise AbcgptError(f"source name {name!r} is not allowed: use letters, digits, '_', '.' and '-', not only "
+                          f"a number, and not {', '.join(repr(n) for n in RESERVED_NAMES)}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -76,8 +94,7 @@ class SourceSpec:
                 want = " or ".join("None" if t is type(None) else t.__name__ for t in types)
                 raise AbcgptError(f"source {self.name!r}: {f.name} must be {want}, got {v!r}")
         self.weight = float(self.weight)
-        if not self.name:
-            raise AbcgptError("a source needs a non-empty name")
+        check_source_name(self.name)
         given = [k for k in ("path", "url", "hf") if getattr(self, k) is not None]
         if len(given) > 1:
             raise AbcgptError(f"source {self.name!r}: give at most one of path, url, hf "

@@ -24,11 +24,20 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from abcgpt.checkpoint import load_checkpoint, restore_training_state, save_checkpoint
-from abcgpt.common import AbcgptError, existing_dir, pick_device
+from abcgpt.checkpoint import load_checkpoint, read_meta, restore_training_state, save_checkpoint
+from abcgpt.common import (
+    AbcgptError,
+    Interrupted,
+    atomic_write_text,
+    check_writable,
+    existing_dir,
+    pick_device,
+    run_lock,
+    write_error,
+)
 from abcgpt.config import Recipe
 from abcgpt.data import Batcher, prepared_data
-from abcgpt.evaluate import format_table, loss_curve, loss_table, plot_loss_curve, write_json
+from abcgpt.evaluate import format_table, loss_curve, loss_table, plot_loss_curve
 from abcgpt.model import GPT
 
 
@@ -83,8 +92,17 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     """Train (or resume) a run in `out`; returns the final held-out loss table.
 
     Under torchrun every process draws the same global batch and trains on its slice of it (DDP averages
-    the gradients), so a run follows the same trajectory on any number of processes."""
-    out = Path(out)
+    the gradients), so a run follows the same trajectory on any number of processes. The run folder is locked
+    while rank 0 trains in it: a second trainer there is refused."""
+    out = check_writable(Path(out))
+    pick_device(recipe.train.device)  # a device this machine lacks is refused before the run folder is made
+    if int(os.environ.get("RANK", 0)) != 0:
+        return _train(recipe, out, resume, progress)
+    with run_lock(out):
+        return _train(recipe, out, resume, progress)
+
+
+def _train(recipe: Recipe, out: Path, resume: bool, progress: bool) -> dict:
     t = recipe.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -92,6 +110,13 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     if t.batch_size % world:
         raise AbcgptError(f"train.batch_size ({t.batch_size}) must be a multiple of the number of processes ({world})")
     master = rank == 0
+    ckpt = load_checkpoint(existing_dir(out / "last"), device) if resume else None
+    if ckpt is None and ((out / "last").exists() or (out / "last.old").exists()):
+        raise AbcgptError(f"{out} already holds a run: resume it with `abcgpt train --resume {out}`, "
+                          "or choose another --out")
+    if ckpt is not None and ckpt.meta["step"] > t.steps:
+        raise AbcgptError(f"{out} is at step {ckpt.meta['step']}: train.steps = {t.steps} would go back; give at "
+                          f"least {ckpt.meta['step']} (nothing was changed)")
     progress = progress and master
     autocast = autocast_for(device, t.dtype)
     if master:  # one process prepares the data, the others wait for it
@@ -110,9 +135,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     batcher = Batcher(data, cfg.block_size, t.batch_size, device, t.seed, t.dial_concentration,
                       t.dial_sampling == "per_batch", only, [s.weight for s in recipe.data.sources], rank, world,
                       t.corner_fraction)
-    step, best, ckpt = 0, math.inf, None
-    if resume:
-        ckpt = load_checkpoint(existing_dir(out / "last"), device)
+    step, best = 0, math.inf
+    if ckpt is not None:
         if ckpt.tokenizer.to_json() != data.tokenizer.to_json():
             raise AbcgptError(f"the prepared data in {data.dir} has another tokenizer than the run in {out}")
         model.load_state_dict(ckpt.model.state_dict())
@@ -125,15 +149,12 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
         trainer = restore_training_state(ckpt, optimizer) if not fsdp else _restore_sharded(ckpt, model, optimizer)
         batcher.load_state(trainer["batcher"])
         step, best = ckpt.meta["step"], trainer["best"]
-        _truncate_log(out / "metrics.jsonl", step)
+        if master:
+            _truncate_log(out / "metrics.jsonl", step)
         if step >= t.steps:
             print(f"{out} is already at step {step} of {t.steps}: nothing to do (raise it with --steps)")
-    elif (out / "last").exists() or (out / "last.old").exists():
-        raise AbcgptError(f"{out} already holds a run: resume it with `abcgpt train --resume {out}`, "
-                          "or choose another --out")
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+        atomic_write_text(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2))
     ddp = DDP(model) if world > 1 and not fsdp else None
     step_model = torch.compile(ddp or model) if t.compile else (ddp or model)
 
@@ -192,6 +213,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
                 table = loss_table(model, data, t.batch_size, t.eval_batches, autocast)
                 trained = t.only_sources or data.sources
                 own = sum(table[s][s] for s in trained) / len(trained)
+                _check_finite(sum(v for row in table.values() for v in row.values()), step, out, "held-out loss")
                 _log(log, {"type": "eval", "step": step, "heldout": table, "corner_own": own,
                            "tokens_per_cell": t.batch_size * t.eval_batches * cfg.block_size})
                 if master:
@@ -205,7 +227,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
                 _check_finite(loss, step, out)  # never overwrite a good checkpoint with a diverged model
                 save(out / "last", {"heldout": table} if table else {})
     except KeyboardInterrupt:
-        raise AbcgptError(f"interrupted at step {step}; resume from the last checkpoint with "
+        raise Interrupted(f"interrupted at step {step}; resume from the last checkpoint with "
                           f"`abcgpt train --resume {out}`") from None
     finally:  # also on errors: the bar ends before the one-line message is printed
         bar.close()
@@ -222,7 +244,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     if table is None:  # a resumed run that had nothing left to do
         table = loss_table(model, data, t.batch_size, t.eval_batches, autocast)
     curve = loss_curve(model, data, t.batch_size, max(1, t.eval_batches // 2), autocast=autocast)
-    write_json(out / "loss_vs_dial.json", curve)
+    atomic_write_text(out / "loss_vs_dial.json", json.dumps(curve, indent=2))
     plot_loss_curve(curve, out / "loss_vs_dial.png", f"{recipe.name}: held-out loss across the dial, "
                                                       f"{step} steps")
     if progress:
@@ -258,10 +280,10 @@ def _restore_sharded(ckpt, model, optimizer) -> dict:
     return trainer
 
 
-def _check_finite(loss: torch.Tensor, step: int, out: Path) -> float:
-    lossf = loss.item()
+def _check_finite(loss: torch.Tensor | float, step: int, out: Path, what: str = "loss") -> float:
+    lossf = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
     if not math.isfinite(lossf):
-        raise AbcgptError(f"loss became {lossf} at step {step}; training stopped, the last good checkpoint is "
+        raise AbcgptError(f"{what} became {lossf} at step {step}; training stopped, the last good checkpoint is "
                           f"{out / 'last'} (try a lower train.lr)")
     return lossf
 
@@ -288,8 +310,11 @@ class RunLog:
             raise AbcgptError(f"train.log_to needs {e.name}: pip install 'abcgpt[log]'") from None
 
     def __call__(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: say which file
+            raise write_error(Path(self.file.name), e) from None
         scalars = {f"train/{k}": v for k, v in record.items() if k in ("loss", "lr", "tok_per_s", "mfu") and v}
         for dial, row in record.get("heldout", {}).items():
             scalars |= {f"heldout/{s} at {dial}": v for s, v in row.items()}
@@ -323,7 +348,7 @@ def _truncate_log(path: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a line cut short by the kill
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def train_baselines(recipe: Recipe, out: Path, progress: bool = True) -> list[Path]:
@@ -337,7 +362,7 @@ def train_baselines(recipe: Recipe, out: Path, progress: bool = True) -> list[Pa
         r.model.gates, r.model.routing, r.train.only_sources = "none", "soft", only
         path = Path(out) / run
         last = existing_dir(path / "last")
-        done = json.loads((last / "config.json").read_text())["step"] if (last / "config.json").is_file() else None
+        done = read_meta(last)["step"] if (last / "config.json").is_file() else None
         if progress:
             print(f"== baseline {run}: ungated, trained on {', '.join(only or names)}")
         if done is None:
