@@ -1,4 +1,5 @@
 import json
+import threading
 import time
 
 import httpx
@@ -6,7 +7,9 @@ import pytest
 from conftest import live_server, write_recipe
 from fastapi.testclient import TestClient
 
+from abcgpt.checkpoint import load_checkpoint
 from abcgpt.config import load_recipe
+from abcgpt.engine import Engine
 from abcgpt.serve import create_app
 from abcgpt.train import train
 
@@ -97,18 +100,50 @@ def test_schema_and_page_are_served_and_nothing_else(client):
 
 def test_client_that_disconnects_stops_its_generation(run):
     """A real server: a streaming client that goes away after a few tokens frees its slot at once, though it
-    had asked for 300 tokens (which take seconds), and the server keeps answering."""
-    app = create_app(run, max_concurrent=1, max_new_tokens=300)
+    had asked for 50,000 tokens (most of a minute: 300 could all be sent before the client read 5), and the
+    server keeps answering."""
+    app = create_app(run, max_concurrent=1, max_new_tokens=50_000)
     with live_server(app) as base:
-        with httpx.stream("POST", base + "/api/generate", json={"max_new_tokens": 300, "temperature": 1.0},
+        with httpx.stream("POST", base + "/api/generate", json={"max_new_tokens": 50_000, "temperature": 1.0},
                           timeout=10) as r:
             for i, _ in enumerate(r.iter_lines()):
                 if i > 4:
                     break
             assert app.state.active == 1
-        deadline = time.time() + 5
+        deadline = time.time() + 10
         while app.state.active and time.time() < deadline:
             time.sleep(0.02)
         assert app.state.active == 0
         r = httpx.post(base + "/api/generate", json={"stream": False, "max_new_tokens": 5}, timeout=10)
         assert r.status_code == 200
+
+
+@pytest.mark.parametrize("path, tokens, body", [
+    ("/v1/completions", "max_tokens", {"n": 16}),
+    ("/api/generate", "max_new_tokens", {"stream": False}),
+], ids=["completions-n16", "generate-whole"])
+def test_client_that_gives_up_on_a_whole_answer_frees_its_slot(run, path, tokens, body):
+    """A real server: a client that stops waiting for a non-streamed answer (a read timeout, after which httpx
+    closes the connection) stops its generation. Its 50,000 tokens would take most of a minute; the slot frees
+    long before that, and the next request is answered, not refused with 429 (the n=16 batch used to hold it to
+    the end)."""
+    app = create_app(run, max_concurrent=1, max_new_tokens=50_000)
+    with live_server(app) as base:
+        with pytest.raises(httpx.ReadTimeout):  # the server was busy on it: no quick answer
+            httpx.post(base + path, json=body | {tokens: 50_000, "temperature": 1.0},
+                       timeout=httpx.Timeout(10, read=1))
+        deadline = time.time() + 10
+        while app.state.active and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.state.active == 0
+        r = httpx.post(base + path, json=body | {tokens: 5}, timeout=10)
+        assert r.status_code == 200, r.text
+
+
+def test_sweep_stops_when_asked(run):
+    """Engine.sweep's stop: set (here before the first token) it ends the batch after the current token."""
+    stop = threading.Event()
+    stop.set()
+    engine = Engine(load_checkpoint(run))
+    texts = engine.sweep(" ", [0.0, 1.0], 50_000, 1.0, 0, 0, n=2, stop=stop)
+    assert [[len(t) for t in row] for row in texts] == [[1, 1], [1, 1]]

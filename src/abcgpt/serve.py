@@ -11,37 +11,46 @@ worker threads, at most `max_concurrent` at once (more get 429), and stop when t
 
 import asyncio
 import json
+import math
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.background import BackgroundTask
 
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError
 from abcgpt.dial import MODES
-from abcgpt.engine import Engine
+from abcgpt.engine import MAX_NEW_TOKENS, MAX_SEED, Engine
 
 STATIC = Path(__file__).parent / "static"
 Dial = float | str | dict[str, float]
 
 
-SEED = Field(None, ge=0, le=2**63 - 1)
+SEED = Field(None, ge=0, le=MAX_SEED)
+DIAL = "a number in [0, 1] (two sources), a source name, 'uniform', 'name=w,name=w', or {source: weight}"
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(strict=True)  # JSON types as the schema says: no true for 1, no 1 for true
+class Body(BaseModel):
+    # JSON types as the schema says (no true for 1, no 1 for true), and only finite numbers: Python's json reads
+    # NaN and Infinity, which JSON does not have
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class GenerateRequest(Body):
     prompt: str = ""
-    dial: Dial = Field(0.5, description="a number in [0, 1] (two sources), a source name, 'uniform', "
-                                         "or {source: weight}")
-    max_new_tokens: int = Field(200, ge=1)
-    temperature: float = Field(0.8, ge=0.0, le=10.0)
-    top_k: int = Field(40, ge=0)
+    dial: Dial = Field(0.5, description=DIAL)
+    max_new_tokens: int = Field(200, ge=1, le=MAX_NEW_TOKENS, description="capped lower by the server's limit")
+    temperature: float = Field(0.8, ge=0.0, le=10.0, description="0 = greedy")
+    top_k: int = Field(40, ge=0, description="0 disables")
     seed: int | None = SEED
     calibrated: bool = Field(False, description="read a numeric dial as the share of the second source's style")
     mode: str | None = Field(None, description=f"what the dial does between corners: one of {', '.join(MODES)} "
@@ -49,18 +58,17 @@ class GenerateRequest(BaseModel):
     stream: bool = True
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(Body):
     """OpenAI's /v1/completions request; fields it has that we do not use (top_p, stop, ...) are ignored."""
-    model_config = ConfigDict(strict=True)
     model: str | None = None
     prompt: str = ""
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS, description="capped lower by the server's limit")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="extra: 0 disables")
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     seed: int | None = SEED
-    dial: Dial = Field(0.5, description="extra: the dial, as in /api/generate")
+    dial: Dial = Field(0.5, description=f"extra: {DIAL}")
     calibrated: bool = False
     mode: str | None = Field(None, description="extra: the dial's mode, as in /api/generate")
 
@@ -72,20 +80,73 @@ class InputError(Exception):
         self.field, self.msg, self.status = field, msg, status
 
 
+def check_option(name: str, value: object, low: int, high: int | None = None) -> None:
+    """A server option in its range, or an AbcgptError naming it (one line in the CLI)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise AbcgptError(f"{name} must be {allowed}, got {value!r}")
+
+
+def json_safe(x: object, depth: int = 0) -> object:
+    """A 422 echoes the request's values, as Python's json read them: non-finite floats become strings ('nan',
+    'inf', '-inf': JSON has no such numbers), containers nested deeper than 16 levels become '...' (encoding a
+    900-deep list recursed past Python's limit)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict | list | tuple) and depth >= 16:
+        return "..."
+    if isinstance(x, dict):
+        return {k: json_safe(v, depth + 1) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v, depth + 1) for v in x]
+    return x
+
+
+class SafeJSON(JSONResponse):
+    """JSON in ASCII: a lone surrogate a request sent ("\\ud800" is valid JSON) and we echo goes out escaped
+    instead of failing to encode as UTF-8."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
+class SlotStream(StreamingResponse):
+    """Server-sent events that give their generation slot back when the response ends, however it ends: done,
+    failed, the client gone, or cancelled from outside (a `finally` in the events' generator would then wait for
+    the garbage collector, and the slot with it)."""
+
+    def __init__(self, events, release: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
 def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurrent: int = 2,
                max_new_tokens: int = 1000, max_prompt_chars: int = 4000, mode: str | None = None) -> FastAPI:
+    check_option("max_concurrent", max_concurrent, 1)  # below 1 the server would refuse every generation
+    check_option("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    check_option("max_prompt_chars", max_prompt_chars, 1)
     engine = Engine(load_checkpoint(ckpt_path, device))
     sources, default_mode = engine.sources, engine.mode(mode)
-    app = FastAPI(title="abcgpt", version="0.1.0",
+    app = FastAPI(title="abcgpt", version="0.1.0", default_response_class=SafeJSON,
                   description=f"A GPT with a dial over its training sources: {', '.join(sources)}.")
     app.state.active = 0  # generations running; the event loop is the only writer
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        return SafeJSON({"detail": jsonable_encoder(json_safe(e.errors()))}, status_code=422)
 
     @app.exception_handler(InputError)
     async def input_error(_: Request, e: InputError):
         if e.status == 429:
-            return JSONResponse({"detail": e.msg}, status_code=429)
-        return JSONResponse({"detail": [{"loc": ["body", e.field], "msg": e.msg, "type": "value_error"}]},
-                            status_code=e.status)
+            return SafeJSON({"detail": e.msg}, status_code=429)
+        return SafeJSON({"detail": [{"loc": ["body", e.field], "msg": e.msg, "type": "value_error"}]},
+                        status_code=e.status)
 
     def checked(req, tokens_field: str, n_new: int) -> tuple[str, torch.Tensor, int]:
         """The request's mode, dial and prompt length in tokens, after the engine's checks (each failure names
@@ -135,19 +196,6 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
                 break
             yield piece
 
-    def streaming(events, release) -> StreamingResponse:
-        """The slot is given back when the events end or fail, and after the response in any case (a client
-        that disconnects before the first event never starts the generator)."""
-        async def guarded():
-            try:
-                async for e in events:
-                    yield e
-            finally:
-                release()
-
-        return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                 background=BackgroundTask(release))
-
     def sse(obj) -> str:
         return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
@@ -191,7 +239,7 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
                 yield sse({"token": p})
             yield sse({"done": True, "text": "".join(text), "dial": weights, "mode": mode})
 
-        return streaming(events(), release)
+        return SlotStream(events(), release)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -211,12 +259,22 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
                 yield sse(head | {"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]})
                 yield sse("[DONE]")
 
-            return streaming(events(), release)
-        try:  # n completions in one batch
-            rows = await asyncio.to_thread(engine.sweep, req.prompt, [dial], req.max_tokens, req.temperature,
-                                           req.top_k, req.seed, req.n, False, mode)
+            return SlotStream(events(), release)
+        # n completions in one batch, in a thread that stops when the client goes away (a disconnect does not
+        # end this handler: it has to look)
+        stop = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(engine.sweep, req.prompt, [dial], req.max_tokens,
+                                                       req.temperature, req.top_k, req.seed, req.n, False, mode,
+                                                       stop=stop))
+        work.add_done_callback(lambda _: release())  # if this handler is cancelled: free when the thread is
+        try:
+            while not (await asyncio.wait([work], timeout=0.05))[0]:
+                if await request.is_disconnected():
+                    stop.set()
         finally:
-            release()
+            stop.set()  # if this handler is cancelled, the batch still ends within a token
+        release()  # now, not when the callback's turn comes: that can be after the answer is sent
+        rows = work.result()
         choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": "length"} for i, t in enumerate(rows[0])]
         return head | {"choices": choices, "usage": usage}
 
@@ -224,10 +282,17 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
 
 
 def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", **limits) -> None:
+    import socket
+
     import uvicorn
 
+    check_option("port", port, 0, 65535)
+    try:  # the address first: a host that does not resolve, or a port in use, is one line before any loading
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise AbcgptError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     app = create_app(ckpt, device, **limits)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {host}, reachable from other machines; the API has no authentication")
-    print(f"abcgpt serving {ckpt} at http://{host}:{port}/  (API schema: /docs)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    print(f"abcgpt serving {ckpt} at http://{host}:{sock.getsockname()[1]}/  (API schema: /docs)")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
