@@ -10,12 +10,12 @@ from abcgpt.dial import (
     apply_gate,
     draw_specialties,
     gate,
-    parse_dial,
     partition_gate,
     partition_specialties,
     route_mask,
     sample_dials,
 )
+from abcgpt.dial_spec import parse_dial
 
 
 def two(a: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ from conftest import write_recipe
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
-from abcgpt.dial import parse_dial
+from abcgpt.dial_spec import parse_dial
 from abcgpt.engine import generate_tokens
 from abcgpt.export import export_gpt2
 from abcgpt.train import train

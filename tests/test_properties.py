@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from abcgpt.common import AbcgptError
 from abcgpt.config import Recipe, build_recipe, parse_override, recipe_from_dict
-from abcgpt.dial import draw_specialties, gate, parse_dial
+from abcgpt.dial import draw_specialties, gate
+from abcgpt.dial_spec import parse_dial
 from abcgpt.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_json
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -54,7 +54,7 @@ def cmd_train(args) -> None:
 def cmd_sample(args) -> None:
     from abcgpt.checkpoint import load_checkpoint
     from abcgpt.common import pick_device
-    from abcgpt.dial import format_dial
+    from abcgpt.dial_spec import format_dial
     from abcgpt.engine import Engine
 
     engine = Engine(load_checkpoint(args.ckpt, pick_device(args.device)))

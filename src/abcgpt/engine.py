@@ -29,15 +29,14 @@ from abcgpt.checkpoint import Checkpoint
 from abcgpt.common import AbcgptError
 from abcgpt.dial import (
     MODES,
-    DialSpec,
     combine_next,
     combine_scores,
     corner,
     next_segment_source,
-    parse_dial,
     systematic_draw,
     update_weights,
 )
+from abcgpt.dial_spec import DialSpec, parse_dial
 from abcgpt.model import GPT, KVCache
 from abcgpt.style import apply_calibration
 from abcgpt.tokenizer import Tokenizer

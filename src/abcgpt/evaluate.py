@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from abcgpt.data import PreparedData, heldout_batches
-from abcgpt.dial import corner, format_dial
+from abcgpt.dial import corner
+from abcgpt.dial_spec import format_dial
 from abcgpt.model import GPT
 
 

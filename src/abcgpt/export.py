@@ -19,7 +19,7 @@ import torch
 
 from abcgpt.checkpoint import Checkpoint, load_checkpoint
 from abcgpt.common import AbcgptError, atomic_dir, check_writable
-from abcgpt.dial import format_dial
+from abcgpt.dial_spec import format_dial
 from abcgpt.engine import Engine
 from abcgpt.model import GPT
 from abcgpt.tokenizer import EOT, BPETokenizer, CharTokenizer

@@ -19,7 +19,8 @@ from pydantic.dataclasses import dataclass
 from abcgpt.checkpoint import Checkpoint, load_checkpoint
 from abcgpt.common import DECLARED, AbcgptError, atomic_dir, atomic_write_text, check_writable, existing_dir, run_lock
 from abcgpt.data import PreparedData, prepared_data
-from abcgpt.dial import corner, format_dial
+from abcgpt.dial import corner
+from abcgpt.dial_spec import format_dial
 from abcgpt.engine import MAX_NEW_TOKENS, MAX_ROWS, MAX_SEED, Engine
 from abcgpt.evaluate import batch_losses, dial_losses
 from abcgpt.neurons import band_response, firing_fractions, plot_neuron_view, specialty_histogram
