@@ -28,6 +28,10 @@ class Interrupted(AbcgptError):
 # Recipe tables are pydantic dataclasses declared with this: JSON/TOML types as written (no "1" for 1, no true
 # for 1), finite floats only, no unknown keys. Each key's range sits beside its default.
 DECLARED = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+# Roles of keys that do not change what an ungated model learns from the data: the dial's own knobs, and how a
+# run executes. A baseline may differ from the dial model in these and still be compared with it.
+DIAL_KEY = {"role": "dial"}
+RUN_KEY = {"role": "run"}
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from abcgpt.common import DECLARED, DEVICE, AbcgptError, declared
+from abcgpt.common import DECLARED, DEVICE, DIAL_KEY, RUN_KEY, AbcgptError, declared
 from abcgpt.model import GPTConfig
 from abcgpt.sources import SourceSpec
 
@@ -43,24 +43,30 @@ class TrainConfig:
     beta2: float = Field(0.99, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0, le=1e6)  # 0: no clipping
     # "per_batch" is the reference's: one dial per step
-    dial_sampling: Literal["per_sequence", "per_batch"] = "per_sequence"
-    dial_concentration: float = Field(0.5, gt=0.0, le=1e6)  # dial ~ Beta(c, c) / Dirichlet(c)
+    dial_sampling: Literal["per_sequence", "per_batch"] = Field("per_sequence", json_schema_extra=DIAL_KEY)
+    # dial ~ Beta(c, c) / Dirichlet(c)
+    dial_concentration: float = Field(0.5, gt=0.0, le=1e6, json_schema_extra=DIAL_KEY)
     # share of draws put at an exact corner (one source alone); 1 = always
-    corner_fraction: float = Field(1.0, ge=0.0, le=1.0)
-    only_sources: list[str] = Field(default_factory=list)  # ungated baselines: train on these sources only ([] = all)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    device: str = Field("auto", pattern=DEVICE.pattern)  # auto, cpu, cuda, cuda:N, mps
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, else fp32
-    compile: bool = False
-    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2), not DDP
-    peak_tflops: float = Field(0.0, ge=0.0, le=1e6)  # the accelerator's dense bf16 peak for MFU; 0: by GPU name
-    threads: int = Field(0, ge=0, le=4096)  # torch CPU threads; 0 leaves torch's default
-    eval_every: int = Field(250, ge=1, le=BIG)
-    eval_batches: int = Field(8, ge=1, le=10**5)  # held-out batches per source per dial position
-    log_every: int = Field(10, ge=1, le=BIG)
+    corner_fraction: float = Field(1.0, ge=0.0, le=1.0, json_schema_extra=DIAL_KEY)
+    # ungated baselines: train on these sources only ([] = all)
+    only_sources: list[str] = Field(default_factory=list, json_schema_extra=DIAL_KEY)
+    seed: int = Field(0, ge=0, le=2**63 - 1, json_schema_extra=RUN_KEY)
+    device: str = Field("auto", pattern=DEVICE.pattern, json_schema_extra=RUN_KEY)  # auto, cpu, cuda, cuda:N, mps
+    # auto: bf16 autocast on CUDA, else fp32
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", json_schema_extra=RUN_KEY)
+    compile: bool = Field(False, json_schema_extra=RUN_KEY)
+    # under torchrun: shard parameters, gradients and optimizer state (FSDP2), not DDP
+    fsdp: bool = Field(False, json_schema_extra=RUN_KEY)
+    # the accelerator's dense bf16 peak for MFU; 0: by GPU name
+    peak_tflops: float = Field(0.0, ge=0.0, le=1e6, json_schema_extra=RUN_KEY)
+    threads: int = Field(0, ge=0, le=4096, json_schema_extra=RUN_KEY)  # torch CPU threads; 0 leaves torch's default
+    eval_every: int = Field(250, ge=1, le=BIG, json_schema_extra=RUN_KEY)
+    # held-out batches per source per dial position
+    eval_batches: int = Field(8, ge=1, le=10**5, json_schema_extra=RUN_KEY)
+    log_every: int = Field(10, ge=1, le=BIG, json_schema_extra=RUN_KEY)
     # besides metrics.jsonl: "tensorboard", "wandb" (offline by default)
-    log_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
-    checkpoint_every: int = Field(250, ge=1, le=BIG)
+    log_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, json_schema_extra=RUN_KEY)
+    checkpoint_every: int = Field(250, ge=1, le=BIG, json_schema_extra=RUN_KEY)
 
 
 @dataclass
@@ -88,6 +94,13 @@ SECTIONS = {"data": DataConfig, "model": GPTConfig, "train": TrainConfig}
 def declared_keys(section: str) -> dict:
     """The keys a recipe may set in a section, with their declarations (pydantic FieldInfo: default, range)."""
     return {k: f for k, f in SECTIONS[section].__pydantic_fields__.items() if k not in DERIVED.get(section, ())}
+
+
+def keys_a_baseline_may_change() -> dict[str, set[str]]:
+    """The dial's own keys and how a run executes (declared with DIAL_KEY / RUN_KEY): an ungated baseline may set
+    them otherwise and still be compared with the dial model, which it must match in every other key."""
+    return {section: {k for k, f in declared_keys(section).items() if f.json_schema_extra in (DIAL_KEY, RUN_KEY)}
+            for section in SECTIONS}
 
 
 def describe_keys() -> list[str]:

@@ -19,7 +19,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 from torch.nn import functional as F
 
-from abcgpt.common import DECLARED
+from abcgpt.common import DECLARED, DIAL_KEY
 from abcgpt.dial import apply_gate, draw_specialties, gate, partition_gate, partition_specialties, route_mask
 
 
@@ -34,20 +34,24 @@ class GPTConfig:
     n_embd: int = Field(384, ge=1, le=2**16)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
-    gates: Literal["abc", "none"] = "abc"  # "abc": the dial's gates; "none": an ordinary GPT
+    # "abc": the dial's gates; "none": an ordinary GPT
+    gates: Literal["abc", "none"] = Field("abc", json_schema_extra=DIAL_KEY)
     # "partition": one source (or all) per unit; "reference": DESIGN §1's Beta specialties
-    method: Literal["partition", "reference"] = "partition"
+    method: Literal["partition", "reference"] = Field("partition", json_schema_extra=DIAL_KEY)
     # "soft": plain backward; "routed": each sequence's gradient masked by its source
-    routing: Literal["soft", "routed"] = "routed"
-    narrowness: float = Field(1.0, gt=0.0, le=1e6)
-    gate_shape: Literal["cos2", "linear"] = "cos2"  # "cos2": the tent of DESIGN §1; "linear": 1 - distance
-    specialty_seed: int = Field(1337, ge=0, le=2**63 - 1)
+    routing: Literal["soft", "routed"] = Field("routed", json_schema_extra=DIAL_KEY)
+    narrowness: float = Field(1.0, gt=0.0, le=1e6, json_schema_extra=DIAL_KEY)
+    # "cos2": the tent of DESIGN §1; "linear": 1 - distance
+    gate_shape: Literal["cos2", "linear"] = Field("cos2", json_schema_extra=DIAL_KEY)
+    specialty_seed: int = Field(1337, ge=0, le=2**63 - 1, json_schema_extra=DIAL_KEY)
     # reference: Beta/Dirichlet concentration; 0 means 1/n_sources
-    specialty_concentration: float = Field(0.0, ge=0.0, le=1e6)
-    shared_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # partition: share of every group of units all sources share
+    specialty_concentration: float = Field(0.0, ge=0.0, le=1e6, json_schema_extra=DIAL_KEY)
+    # partition: share of every group of units all sources share
+    shared_fraction: float = Field(0.0, ge=0.0, lt=1.0, json_schema_extra=DIAL_KEY)
     # partition: shared units always on, or on in the "middle" and off at corners
-    shared_gate: Literal["always", "middle"] = "always"
-    gate_norms: bool = True  # gate the outputs of the blocks' LayerNorms too (DESIGN §1 does not)
+    shared_gate: Literal["always", "middle"] = Field("always", json_schema_extra=DIAL_KEY)
+    # gate the outputs of the blocks' LayerNorms too (DESIGN §1 does not)
+    gate_norms: bool = Field(True, json_schema_extra=DIAL_KEY)
 
 
 class KVCache:

@@ -18,6 +18,7 @@ from pydantic.dataclasses import dataclass
 
 from abcgpt.checkpoint import Checkpoint, load_checkpoint
 from abcgpt.common import DECLARED, AbcgptError, atomic_dir, atomic_write_text, check_writable, existing_dir, run_lock
+from abcgpt.config import keys_a_baseline_may_change
 from abcgpt.data import PreparedData, prepared_data
 from abcgpt.dial import corner
 from abcgpt.dial_spec import format_dial
@@ -88,23 +89,14 @@ def dial_path(n_sources: int, points: int) -> tuple[list[float], list[torch.Tens
 # ----------------------------------------------------------------------------- baselines
 
 
-# recipe keys that may differ between the dial model and its baselines: the gates, how the dial is drawn, and
-# the seed (one set of baselines serves dial models of several seeds)
-GATE_KEYS = {"model": {"gates", "method", "routing", "narrowness", "gate_shape", "specialty_seed",
-                       "specialty_concentration", "shared_fraction", "shared_gate", "gate_norms"},
-             "train": {"dial_sampling", "dial_concentration", "corner_fraction", "only_sources", "seed", "device",
-                       "dtype", "compile", "threads", "eval_every", "eval_batches", "log_every", "checkpoint_every",
-                       "fsdp", "peak_tflops", "log_to"}}
-
-
 def check_baseline(dial: Checkpoint, base: Checkpoint, name: str) -> None:
     """Refuse a baseline trained with another tokenizer or recipe, naming the difference."""
     if base.tokenizer.to_json() != dial.tokenizer.to_json():
         raise AbcgptError(f"baseline {name} ({base.path}) has another tokenizer than the dial model")
-    a, b = dial.meta["recipe"], base.meta["recipe"]
+    a, b, free = dial.meta["recipe"], base.meta["recipe"], keys_a_baseline_may_change()
     for section in ("data", "model", "train"):
         for key in sorted(set(a[section]) | set(b[section])):
-            if key in GATE_KEYS.get(section, ()):
+            if key in free.get(section, ()):
                 continue
             if a[section].get(key) != b[section].get(key):
                 raise AbcgptError(f"baseline {name} ({base.path}) differs from the dial model in {section}.{key}: "
