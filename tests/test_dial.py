@@ -7,15 +7,19 @@ import torch
 
 from abcgpt.common import AbcgptError
 from abcgpt.dial import (
+    Partition,
+    Reference,
     apply_gate,
     draw_specialties,
     gate,
+    method_for,
     partition_gate,
     partition_specialties,
-    route_mask,
     sample_dials,
+    specialties_for,
 )
 from abcgpt.dial_spec import parse_dial
+from abcgpt.model import GPTConfig
 
 
 def two(a: float) -> torch.Tensor:
@@ -91,7 +95,7 @@ def test_routed_gradient_equals_the_stated_mask():
     dials = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
     source = torch.tensor([0, 1])
     g = gate(dials, s)
-    r = route_mask(s, source)
+    r = Reference(s).backward_mask(g, source)
     y = apply_gate(x, g, r)
     assert torch.equal(y, x * g)  # the forward pass is the smooth gate, bit for bit
     w = torch.randn(2, 16)
@@ -112,7 +116,7 @@ def test_soft_gradient_is_the_gate():
 
 def test_sample_dials_follow_the_method():
     rng = np.random.default_rng(0)
-    dials, sources = sample_dials(rng, 200000, 2, 0.5)
+    dials, sources = sample_dials(rng, 200000, 2, 0.5, 0.0)
     a = dials[:, 1]
     assert np.allclose(dials.sum(1), 1.0)
     assert a.mean() == pytest.approx(0.5, abs=0.01) and a.var() == pytest.approx(0.125, abs=0.003)
@@ -125,7 +129,7 @@ def test_sample_dials_follow_the_method():
 def test_sample_dials_per_batch_is_one_dial_one_source():
     rng = np.random.default_rng(0)
     for _ in range(20):
-        dials, sources = sample_dials(rng, 8, 2, 0.5, per_batch=True)
+        dials, sources = sample_dials(rng, 8, 2, 0.5, 0.0, per_batch=True)
         assert (dials == dials[0]).all() and (sources == sources[0]).all()
 
 
@@ -198,24 +202,46 @@ def test_partition_gate_by_hand():
 
 def test_partition_route_mask_is_exact():
     m = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
-    r = route_mask(m, torch.tensor([0, 1]), exact=True)
-    assert r.tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]
-    assert route_mask(m, torch.tensor([0]))[0].tolist() == [1.0, 0.0, 0.5]  # the reference mask: m_s itself
+    source = torch.tensor([0, 1])
+    part = Partition(m)
+    assert part.mask(source).tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]
+    g = torch.tensor([[0.9, 0.2, 1.0], [0.4, 0.7, 1.0]])
+    assert torch.equal(part.backward_mask(g, source), g * part.mask(source))  # the true gradient, masked
+    assert torch.equal(part.head_mask(source), part.mask(source))
+    ref = Reference(m)  # the reference mask: m_s itself, in the gate's place; the LM head is not masked
+    assert ref.backward_mask(g, source).tolist() == [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]
+    assert ref.head_mask(source) is None
+
+
+@pytest.mark.parametrize("method", ["reference", "partition"])
+def test_method_for_takes_the_config_knobs(method):
+    cfg = GPTConfig(method=method, narrowness=0.7, gate_shape="linear", shared_gate="middle", shared_fraction=0.25)
+    m = specialties_for(cfg, [8, 2, 32])
+    obj = method_for(cfg, m)
+    assert type(obj) is {"reference": Reference, "partition": Partition}[method]
+    assert obj.specialties is m and (obj.narrowness, obj.shape) == (0.7, "linear")
+    dial = two(0.3)
+    if method == "partition":
+        assert obj.shared == "middle"
+        assert torch.equal(obj.gates(dial), partition_gate(dial, m, 0.7, "linear", "middle"))
+        assert torch.equal(m, partition_specialties([8, 2, 32], 2, cfg.specialty_seed, 0.25))
+    else:
+        assert torch.equal(obj.gates(dial), gate(dial, m, 0.7, "linear"))
+        assert torch.equal(m, draw_specialties(42, 2, cfg.specialty_seed, 0.5))  # 1/N = 0.5: DESIGN §1's Beta
 
 
 def test_corner_fraction_puts_draws_at_exact_corners():
     rng = np.random.default_rng(0)
-    dials, sources = sample_dials(rng, 20000, 3, corner_fraction=0.4, weights=[1.0, 1.0, 2.0])
+    dials, sources = sample_dials(rng, 20000, 3, 0.5, corner_fraction=0.4, weights=[1.0, 1.0, 2.0])
     at_corner = dials.max(axis=1) == 1.0
     assert at_corner.mean() == pytest.approx(0.4, abs=0.02)
     assert (dials[at_corner].argmax(axis=1) == sources[at_corner]).all()  # a corner draws its own source
     assert np.bincount(sources[at_corner], minlength=3) / at_corner.sum() == pytest.approx([0.25, 0.25, 0.5],
                                                                                               abs=0.03)
-    # 0 draws nothing extra: the stream of a run without corners is unchanged
-    a = sample_dials(np.random.default_rng(1), 64, 2)
-    b = sample_dials(np.random.default_rng(1), 64, 2, corner_fraction=0.0)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    all_corners, _ = sample_dials(np.random.default_rng(2), 100, 2, corner_fraction=1.0)
+    # 0 draws nothing extra: the stream of a run without corners is the plain Beta draw's
+    dials, _ = sample_dials(np.random.default_rng(1), 64, 2, 0.5, corner_fraction=0.0)
+    assert np.array_equal(dials[:, 1], np.random.default_rng(1).beta(0.5, 0.5, size=64).astype(np.float32))
+    all_corners, _ = sample_dials(np.random.default_rng(2), 100, 2, 0.5, corner_fraction=1.0)
     assert (all_corners.max(axis=1) == 1.0).all()
 
 

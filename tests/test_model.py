@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from abcgpt.dial import gate
+from abcgpt.dial import gate, partition_gate
 from abcgpt.engine import generate_tokens
 from abcgpt.model import GPT, GPTConfig
 
@@ -115,10 +115,25 @@ def test_specialties_are_frozen_buffers():
     assert torch.equal(GPT(small()).specialties, model.specialties)  # from the seed, not the torch RNG
 
 
-def test_unit_gates_match_dial_module():
-    model = GPT(small(narrowness=0.7))
-    dial = torch.tensor([0.4, 0.6])
-    assert torch.equal(model.unit_gates(dial), gate(dial[None], model.specialties, 0.7))
+@pytest.mark.parametrize("shape", ["cos2", "linear"])
+@pytest.mark.parametrize("shared_gate", ["always", "middle"])
+@pytest.mark.parametrize("method", ["partition", "reference"])
+def test_unit_gates_match_dial_module(method, shared_gate, shape):
+    """The model's gates are its method's formula with every knob of the config (partition_gate or gate), and
+    not the other method's: on one-hot partition rows the two formulas agree, so shared units (whose gates differ,
+    narrowness != 1 included) and a dial off the corners and the centroid are what make this test able to fail."""
+    def gates_of(shared):
+        model = GPT(small(method=method, narrowness=0.7, gate_shape=shape, shared_fraction=0.25, shared_gate=shared))
+        return model.unit_gates(dial[0]), model.specialties
+
+    dial = torch.tensor([[0.3, 0.7]])
+    got, m = gates_of(shared_gate)
+    formulas = {"partition": partition_gate(dial, m, 0.7, shape, shared_gate), "reference": gate(dial, m, 0.7, shape)}
+    assert torch.equal(got, formulas[method])
+    assert not torch.allclose(got, formulas[{"partition": "reference", "reference": "partition"}[method]])
+    # shared_gate reaches the partition method's shared units (and means nothing to the reference)
+    other, _ = gates_of({"always": "middle", "middle": "always"}[shared_gate])
+    assert torch.equal(other, got) == (method == "reference")
 
 
 @pytest.mark.parametrize("gates", ["abc", "none"])
@@ -136,12 +151,14 @@ def test_kv_cache_generation_equals_full_recompute(gates):
     assert len(long) == 60
 
 
+@pytest.mark.parametrize("method", ["partition", "reference"])
 @pytest.mark.parametrize("routing", ["soft", "routed"])
-def test_training_forward_traces_as_one_graph(routing):
-    """torch.compile can capture the gated forward and the routed backward whole (no graph breaks)."""
+def test_training_forward_traces_as_one_graph(routing, method):
+    """torch.compile can capture the gated forward and the routed backward whole (no graph breaks), the method
+    object (model.method, built in the forward) included."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = GPT(small(routing=routing))
+    model = GPT(small(routing=routing, method=method))
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     idx = torch.randint(0, 50, (2, 10))
     dials = torch.tensor([[0.9, 0.1], [0.3, 0.7]])

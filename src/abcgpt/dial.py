@@ -10,27 +10,24 @@ with m1 ~ Beta(c, c), c = 0.5 by default.
     gate(a, m) = cos^2((pi / 2) * min(1, d / span))   1 at a = m, exactly 0 at (and past) the far end
 
 Training draws a ~ Beta(c, c) (Dirichlet for N > 2), then the source ~ Categorical(a) (Bernoulli(a1) for two).
-The routed variant keeps the forward gate but, in the backward pass, replaces it by m_s, the unit's
-weight on the sample's source s (m1 for source 1, 1 - m1 for source 0): a straight-through gradient mask.
 
 The partition method (this project's default; docs/ablations.md measures why) keeps the shape of the gate but
 quantises the specialties: each unit belongs to exactly one source (m = e_k), or, for a reserved share of units,
-to all of them (m = the centroid). The dial's weight on a unit's sources sets its gate, and the routed mask
-becomes exact, so a unit only ever learns from its own sources:
+to all of them (m = the centroid). The dial's weight on a unit's sources sets its gate:
 
     u(a, m)    = (sum_k a_k m_k) / max_k m_k               a_k for a unit of source k; 1 for a shared unit
     gate(a, m) = cos^2((pi / 2) * min(1, (1 - u) / narrowness))
-    mask(s, m) = m_s / max_k m_k                           1 for the unit's own source(s), else exactly 0
-
-Its routed backward multiplies the true gradient (gate * grad) by the mask, rather than putting the mask in the
-gate's place: a straight-through mask of 1 on a unit whose gate is small overstates its effect by 1/gate, and
-through the layers that wrecks training (docs/ablations.md, the routed rows).
 
 gate_shape="linear" replaces cos^2((pi / 2) t) by 1 - t in either method. shared_gate="middle" puts the shared
 units on a tent around the centroid instead (on in the middle of the dial, off at the corners).
+
+Each method is one small object (Reference, Partition; method_for picks it from a model config) that the model
+asks for its gates and, when routing="routed", for the factor r that takes the gate's place in the backward pass
+(apply_gate: value x * g, gradient to x r * grad) and for the mask, if any, of the tied LM head's weight gradient.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -94,14 +91,6 @@ def partition_gate(dial: torch.Tensor, specialties: torch.Tensor, narrowness: fl
     return g
 
 
-def route_mask(specialties: torch.Tensor, source: torch.Tensor, exact: bool = False) -> torch.Tensor:
-    """Routed-backward mask (B, U): each unit's specialty weight on each sample's source (B,); exact=True (the
-    partition method) divides by the unit's largest weight, so a unit's own sources pass 1 and others 0."""
-    if exact:
-        specialties = specialties / specialties.max(dim=-1, keepdim=True).values
-    return specialties[:, source].T
-
-
 def apply_gate(x: torch.Tensor, g: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
     """x * g, with g broadcast over x. With a routing mask r (same shape as g), the value is still x * g
     but the gradient to x is r * grad: z - z.detach() is exactly 0 forward and carries r in backward."""
@@ -112,9 +101,81 @@ def apply_gate(x: torch.Tensor, g: torch.Tensor, r: torch.Tensor | None = None) 
     return y.detach() + (z - z.detach())
 
 
+@dataclass(frozen=True)
+class Reference:
+    """DESIGN §1: specialties m ~ Beta(c, c) (Dirichlet for N > 2); the routed backward is straight-through, the
+    gate g replaced by m_s, the unit's weight on the sample's source s (m1 for source 1, 1 - m1 for source 0):
+
+        gates(a)            = gate(a, m)
+        backward_mask(g, s) = m_s        the gradient through a gate is m_s * grad instead of g * grad
+        head_mask(s)        = None       the LM head reads the final gate's output, so like every weight after a
+                                         gate its gradient is the ordinary one (its input is g * LN(x)); m_s reaches
+                                         the tied weight through the embedding, which is before the first gate
+    """
+    specialties: torch.Tensor  # (U, N)
+    narrowness: float = 1.0
+    shape: str = "cos2"
+
+    def gates(self, dial: torch.Tensor) -> torch.Tensor:
+        return gate(dial, self.specialties, self.narrowness, self.shape)
+
+    def backward_mask(self, gates: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return self.specialties[:, source].T
+
+    def head_mask(self, source: torch.Tensor) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Partition specialties (m = e_k, or the centroid for shared units); the routed backward is the true gradient
+    cut to exactly 0 for sequences of other sources (a straight-through 1 on a unit whose gate is small overstates
+    its effect by 1/g, and through the layers that wrecks training: docs/ablations.md, the routed rows):
+
+        gates(a)            = partition_gate(a, m)
+        mask(s)             = m_s / max_k m_k    1 for the unit's own source(s), else exactly 0
+        backward_mask(g, s) = g * mask(s)
+        head_mask(s)        = mask(s)            the tied LM head's column of a residual channel learns only from
+                                                 that channel's sources too (else it leaks into the other corners)
+    """
+    specialties: torch.Tensor  # (U, N)
+    narrowness: float = 1.0
+    shape: str = "cos2"
+    shared: str = "always"
+
+    def gates(self, dial: torch.Tensor) -> torch.Tensor:
+        return partition_gate(dial, self.specialties, self.narrowness, self.shape, self.shared)
+
+    def mask(self, source: torch.Tensor) -> torch.Tensor:
+        return (self.specialties / self.specialties.max(dim=-1, keepdim=True).values)[:, source].T
+
+    def backward_mask(self, gates: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return gates * self.mask(source)
+
+    def head_mask(self, source: torch.Tensor) -> torch.Tensor:
+        return self.mask(source)
+
+
+def specialties_for(config, group_sizes: list[int]) -> torch.Tensor:
+    """The frozen specialties (sum(group_sizes), N) of a model config (GPTConfig) and its groups of units."""
+    if config.method == "partition":
+        return partition_specialties(group_sizes, config.n_sources, config.specialty_seed, config.shared_fraction)
+    # 1/N keeps DESIGN §1 (0.5) for two sources; for more it puts each unit near a few corners, so a single source
+    # still lights up a fair share of units (0.5 leaves a corner a sliver at N = 16)
+    concentration = config.specialty_concentration or 1.0 / config.n_sources
+    return draw_specialties(sum(group_sizes), config.n_sources, config.specialty_seed, concentration)
+
+
+def method_for(config, specialties: torch.Tensor) -> Reference | Partition:
+    """The method object of a model config (GPTConfig: method, narrowness, gate_shape, shared_gate)."""
+    if config.method == "partition":
+        return Partition(specialties, config.narrowness, config.gate_shape, config.shared_gate)
+    return Reference(specialties, config.narrowness, config.gate_shape)
+
+
 def sample_dials(
-    rng: np.random.Generator, batch: int, n_sources: int, concentration: float = 0.5, per_batch: bool = False,
-    weights: list[float] | None = None, corner_fraction: float = 0.0,
+    rng: np.random.Generator, batch: int, n_sources: int, concentration: float, corner_fraction: float,
+    per_batch: bool = False, weights: list[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training draw: dials (B, N) ~ Beta/Dirichlet(alpha), then sources (B,) ~ Categorical(dial).
 
@@ -144,6 +205,18 @@ def sample_dials(
 def corner(k: int, n_sources: int) -> torch.Tensor:
     """The one-hot dial e_k: source k alone."""
     return torch.nn.functional.one_hot(torch.tensor(k), n_sources).float()
+
+
+def even(points: int) -> list[float]:
+    """points evenly spaced positions in [0, 1], both ends included."""
+    return np.linspace(0.0, 1.0, points).tolist()
+
+
+def dial_path(n_sources: int, ts: list[float], start: int = 0, end: int | None = None) -> list[torch.Tensor]:
+    """The dial at each t of ts on the edge of the simplex from source start's corner (t = 0) to source end's
+    (t = 1; the last source's unless given). For two sources this is the dial a = t itself."""
+    first, last = corner(start, n_sources), corner(n_sources - 1 if end is None else end, n_sources)
+    return [(1 - float(t)) * first + float(t) * last for t in ts]
 
 
 # ----------------------------------------------------------------------------- between the corners

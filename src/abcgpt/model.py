@@ -20,7 +20,7 @@ from pydantic.dataclasses import dataclass
 from torch.nn import functional as F
 
 from abcgpt.common import DECLARED, DIAL_KEY
-from abcgpt.dial import apply_gate, draw_specialties, gate, partition_gate, partition_specialties, route_mask
+from abcgpt.dial import Partition, Reference, apply_gate, method_for, specialties_for
 
 
 @dataclass(config=DECLARED)
@@ -147,9 +147,9 @@ class Block(nn.Module):
 
 
 class RoutedHead(torch.autograd.Function):
-    """logits = x @ W.T, with the routed backward: W's gradient sees the input through the mask (B, 1, C), so
-    a channel's column of the (tied) LM head learns only from the sequences its mask lets through, like the
-    layers before it; x gets its ordinary gradient. One matmul forward, two backward, as for a plain Linear."""
+    """logits = x @ W.T, with W's gradient seeing the input through a mask (B, 1, C) (the method's head_mask), so
+    a channel's column of the (tied) LM head learns only from the sequences its mask lets through; x gets its
+    ordinary gradient. One matmul forward, two backward, as for a plain Linear."""
 
     @staticmethod
     def forward(ctx, x, weight, mask):
@@ -186,16 +186,7 @@ class GPT(nn.Module):
             # residual channels (C), then per layer its heads (H) and MLP units (4C).
             C, H, L = config.n_embd, config.n_head, config.n_layer
             self.group_sizes = [C] + [H, 4 * C] * L
-            if config.method == "partition":
-                spec = partition_specialties(self.group_sizes, config.n_sources, config.specialty_seed,
-                                             config.shared_fraction)
-            else:
-                # 1/N keeps DESIGN §1 (0.5) for two sources; for more it puts each unit near a few corners, so a
-                # single source still lights up a fair share of units (0.5 leaves a corner a sliver at N = 16)
-                concentration = config.specialty_concentration or 1.0 / config.n_sources
-                spec = draw_specialties(sum(self.group_sizes), config.n_sources, config.specialty_seed,
-                                        concentration)
-            self.register_buffer("specialties", spec)
+            self.register_buffer("specialties", specialties_for(config, self.group_sizes))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -208,14 +199,17 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def method(self) -> Reference | Partition:
+        """The dial's method (dial.py) over this model's specialties: what the gates are, and what the routed
+        backward puts in their place. Built on each use, so it follows the buffer across .to() and loading."""
+        return method_for(self.config, self.specialties)
+
     def unit_gates(self, dial: torch.Tensor) -> torch.Tensor:
         """Gate of every unit (B, U) for dials (B, N) or one dial (N,): one small op per forward."""
         if dial.dim() == 1:
             dial = dial[None]
-        c, dial = self.config, dial.to(self.specialties)
-        if c.method == "partition":
-            return partition_gate(dial, self.specialties, c.narrowness, c.gate_shape, c.shared_gate)
-        return gate(dial, self.specialties, c.narrowness, c.gate_shape)
+        return self.method.gates(dial.to(self.specialties))
 
     def _split(self, g: torch.Tensor | None):
         """(B, U) -> residual gate and per layer (residual, head, unit) gates, as views."""
@@ -231,21 +225,17 @@ class GPT(nn.Module):
         B, T = idx.size()
         t0 = cache.pos if cache is not None else 0
         assert t0 + T <= self.config.block_size, f"sequence of {t0 + T} exceeds block_size {self.config.block_size}"
-        g = r = mask = None
+        g = r = head = None
         if self.config.gates == "abc":
             if dial is None:
                 raise ValueError("a gated model needs a dial")
             g = self.unit_gates(dial).expand(B, -1)
             if self.config.routing == "routed" and source is not None and torch.is_grad_enabled():
-                if self.config.method == "partition":
-                    # the true gradient, cut to 0 for units of other sources (gradient masking)
-                    mask = route_mask(self.specialties, source, exact=True)
-                    r = g * mask
-                else:  # DESIGN §1: straight through, the gate replaced by m_s in the backward pass
-                    mask = r = route_mask(self.specialties, source)
+                # the factor that takes the gate's place in the backward pass, and the LM head's weight mask
+                r, head = self.method.backward_mask(g, source), self.method.head_mask(source)
         g_res, gates = self._split(g)
         r_res, routes = self._split(r)
-        mask_res, _ = self._split(mask)
+        head_res, _ = self._split(head)
         pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         x = self.transformer.drop(Block._gate(x, g_res, r_res))
@@ -256,10 +246,10 @@ class GPT(nn.Module):
         x = Block._gate(self.transformer.ln_f(x), g_res, r_res)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
-        if mask_res is None:
+        if head_res is None:
             logits = self.lm_head(x)
-        else:  # routed: the (tied) LM head's weights learn from a channel only as its mask allows
-            logits = RoutedHead.apply(x, self.lm_head.weight, mask_res[:, None, :])
+        else:  # routed partition: the (tied) LM head's weights learn from a channel only as its mask allows
+            logits = RoutedHead.apply(x, self.lm_head.weight, head_res[:, None, :])
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
