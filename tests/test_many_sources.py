@@ -29,7 +29,7 @@ def test_two_sources_are_exactly_design_section_1():
         spec = torch.stack([1 - m, m], 1).float()
         assert torch.allclose(gate(torch.tensor([[1 - a, a]]).float(), spec)[0].double(), scalar, atol=1e-6)
     rng, ref = np.random.default_rng(3), np.random.default_rng(3)
-    dials, sources = sample_dials(rng, 1000, 2, 0.5, weights=[1.0, 1.0])
+    dials, sources = sample_dials(rng, 1000, 2, 0.5, 0.0, weights=[1.0, 1.0])
     a = ref.beta(0.5, 0.5, 1000)
     u = ref.random((1000, 1))
     assert np.allclose(dials[:, 1], a) and np.array_equal(sources, (u[:, 0] > 1 - a).astype(np.int64))
@@ -37,7 +37,7 @@ def test_two_sources_are_exactly_design_section_1():
 
 def test_source_weights_set_how_often_each_source_is_drawn():
     rng = np.random.default_rng(0)
-    _, sources = sample_dials(rng, 200_000, 3, 0.5, weights=[1.0, 2.0, 5.0])
+    _, sources = sample_dials(rng, 200_000, 3, 0.5, 0.0, weights=[1.0, 2.0, 5.0])
     assert np.bincount(sources) / sources.size == pytest.approx([1 / 8, 2 / 8, 5 / 8], abs=0.01)
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -5,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -63,7 +65,8 @@ path = "{tmp_path / 'b_split.txt'}"
     tok = data.tokenizer
     upper = set(tok.encode("ABCDWXYZ"))
     assert upper <= set(np.unique(data.heldout[0])) | set(np.unique(data.heldout[1]))
-    batcher = Batcher(data, 16, 64, torch.device("cpu"), seed=0)
+    batcher = Batcher.from_recipe(dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, batch_size=64)),
+                                  data, torch.device("cpu"))
     for _ in range(200):
         x, y, dials, sources = batcher.next()
         assert not upper & set(torch.unique(torch.cat([x, y])).tolist())
@@ -112,11 +115,33 @@ path = "{tmp_path / 'b.txt'}"
         prepared_data(recipe, progress=False)
 
 
+def test_training_leaves_the_callers_recipe_alone(tmp_path):
+    """The Trainer completes its own copy (vocabulary, number of sources); the recipe it was given is unchanged, and
+    the saved recipe holds what the data decided."""
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["train.steps=4", "train.eval_every=4"])
+    before = recipe.to_dict()
+    train(recipe, tmp_path / "run", progress=False)
+    assert recipe.to_dict() == before
+    saved = json.loads((tmp_path / "run" / "last" / "config.json").read_text())["recipe"]["model"]
+    assert saved["n_sources"] == 2 and saved["vocab_size"] == load_checkpoint(tmp_path / "run").tokenizer.vocab_size
+    assert before["model"]["vocab_size"] != saved["vocab_size"]  # the default (65) was not the data's
+
+
+def test_every_token_of_a_shard_is_a_target_sometimes():
+    """Windows reach the end of a shard: its last token is a target too (it used to be one short)."""
+    shards = [np.arange(20, dtype=np.int64), np.arange(100, 120, dtype=np.int64)]
+    data = SimpleNamespace(train=shards, sources=["a", "b"])
+    batcher = Batcher(data, block_size=4, batch_size=64, device=torch.device("cpu"), seed=0, concentration=0.5,
+                      per_batch=False, corner_fraction=1.0, weights=[1.0, 1.0])
+    targets = set(torch.cat([batcher.next()[1].flatten() for _ in range(50)]).tolist())
+    assert targets == set(range(1, 20)) | set(range(101, 120))
+
+
 def test_batches_follow_the_dial_draw(tmp_path):
     """Per-sequence sampling: sequences drawn for source 1 came with dials near 1 (E[a | source 1] = 3/4)."""
-    recipe = load_recipe(str(write_recipe(tmp_path)))
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["train.corner_fraction=0", "train.batch_size=256"])
     data = prepared_data(recipe, progress=False)
-    batcher = Batcher(data, 16, 256, torch.device("cpu"), seed=0)
+    batcher = Batcher.from_recipe(recipe, data, torch.device("cpu"))
     dials, sources = zip(*[batcher.next()[2:] for _ in range(40)])
     a, s = torch.cat(dials)[:, 1], torch.cat(sources)
     assert a[s == 1].mean().item() == pytest.approx(0.75, abs=0.02)
@@ -255,17 +280,29 @@ def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, ca
     assert all(torch.isfinite(p).all() for p in ckpt.model.parameters())
 
 
-def test_method_reference_brings_the_original_knobs(tmp_path):
-    """method = "reference" sets DESIGN §1's choices for the keys a recipe leaves alone; a key the recipe or
-    --set gives still wins; the default is the partition method."""
+def test_method_presets_are_files_applied_over_the_recipe(tmp_path):
+    """--method reference applies configs/methods/reference.toml (DESIGN §1's knobs) over the recipe, --set goes
+    over both; `include` puts a preset under a recipe's own keys; the recipe `reference` is the original method
+    end to end; the default is the partition method, whose preset spells out the defaults."""
     path = str(write_recipe(tmp_path))
     ours = load_recipe(path)
     assert (ours.model.method, ours.model.routing, ours.train.dial_sampling) == ("partition", "routed", "per_sequence")
-    ref = load_recipe(path, ["model.method=reference"])
-    assert (ref.model.routing, ref.model.gate_shape, ref.train.dial_sampling, ref.train.corner_fraction) == (
-        "soft", "cos2", "per_batch", 0.0)
-    mixed = load_recipe(path, ["model.method=reference", "model.routing=routed"])
+    assert load_recipe(path, method="partition") == ours
+    ref = load_recipe(path, method="reference")
+    assert (ref.model.method, ref.model.routing, ref.model.gate_shape, ref.model.gate_norms, ref.train.dial_sampling,
+            ref.train.corner_fraction) == ("reference", "soft", "cos2", False, "per_batch", 0.0)
+    mixed = load_recipe(path, ["model.routing=routed"], method="reference")
     assert mixed.model.routing == "routed" and mixed.train.dial_sampling == "per_batch"
+    assert load_recipe(path, ["model.method=reference"]).model.routing == "routed"  # a key is only itself
+    included = tmp_path / "inc.toml"
+    own = Path(path).read_text().replace("[train]", "[train]\ncorner_fraction = 0.5")
+    included.write_text('include = "methods/reference"\n' + own)
+    inc = load_recipe(str(included))
+    assert (inc.model.method, inc.train.dial_sampling, inc.train.corner_fraction) == ("reference", "per_batch", 0.5)
+    assert load_recipe("reference").model.method == "reference"
+    assert load_recipe("reference", method="partition").model.method == "partition"
+    with pytest.raises(AbcgptError, match="unknown method 'bogus'"):
+        load_recipe(path, method="bogus")
     with pytest.raises(AbcgptError, match="model.method = 'abc' is not allowed: input should be 'partition' or"):
         load_recipe(path, ["model.method=abc"])
     with pytest.raises(AbcgptError, match="train.corner_fraction = 1.5 is not allowed"):
@@ -277,25 +314,22 @@ def test_method_reference_brings_the_original_knobs(tmp_path):
 def test_checkpoint_from_before_methods_loads_as_reference(tmp_path):
     """A recipe saved before model.method existed was trained with the original method: it must rebuild as
     such (same specialties), not silently as the new default."""
-    from abcgpt.config import recipe_from_dict
 
-    d = load_recipe(str(write_recipe(tmp_path)), ["model.method=reference"]).to_dict()
-    for key in ("method", "gate_shape", "shared_fraction"):
-        d["model"].pop(key)
-    d["train"].pop("corner_fraction")
-    r = recipe_from_dict(d)
-    assert r.model.method == "reference" and r.train.corner_fraction == 0.0
-    # a whole checkpoint: stripped of the new keys it still computes what it computed
-    recipe = load_recipe(str(write_recipe(tmp_path)), ["model.method=reference", "train.steps=10"])
+    # a whole checkpoint, written as an older abcgpt did: the model config beside the recipe, without the keys
+    # added since; it still computes what it computed
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["train.steps=10"], method="reference")
     train(recipe, tmp_path / "old", progress=False)
     x = torch.randint(0, 8, (2, 16))
     dial = torch.tensor([0.3, 0.7])
     before = load_checkpoint(tmp_path / "old" / "last").model(x, dial, x)[1]
     meta_path = tmp_path / "old" / "last" / "config.json"
     meta = json.loads(meta_path.read_text())
+    meta["model"] = dict(meta["recipe"]["model"])
     for table in (meta["model"], meta["recipe"]["model"]):
         for key in ("method", "gate_norms", "gate_shape", "shared_fraction", "shared_gate"):
             table.pop(key)
+    for key in ("vocab_size", "n_sources"):
+        meta["recipe"]["model"].pop(key)
     meta["recipe"]["train"].pop("corner_fraction")
     meta_path.write_text(json.dumps(meta))
     old = load_checkpoint(tmp_path / "old" / "last").model

@@ -161,23 +161,34 @@ class Batcher:
     exactly the batches the uninterrupted run would have drawn. Under torchrun every process draws the same
     global batch and keeps its rows of it."""
 
-    def __init__(self, data: PreparedData, block_size: int, batch_size: int, device: torch.device,
-                 seed: int, concentration: float = 0.5, per_batch: bool = False, only: list[int] | None = None,
-                 weights: list[float] | None = None, rank: int = 0, world: int = 1, corner_fraction: float = 0.0):
+    def __init__(self, data: PreparedData, *, block_size: int, batch_size: int, device: torch.device, seed: int,
+                 concentration: float, per_batch: bool, corner_fraction: float, weights: list[float],
+                 only: list[int] | None = None, rank: int = 0, world: int = 1):
         self.data, self.T, self.B, self.device = data, block_size, batch_size, device
-        self.corner_fraction = corner_fraction
         self.rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)  # this process's share
-        self.concentration, self.per_batch, self.only = concentration, per_batch, only
-        self.weights = np.ones(len(data.train)) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.concentration, self.per_batch, self.corner_fraction = concentration, per_batch, corner_fraction
+        self.weights, self.only = np.asarray(weights, dtype=np.float64), only
         self.rng = np.random.default_rng(seed)
         self.window = np.arange(block_size + 1)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, data: PreparedData, device: torch.device, rank: int = 0,
+                    world: int = 1) -> "Batcher":
+        """The batches a recipe trains on: its dial draw, its sources' weights, and for an ungated baseline the
+        sources it is trained on (train.only_sources, else all)."""
+        t, m = recipe.train, recipe.model
+        only = None if m.gates == "abc" else [data.sources.index(s) for s in t.only_sources or data.sources]
+        return cls(data, block_size=m.block_size, batch_size=t.batch_size, device=device, seed=t.seed,
+                   concentration=t.dial_concentration, per_batch=t.dial_sampling == "per_batch",
+                   corner_fraction=t.corner_fraction, weights=[s.weight for s in recipe.data.sources], only=only,
+                   rank=rank, world=world)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x, y (B, T) int64; dials (B, N) float32; sources (B,) int64."""
         n = len(self.data.train)
         if self.only is None:
-            dials, sources = sample_dials(self.rng, self.B, n, self.concentration, self.per_batch, self.weights,
-                                          self.corner_fraction)
+            dials, sources = sample_dials(self.rng, self.B, n, self.concentration, self.corner_fraction,
+                                          self.per_batch, self.weights)
         else:
             w = self.weights[self.only]
             sources = self.rng.choice(np.asarray(self.only), size=self.B, p=w / w.sum())
@@ -186,7 +197,7 @@ class Batcher:
         for s in np.unique(sources):
             rows = np.flatnonzero(sources == s)
             tokens = self.data.train[s]
-            starts = self.rng.integers(0, tokens.size - self.T - 1, size=rows.size)
+            starts = self.rng.integers(0, tokens.size - self.T, size=rows.size)  # the last token is a target too
             xy[rows] = tokens[starts[:, None] + self.window]
         return self._to_device(xy[self.rows], dials[self.rows], sources[self.rows])
 
@@ -197,10 +208,10 @@ class Batcher:
             return tuple(t.contiguous().pin_memory().to(self.device, non_blocking=True) for t in tensors)
         return tuple(t.contiguous().to(self.device) for t in tensors)
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         return self.rng.bit_generator.state
 
-    def load_state(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state
 
 

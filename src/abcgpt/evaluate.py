@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from abcgpt.data import PreparedData, heldout_batches
-from abcgpt.dial import corner
+from abcgpt.dial import corner, dial_path, even
 from abcgpt.dial_spec import format_dial
 from abcgpt.model import GPT
 
@@ -78,14 +78,12 @@ def format_table(table: dict[str, dict[str, float]], sources: list[str]) -> str:
 def loss_curve(model: GPT, data: PreparedData, batch_size: int, n_batches: int, points: int = 11,
                autocast=nullcontext) -> dict:
     """Held-out loss of each source along the dial from the first source's corner to the last's."""
-    n = len(data.sources)
-    first, last = corner(0, n), corner(n - 1, n)
-    ts = torch.linspace(0, 1, points)
-    dials = [(1 - t) * first + t * last for t in ts]
+    ts = even(points)
+    dials = dial_path(len(data.sources), ts)
     return {
         "sources": data.sources,
         "dial": [format_dial(d, data.sources) for d in dials],
-        "t": ts.tolist(),
+        "t": ts,
         "loss": {s: [heldout_loss(model, tokens, d, batch_size, n_batches, autocast) for d in dials]
                  for s, tokens in zip(data.sources, data.heldout)},
         "tokens_per_point": batch_size * n_batches * model.config.block_size,

@@ -3,12 +3,12 @@
 A run directory holds `last/` and `best/` checkpoints, `metrics.jsonl` (one JSON object per log line),
 and at the end `loss_vs_dial.json` / `.png`."""
 
-import copy
+import dataclasses
 import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -97,163 +97,218 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     out = check_writable(Path(out))
     pick_device(recipe.train.device)  # a device this machine lacks is refused before the run folder is made
     if int(os.environ.get("RANK", 0)) != 0:
-        return _train(recipe, out, resume, progress)
+        return Trainer(recipe, out, resume, progress).train()
     with run_lock(out):
-        return _train(recipe, out, resume, progress)
+        return Trainer(recipe, out, resume, progress).train()
 
 
-def _train(recipe: Recipe, out: Path, resume: bool, progress: bool) -> dict:
-    t = recipe.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    rank, world, device = setup_distributed(t.device)
-    if t.batch_size % world:
-        raise AbcgptError(f"train.batch_size ({t.batch_size}) must be a multiple of the number of processes ({world})")
-    master = rank == 0
-    ckpt = load_checkpoint(existing_dir(out / "last"), device) if resume else None
-    if ckpt is None and ((out / "last").exists() or (out / "last.old").exists()):
-        raise AbcgptError(f"{out} already holds a run: resume it with `abcgpt train --resume {out}`, "
-                          "or choose another --out")
-    if ckpt is not None and ckpt.meta["step"] > t.steps:
-        raise AbcgptError(f"{out} is at step {ckpt.meta['step']}: train.steps = {t.steps} would go back; give at "
-                          f"least {ckpt.meta['step']} (nothing was changed)")
-    progress = progress and master
-    autocast = autocast_for(device, t.dtype)
-    if master:  # one process prepares the data, the others wait for it
-        data = prepared_data(recipe, progress)
-    if world > 1:
-        dist.barrier()
-    if not master:
-        data = prepared_data(recipe, False)
-    cfg = recipe.model
-    cfg.vocab_size, cfg.n_sources = data.tokenizer.vocab_size, len(data.sources)
+class Trainer:
+    """One run: its data, model, optimizer, batches and folder. `train` is the loop (nanoGPT's: lr, eval and
+    checkpoint, forward/backward, clip, step, log); `train_step`, `evaluate` and `save` are its parts."""
 
-    torch.manual_seed(t.seed)
-    model = GPT(cfg).to(device)
-    fsdp = t.fsdp and world > 1
-    only = None if cfg.gates == "abc" else [data.sources.index(s) for s in t.only_sources or data.sources]
-    batcher = Batcher(data, cfg.block_size, t.batch_size, device, t.seed, t.dial_concentration,
-                      t.dial_sampling == "per_batch", only, [s.weight for s in recipe.data.sources], rank, world,
-                      t.corner_fraction)
-    step, best = 0, math.inf
-    if ckpt is not None:
-        if ckpt.tokenizer.to_json() != data.tokenizer.to_json():
-            raise AbcgptError(f"the prepared data in {data.dir} has another tokenizer than the run in {out}")
-        model.load_state_dict(ckpt.model.state_dict())
-    if fsdp:  # shard every block, then the rest (embeddings, final LayerNorm); parameters become DTensors
-        for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
-    optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), device.type)
-    if ckpt is not None:
-        trainer = restore_training_state(ckpt, optimizer) if not fsdp else _restore_sharded(ckpt, model, optimizer)
-        batcher.load_state(trainer["batcher"])
-        step, best = ckpt.meta["step"], trainer["best"]
-        if master:
-            _truncate_log(out / "metrics.jsonl", step)
-        if step >= t.steps:
-            print(f"{out} is already at step {step} of {t.steps}: nothing to do (raise it with --steps)")
-    if master:
-        atomic_write_text(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2))
-    ddp = DDP(model) if world > 1 and not fsdp else None
-    step_model = torch.compile(ddp or model) if t.compile else (ddp or model)
+    def __init__(self, recipe: Recipe, out: Path, resume: bool = False, progress: bool = True):
+        t = recipe.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.rank, self.world, self.device = setup_distributed(t.device)
+        if t.batch_size % self.world:
+            raise AbcgptError(f"train.batch_size ({t.batch_size}) must be a multiple of the number of processes "
+                              f"({self.world})")
+        self.out, self.master = out, self.rank == 0
+        self.progress = progress and self.master
+        ckpt = load_checkpoint(existing_dir(out / "last"), self.device) if resume else None
+        if ckpt is None and ((out / "last").exists() or (out / "last.old").exists()):
+            raise AbcgptError(f"{out} already holds a run: resume it with `abcgpt train --resume {out}`, "
+                              "or choose another --out")
+        if ckpt is not None and ckpt.meta["step"] > t.steps:
+            raise AbcgptError(f"{out} is at step {ckpt.meta['step']}: train.steps = {t.steps} would go back; give "
+                              f"at least {ckpt.meta['step']} (nothing was changed)")
+        if self.master:  # one process prepares the data, the others wait for it
+            self.data = prepared_data(recipe, self.progress)
+        if self.world > 1:
+            dist.barrier()
+        if not self.master:
+            self.data = prepared_data(recipe, False)
+        # our own copy, completed with what the data decides: the caller's recipe is never changed
+        model = dataclasses.replace(recipe.model, vocab_size=self.data.tokenizer.vocab_size,
+                                    n_sources=len(self.data.sources))
+        self.recipe = dataclasses.replace(recipe, model=model)
+        self.t, self.cfg = t, model
+        self.autocast = autocast_for(self.device, t.dtype)
 
-    if progress:
-        print(f"training {recipe.name}: {model.num_params() / 1e6:.2f}M parameters, gates={cfg.gates}, "
-              f"method={cfg.method}, routing={cfg.routing}, sources {' / '.join(data.sources)}, device {device}")
-    log = RunLog(out, recipe, t.log_to) if master else None
-    bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.block_size
-    peak = peak_flops(device, t.peak_tflops)
-    token_flops = 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size  # PaLM, appendix B
-    t_log, step_at_log = time.time(), step
-    table = None
+        torch.manual_seed(t.seed)
+        self.model = GPT(model).to(self.device)
+        self.fsdp = t.fsdp and self.world > 1
+        self.batcher = Batcher.from_recipe(self.recipe, self.data, self.device, self.rank, self.world)
+        self.step, self.best, self.table = 0, math.inf, None
+        if ckpt is not None:
+            if ckpt.tokenizer.to_json() != self.data.tokenizer.to_json():
+                raise AbcgptError(f"the prepared data in {self.data.dir} has another tokenizer than the run in {out}")
+            self.model.load_state_dict(ckpt.model.state_dict())
+        if self.fsdp:  # shard every block, then the rest (embeddings, final LayerNorm); parameters become DTensors
+            for block in self.model.transformer.h:
+                fully_shard(block)
+            fully_shard(self.model)
+        self.optimizer = self.model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), self.device.type)
+        if ckpt is not None:
+            state = (_restore_sharded(ckpt, self.model, self.optimizer) if self.fsdp
+                     else restore_training_state(ckpt, self.optimizer))
+            self.load_state_dict(state | {"step": ckpt.meta["step"]})
+        self.ddp = DDP(self.model) if self.world > 1 and not self.fsdp else None
+        self.step_model = self.ddp or self.model
+        if t.compile:
+            self.step_model = torch.compile(self.step_model)
 
-    def save(path: Path, metrics: dict) -> None:
-        whole, whole_opt = (model, optimizer) if not fsdp else _gather_sharded(model, optimizer, cfg, t, master)
-        if master:
-            save_checkpoint(path, whole, recipe, data.tokenizer, data.sources, step, metrics, whole_opt,
-                            {"batcher": batcher.state(), "best": best})
+    # the trainer's own state, beside the model's and the optimizer's: what a checkpoint stores and a resume reads
+    def state_dict(self) -> dict:
+        return {"batcher": self.batcher.state_dict(), "best": self.best}
 
-    try:
-        while step < t.steps:
-            lr = lr_at(step, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(t.grad_accum):
-                x, y, dials, sources = batcher.next()
-                # DDP / FSDP: reduce the gradients once, on the last micro-step
-                sync = ddp.no_sync() if ddp is not None and micro < t.grad_accum - 1 else nullcontext()
-                if fsdp:
-                    model.set_requires_gradient_sync(micro == t.grad_accum - 1)
-                with sync:
-                    with autocast():
-                        _, loss = step_model(x, dials, y, sources)
-                    (loss / t.grad_accum).backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
+    def load_state_dict(self, state: dict) -> None:
+        self.batcher.load_state_dict(state["batcher"])
+        self.best, self.step = state["best"], state["step"]
 
-            if step % t.log_every == 0 or step == t.steps:
-                lossf = _check_finite(loss, step, out)  # the one host sync per log interval
-                now = time.time()
-                tok_s = (step - step_at_log) * tokens_per_step / (now - t_log)
-                t_log, step_at_log = now, step
-                # MFU: achieved FLOP/s over every process's accelerator, against the accelerator's peak
-                mfu = tok_s * token_flops / (peak * world) if peak else None
-                bar.set_postfix(loss=f"{lossf:.3f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
-                _log(log, {"type": "train", "step": step, "loss": lossf, "lr": lr, "tok_per_s": tok_s, "mfu": mfu})
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the last micro-batch's loss (not synced)."""
+        t = self.t
+        for micro in range(t.grad_accum):
+            x, y, dials, sources = self.batcher.next()
+            last = micro == t.grad_accum - 1  # DDP / FSDP: reduce the gradients once, on the last micro-step
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            with sync:
+                with self.autocast():
+                    _, loss = self.step_model(x, dials, y, sources)
+                (loss / t.grad_accum).backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss
 
-            if not master and not fsdp:
-                continue  # evaluation and checkpoints are rank 0's; the others go on to the next all-reduce
-            if step % t.eval_every == 0 or step == t.steps:  # (sharded: every rank takes part in the forward)
-                table = loss_table(model, data, t.batch_size, t.eval_batches, autocast)
-                trained = t.only_sources or data.sources
-                own = sum(table[s][s] for s in trained) / len(trained)
-                _check_finite(sum(v for row in table.values() for v in row.values()), step, out, "held-out loss")
-                _log(log, {"type": "eval", "step": step, "heldout": table, "corner_own": own,
-                           "tokens_per_cell": t.batch_size * t.eval_batches * cfg.block_size})
-                if master:
-                    bar.write(f"step {step}: held-out loss, each source at its own corner: "
-                              + ", ".join(f"{s} {table[s][s]:.3f}" for s in data.sources))
-                if own < best:
-                    best = own
-                    save(out / "best", {"heldout": table, "corner_own": own})
-                t_log = time.time()  # tokens/s measures training alone
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                _check_finite(loss, step, out)  # never overwrite a good checkpoint with a diverged model
-                save(out / "last", {"heldout": table} if table else {})
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted at step {step}; resume from the last checkpoint with "
-                          f"`abcgpt train --resume {out}`") from None
-    finally:  # also on errors: the bar ends before the one-line message is printed
-        bar.close()
-        if log is not None:
-            log.close()
-    if fsdp:  # the final numbers below need a whole model: rank 0 gathers one
-        model, _ = _gather_sharded(model, optimizer, cfg, t, master)
-    if world > 1:
-        dist.barrier()  # the others wait for rank 0's last checkpoint
-        dist.destroy_process_group()
-        if not master:
-            return {}
+    def evaluate(self) -> dict:
+        """Held-out loss of every source at every corner and the middle (under FSDP every rank takes part)."""
+        t, data = self.t, self.data
+        table = loss_table(self.model, data, t.batch_size, t.eval_batches, self.autocast)
+        _check_finite(sum(v for row in table.values() for v in row.values()), self.step, self.out, "held-out loss")
+        self.table = table
+        return table
 
-    if table is None:  # a resumed run that had nothing left to do
-        table = loss_table(model, data, t.batch_size, t.eval_batches, autocast)
-    curve = loss_curve(model, data, t.batch_size, max(1, t.eval_batches // 2), autocast=autocast)
-    atomic_write_text(out / "loss_vs_dial.json", json.dumps(curve, indent=2))
-    plot_loss_curve(curve, out / "loss_vs_dial.png", f"{recipe.name}: held-out loss across the dial, "
-                                                      f"{step} steps")
-    if progress:
-        cells = t.batch_size * t.eval_batches * cfg.block_size
-        print(f"\nheld-out loss (nats/token) after {step} steps, {cells:,} tokens per cell "
-              f"(* = best position for that source):")
-        print(format_table(table, data.sources))
-        print(f"checkpoints in {out}/best and {out}/last; loss across the dial: {out}/loss_vs_dial.png")
-    return table
+    def save(self, name: str, metrics: dict) -> None:
+        """A checkpoint in out/name (a collective under FSDP: every rank gathers, rank 0 writes)."""
+        model, optimizer = self.model, self.optimizer
+        if self.fsdp:
+            model, optimizer = _gather_sharded(model, optimizer, self.cfg, self.t, self.master)
+        if self.master:
+            save_checkpoint(self.out / name, model, self.recipe, self.data.tokenizer, self.data.sources, self.step,
+                            metrics, optimizer, self.state_dict())
+
+    def train(self) -> dict:
+        t, out, data = self.t, self.out, self.data
+        if self.master:
+            if self.step:
+                _truncate_log(out / "metrics.jsonl", self.step)
+            atomic_write_text(out / "recipe.json", json.dumps(self.recipe.to_dict(), indent=2))
+        if self.step >= t.steps:
+            print(f"{out} is already at step {self.step} of {t.steps}: nothing to do (raise it with --steps)")
+        if self.progress:
+            c = self.cfg
+            print(f"training {self.recipe.name}: {self.model.num_params() / 1e6:.2f}M parameters, gates={c.gates}, "
+                  f"method={c.method}, routing={c.routing}, sources {' / '.join(data.sources)}, device {self.device}")
+        log = RunLog(out, self.recipe, t.log_to) if self.master else None
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        speed = Speedometer(self)
+        try:
+            while self.step < t.steps:
+                lr = lr_at(self.step, t)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss = self.train_step()
+                bar.update(1)
+                step, last = self.step, self.step == t.steps
+                if step % t.log_every == 0 or last:
+                    lossf = _check_finite(loss, step, out)  # the one host sync per log interval
+                    tok_s, mfu = speed.measure(step)
+                    shown = {"loss": f"{lossf:.3f}", "tok_s": f"{tok_s:,.0f}"} | ({"mfu": f"{mfu:.1%}"} if mfu else {})
+                    bar.set_postfix(shown)
+                    _log(log, {"type": "train", "step": step, "loss": lossf, "lr": lr, "tok_per_s": tok_s, "mfu": mfu})
+                if not self.master and not self.fsdp:
+                    continue  # evaluation and checkpoints are rank 0's; the others go on to the next all-reduce
+                with speed.paused():  # tokens/s measures training alone
+                    if step % t.eval_every == 0 or last:
+                        table = self.evaluate()
+                        trained = t.only_sources or data.sources
+                        own = sum(table[s][s] for s in trained) / len(trained)
+                        _log(log, {"type": "eval", "step": step, "heldout": table, "corner_own": own,
+                                   "tokens_per_cell": t.batch_size * t.eval_batches * self.cfg.block_size})
+                        if self.master:
+                            bar.write(f"step {step}: held-out loss, each source at its own corner: "
+                                      + ", ".join(f"{s} {table[s][s]:.3f}" for s in data.sources))
+                        if own < self.best:
+                            self.best = own
+                            self.save("best", {"heldout": table, "corner_own": own})
+                    if step % t.checkpoint_every == 0 or last:
+                        _check_finite(loss, step, out)  # never overwrite a good checkpoint with a diverged model
+                        self.save("last", {"heldout": self.table} if self.table else {})
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted at step {self.step}; resume from the last checkpoint with "
+                              f"`abcgpt train --resume {out}`") from None
+        finally:  # also on errors: the bar ends before the one-line message is printed
+            bar.close()
+            if log is not None:
+                log.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        """The loss table and the loss across the dial of the final model, written beside the checkpoints."""
+        t, out, data, model = self.t, self.out, self.data, self.model
+        if self.fsdp:  # the final numbers below need a whole model: rank 0 gathers one
+            model, _ = _gather_sharded(model, self.optimizer, self.cfg, t, self.master)
+        if self.world > 1:
+            dist.barrier()  # the others wait for rank 0's last checkpoint
+            dist.destroy_process_group()
+            if not self.master:
+                return {}
+        table = self.table or loss_table(model, data, t.batch_size, t.eval_batches, self.autocast)
+        curve = loss_curve(model, data, t.batch_size, max(1, t.eval_batches // 2), autocast=self.autocast)
+        atomic_write_text(out / "loss_vs_dial.json", json.dumps(curve, indent=2))
+        plot_loss_curve(curve, out / "loss_vs_dial.png", f"{self.recipe.name}: held-out loss across the dial, "
+                                                          f"{self.step} steps")
+        if self.progress:
+            cells = t.batch_size * t.eval_batches * self.cfg.block_size
+            print(f"\nheld-out loss (nats/token) after {self.step} steps, {cells:,} tokens per cell "
+                  f"(* = best position for that source):")
+            print(format_table(table, data.sources))
+            print(f"checkpoints in {out}/best and {out}/last; loss across the dial: {out}/loss_vs_dial.png")
+        return table
+
+
+class Speedometer:
+    """Tokens/s and MFU of training alone: time spent evaluating and checkpointing is left out."""
+
+    def __init__(self, trainer: Trainer):
+        t, c = trainer.t, trainer.cfg
+        self.tokens_per_step = t.batch_size * t.grad_accum * c.block_size
+        self.peak = peak_flops(trainer.device, t.peak_tflops)
+        self.world = trainer.world
+        self.token_flops = 6 * trainer.model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size  # PaLM, app. B
+        self.t0, self.step0, self.pause = time.time(), trainer.step, 0.0
+
+    def measure(self, step: int) -> tuple[float, float | None]:
+        now = time.time()
+        tok_s = (step - self.step0) * self.tokens_per_step / max(now - self.t0 - self.pause, 1e-9)
+        self.t0, self.step0, self.pause = now, step, 0.0
+        # MFU: achieved FLOP/s over every process's accelerator, against the accelerator's peak
+        return tok_s, tok_s * self.token_flops / (self.peak * self.world) if self.peak else None
+
+    @contextmanager
+    def paused(self):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.pause += time.time() - t0
 
 
 def _gather_sharded(model, optimizer, cfg, t, master: bool):
@@ -358,8 +413,8 @@ def train_baselines(recipe: Recipe, out: Path, progress: bool = True) -> list[Pa
     runs = {"joint": []} | {f"without_{s}": [x for x in names if x != s] for s in names}
     paths = []
     for run, only in runs.items():
-        r = copy.deepcopy(recipe)
-        r.model.gates, r.model.routing, r.train.only_sources = "none", "soft", only
+        r = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, gates="none", routing="soft"),
+                                train=dataclasses.replace(recipe.train, only_sources=only))
         path = Path(out) / run
         last = existing_dir(path / "last")
         done = read_meta(last)["step"] if (last / "config.json").is_file() else None
