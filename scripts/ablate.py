@@ -101,8 +101,8 @@ def knob_overrides(run: Path, config: str) -> list[str]:
 
     saved = json.loads((run / "recipe.json").read_text())
     method = saved["model"].get("method", "reference")
-    base = load_recipe(config, [f"model.method={method}"]).to_dict()
-    out = [f"model.method={method}"] if method != load_recipe(config).model.method else []
+    base = load_recipe(config, method=method).to_dict()  # the method's preset (configs/methods/) on the recipe
+    out = [f"--method {method}"] if method != load_recipe(config).model.method else []
     skip = {"seed", "threads", "method"} | DERIVED["model"]
     for section in ("model", "train"):
         for key, default in base[section].items():

@@ -120,12 +120,13 @@ HOSTILE = {  # id: (edit, a word the error must name)
     "recipe-unknown-key": (edit("recipe", "train", "bogus", value=1), "bogus"),
     "recipe-without-model": (edit("recipe", "model", delete=True), "recipe.model"),
     "recipe-name-a-number": (edit("recipe", "name", value=5), "recipe.name"),
-    "model-n-sources-mismatch": (edit("model", "n_sources", value=3), "model.n_sources"),
-    "model-n-head-0": (edit("model", "n_head", value=0), "model.n_head"),
-    "model-differs-from-recipe": (edit("model", "n_layer", value=2), "model.n_layer"),
-    "model-unknown-key": (edit("model", "bogus", value=1), "bogus"),
-    "model-vocab-below-tokenizer": (edit("model", "vocab_size", value=2), "model.vocab_size"),
-    "model-a-list": (edit("model", value=[]), "model"),
+    "model-n-sources-mismatch": (edit("recipe", "model", "n_sources", value=3), "model.n_sources"),
+    "model-n-head-0": (edit("recipe", "model", "n_head", value=0), "model.n_head"),
+    "model-without-vocab": (edit("recipe", "model", "vocab_size", delete=True), "vocab_size"),
+    "model-unknown-key": (edit("recipe", "model", "bogus", value=1), "bogus"),
+    "model-vocab-below-tokenizer": (edit("recipe", "model", "vocab_size", value=2), "model.vocab_size"),
+    "model-a-list": (edit("recipe", "model", value=[]), "model"),
+    "legacy-model-a-list": (edit("model", value=[]), "model"),
     "tokenizer-vocab-wrong": (edit("tokenizer", "vocab_size", value=99), "tokenizer"),
     "tokenizer-kind-wrong": (edit("tokenizer", "kind", value="bpe"), "tokenizer"),
     "tokenizer-file-a-path": (edit("tokenizer", "file", value="../tokenizer.json"), "tokenizer.file"),
@@ -187,16 +188,18 @@ def test_file_outside_the_checkpoint_is_never_read(ckpt, tmp_path):
 
 
 def test_older_checkpoints_still_load(ckpt):
-    """Keys an older abcgpt did not write: model keys (filled from the recipe), a calibration's mode (gates), and
-    metrics, calibration and trainer altogether."""
+    """What an older abcgpt wrote: the model config stored beside the recipe (whose model table lacked the
+    vocabulary and the number of sources), keys it did not know (from the method's preset), a calibration
+    without its mode (gates), and no metrics, calibration or trainer at all."""
     meta = json.loads((ckpt / "config.json").read_text())
     old = copy.deepcopy(meta)
-    for table in (old["model"], old["recipe"]["model"]):
-        table.pop("gate_norms")
+    old["model"] = {k: old["recipe"]["model"].pop(k) for k in ("vocab_size", "n_sources")}
+    old["recipe"]["model"].pop("gate_norms")
     del old["calibration"]["mode"], old["calibration"]["curve"]
     write_meta(ckpt, old)
     loaded = load_checkpoint(ckpt)
     assert loaded.model.config.gate_norms is True and "mode" not in loaded.meta["calibration"]
+    assert loaded.model.config.n_sources == 2 and "model" not in loaded.meta
     for key in ("metrics", "calibration", "trainer"):
         del meta[key]
     write_meta(ckpt, meta)

@@ -398,7 +398,7 @@ def _edit_config(**model):
             if k in ("step", "files"):
                 meta[k] = v
             else:
-                meta["model"][k] = v
+                meta["recipe"]["model"][k] = v
         (ckpt / "config.json").write_text(json.dumps(meta))
     return edit
 

@@ -25,8 +25,8 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_va
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from abcgpt.common import DECLARED, AbcgptError, atomic_dir, existing_dir, interrupts_deferred
-from abcgpt.config import DERIVED, Recipe, recipe_from_dict
+from abcgpt.common import DECLARED, AbcgptError, atomic_dir, atomic_write_text, existing_dir, interrupts_deferred
+from abcgpt.config import DERIVED, Recipe, list_methods, read_method, recipe_from_dict
 from abcgpt.dial import MODES
 from abcgpt.model import GPT, GPTConfig
 from abcgpt.sources import check_source_name
@@ -168,7 +168,6 @@ class Meta(BaseModel):
     step: Count
     sources: list[SourceName] = Field(min_length=2)
     recipe: RecipeEntry
-    model: dict  # GPTConfig's keys, checked by GPTConfig; keys an older abcgpt did not write come from the recipe
     tokenizer: TokenizerEntry
     num_params: Count
     metrics: Metrics | None = None
@@ -233,9 +232,27 @@ def read_meta(path: Path) -> dict:
     if type(version) is not int or version != VERSION:  # (True == 1.0 == 1 in Python)
         raise AbcgptError(f"{path} is checkpoint version {reprlib.repr(version)}; this abcgpt reads {VERSION}")
     try:
-        Meta.model_validate(meta)
+        Meta.model_validate(migrate(meta))
     except ValidationError as e:
         raise _malformed(path, _schema_error(e)) from None
+    return meta
+
+
+def migrate(meta: dict) -> dict:
+    """config.json as this abcgpt writes it, from any earlier one (in place; nanochat's _patch_missing_config_keys):
+    - the model config was stored twice, beside the recipe: its values join the recipe's model table;
+    - a recipe saved before model.method existed was trained with the original method;
+    - keys an older abcgpt did not write take the values of the run's method preset (configs/methods/)."""
+    recipe = meta.get("recipe")
+    if not isinstance(recipe, dict) or not all(isinstance(recipe.get(k), dict) for k in ("model", "train")):
+        return meta  # the schema says what is wrong
+    if isinstance(meta.get("model"), dict):
+        recipe["model"] = meta.pop("model") | recipe["model"]
+    method = recipe["model"].setdefault("method", "reference")
+    if method in list_methods():
+        preset = read_method(method)
+        for section in ("model", "train"):
+            recipe[section] = preset.get(section, {}) | recipe[section]
     return meta
 
 
@@ -274,8 +291,8 @@ def save_checkpoint(path: Path, model: GPT, recipe: Recipe, tokenizer: Tokenizer
             "version": VERSION,
             "step": step,
             "sources": sources,
-            "recipe": recipe.to_dict(),
-            "model": dataclasses.asdict(model.config),
+            # the recipe once, its model table with what the data decided (vocabulary, number of sources)
+            "recipe": recipe.to_dict() | {"model": dataclasses.asdict(model.config)},
             "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "file": "tokenizer.json"},
             "num_params": model.num_params(),
             "metrics": metrics or {},
@@ -283,6 +300,23 @@ def save_checkpoint(path: Path, model: GPT, recipe: Recipe, tokenizer: Tokenizer
             "files": {f.name: sha256(f) for f in sorted(tmp.iterdir())},
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))  # last: it holds the others' hashes
+
+
+def write_calibration(ckpt: "Checkpoint", calibration: dict) -> list[Path]:
+    """Store a calibration in the checkpoint's config.json, and in its run's other checkpoint (best/, last/) when
+    that one holds the same weights: a calibration belongs to weights, and a run's last/ outlives its best/ (a
+    resumed run replaces best/). Returns the checkpoints written."""
+    Calibration.model_validate(calibration)
+    digest = ckpt.meta["files"]["model.safetensors"]
+    targets = [ckpt.path]
+    if ckpt.path.name in ("best", "last"):
+        other = existing_dir(ckpt.path.with_name("last" if ckpt.path.name == "best" else "best"))
+        if (other / "config.json").is_file() and read_meta(other)["files"]["model.safetensors"] == digest:
+            targets.append(other)
+    for path in targets:
+        meta = ckpt.meta if path == ckpt.path else read_meta(path)
+        atomic_write_text(path / "config.json", json.dumps(dict(meta, calibration=calibration), indent=2))
+    return targets
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -371,12 +405,13 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
         raise _malformed(path, f"recipe: {e}") from None
     except ValidationError as e:
         raise _malformed(path, _schema_error(e, ("recipe",))) from None
-    try:  # keys a checkpoint from an older abcgpt lacks come from its recipe, which knows their old values
-        config = GPTConfig(**(dataclasses.asdict(recipe.model) | meta["model"]))
+    derived = {k: meta["recipe"]["model"][k] for k in DERIVED["model"] if k in meta["recipe"]["model"]}
+    if derived.keys() != DERIVED["model"]:
+        raise _malformed(path, f"recipe.model must hold {' and '.join(sorted(DERIVED['model']))}")
+    try:
+        config = GPTConfig(**(dataclasses.asdict(recipe.model) | derived))
     except ValidationError as e:
-        raise _malformed(path, _schema_error(e, ("model",))) from None
-    except (TypeError, ValueError) as e:
-        raise _malformed(path, f"model: {e}") from None
+        raise _malformed(path, _schema_error(e, ("recipe", "model"))) from None
     _check_agreement(path, meta, recipe, config, tokenizer)
     try:
         # the size first, on no memory: config.json cannot make us allocate more than its weights file holds
@@ -400,12 +435,7 @@ def _check_agreement(path: Path, meta: dict, recipe: Recipe, config: GPTConfig, 
         raise _malformed(path, f"recipe.data.sources are {', '.join(names)}; sources are "
                                f"{', '.join(meta['sources'])}: the same names, in the same order, are allowed")
     if config.n_sources != len(names):
-        raise _malformed(path, f"model.n_sources = {config.n_sources}, but there are {len(names)} sources")
+        raise _malformed(path, f"recipe.model.n_sources = {config.n_sources}, but there are {len(names)} sources")
     if tokenizer.vocab_size > config.vocab_size:
-        raise _malformed(path, f"model.vocab_size = {config.vocab_size}, but its tokenizer has "
+        raise _malformed(path, f"recipe.model.vocab_size = {config.vocab_size}, but its tokenizer has "
                                f"{tokenizer.vocab_size} tokens: at least as many are allowed")
-    ours, recipes = dataclasses.asdict(config), dataclasses.asdict(recipe.model)
-    for k in ours:
-        if k not in DERIVED["model"] and ours[k] != recipes[k]:
-            raise _malformed(path, f"model.{k} = {ours[k]!r}, but recipe.model.{k} = {recipes[k]!r}: they must "
-                                   "agree")

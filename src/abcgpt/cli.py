@@ -15,7 +15,7 @@ def cmd_prepare(args) -> None:
     from abcgpt.config import load_recipe
     from abcgpt.data import load_data, prepare, stale_reason
 
-    recipe = load_recipe(args.config, args.set)
+    recipe = load_recipe(args.config, args.set, args.method)
     out = Path(args.out) if args.out else recipe.data_dir
     if (existing_dir(out) / "manifest.json").is_file() and not args.force:
         reason = stale_reason(recipe, load_data(out).manifest)
@@ -33,7 +33,7 @@ def cmd_train(args) -> None:
     from abcgpt.train import train
 
     if args.resume:
-        if args.config or args.set or args.out:
+        if args.config or args.set or args.out or args.method:
             raise AbcgptError("--resume takes the recipe and output folder from the run; only --steps may change")
         run = Path(args.resume)
         last = existing_dir(run / "last")
@@ -42,13 +42,13 @@ def cmd_train(args) -> None:
         recipe = load_checkpoint(last).recipe
         if args.steps is not None:
             with declared("--"):
-                recipe.train = dataclasses.replace(recipe.train, steps=args.steps)
+                recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=args.steps))
         train(recipe, run, resume=True)
         return
     if not args.out:
         raise AbcgptError("train needs --out RUN_DIR (or --resume RUN_DIR)")
     overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
-    train(load_recipe(args.config or "tiny", overrides), Path(args.out))
+    train(load_recipe(args.config or "tiny", overrides, args.method), Path(args.out))
 
 
 def cmd_sample(args) -> None:
@@ -96,7 +96,7 @@ def cmd_baselines(args) -> None:
     from abcgpt.train import train_baselines
 
     overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
-    paths = train_baselines(load_recipe(args.config, overrides), Path(args.out))
+    paths = train_baselines(load_recipe(args.config, overrides, args.method), Path(args.out))
     print("baselines: " + ", ".join(str(p) for p in paths))
 
 
@@ -117,8 +117,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
+    from abcgpt.calibrate import Settings, calibrate
     from abcgpt.common import declared, pick_device
-    from abcgpt.report import Settings, calibrate
 
     with declared("--"):
         settings = Settings(samples=args.samples, prompt=args.prompt)
@@ -188,15 +188,15 @@ def print_side_by_side(headers: list[str], texts: list[str], sources: list[str])
 
 
 def cmd_config(args) -> None:
-    from abcgpt.config import describe_keys, list_recipes, load_recipe
+    from abcgpt.config import describe_keys, list_methods, list_recipes, load_recipe
 
     if args.keys:
         print("\n".join(describe_keys()))
         return
     if not args.config:
-        print("built-in recipes: " + ", ".join(list_recipes()))
+        print(f"built-in recipes: {', '.join(list_recipes())}; method presets: {', '.join(list_methods())}")
         return
-    print(json.dumps(load_recipe(args.config, args.set).to_dict(), indent=2))
+    print(json.dumps(load_recipe(args.config, args.set, args.method).to_dict(), indent=2))
 
 
 class Parser(argparse.ArgumentParser):
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", required=required, help="recipe name (tiny, reference, ...) or path to a .toml")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set train.lr=3e-4 (repeatable)")
+        sp.add_argument("--method", help="a dial method preset applied over the recipe (configs/methods/: partition, "
+                                         "reference), before --set")
 
     def mode_arg(sp):
         from abcgpt.dial import MODES

@@ -124,13 +124,6 @@ def describe_keys() -> list[str]:
     return lines
 
 
-# model.method = "reference" is the original method of DESIGN §1: these are its values of the knobs the two
-# methods do not share (a recipe's own value of a key, or --set, still wins). The other method, "partition",
-# takes the defaults of the dataclasses above.
-REFERENCE_METHOD = {"model": {"routing": "soft", "narrowness": 1.0, "gate_shape": "cos2", "gate_norms": False},
-                    "train": {"dial_sampling": "per_batch", "dial_concentration": 0.5, "corner_fraction": 0.0}}
-
-
 def build_recipe(raw: dict, name: str) -> Recipe:
     """Validate a parsed TOML dict and fill in defaults."""
     unknown = set(raw) - set(SECTIONS)
@@ -139,10 +132,9 @@ def build_recipe(raw: dict, name: str) -> Recipe:
     for section in SECTIONS:
         if not isinstance(raw.get(section, {}), dict):
             raise AbcgptError(f"[{section}] in recipe {name} must be a table, got {raw[section]!r}")
-    reference = raw.get("model", {}).get("method") == "reference"
     sections = {}
     for section, cls in SECTIONS.items():
-        table = (REFERENCE_METHOD.get(section, {}) if reference else {}) | dict(raw.get(section, {}))
+        table = dict(raw.get(section, {}))
         keys = declared_keys(section)
         for key in table:
             if key not in keys:
@@ -209,30 +201,67 @@ def parse_override(item: str) -> tuple[str, str, object]:
     return section, name, value
 
 
-def load_recipe(config: str, overrides: list[str] = ()) -> Recipe:
-    """A recipe by name (abcgpt/configs/NAME.toml) or path, with --set overrides applied."""
-    path = Path(config)
-    if not path.suffix:
-        path = RECIPE_DIR / f"{config}.toml"
-        if not path.exists():
-            raise AbcgptError(f"unknown recipe {config!r}; built-in recipes: {', '.join(list_recipes())}, "
-                              "or give a path to a .toml file")
-    if not path.is_file():
-        raise AbcgptError(f"recipe file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise AbcgptError(f"recipe {path} is not valid TOML: {e}") from None
+def load_recipe(config: str, overrides: list[str] = (), method: str | None = None) -> Recipe:
+    """A recipe by name (abcgpt/configs/NAME.toml) or path. Its tables go over those of the file it names in
+    `include` (if any); a method preset (abcgpt/configs/methods/NAME.toml) goes over the recipe; --set overrides
+    go last."""
+    path = _toml_path(config, RECIPE_DIR, "recipe", list_recipes())
+    raw = _read_toml(path)
+    include = raw.pop("include", None)
+    if include is not None:
+        if not isinstance(include, str):
+            raise AbcgptError(f"include in {path} must be the name of a file, got {include!r}")
+        near = path.parent / include  # a file beside the recipe, else a built-in name like methods/reference
+        found = near if near.suffix and near.is_file() else _toml_path(include, RECIPE_DIR, "include",
+                                                                       list_recipes() + list_methods())
+        raw = _merge(_read_toml(found), raw)
+    if method is not None:
+        raw = _merge(raw, read_method(method))
     for item in overrides:
         section, name, value = parse_override(item)
         raw.setdefault(section, {})[name] = value
     return build_recipe(raw, path.stem)
 
 
+def read_method(name: str) -> dict:
+    """A method preset: the [model] and [train] keys that make up one dial method (configs/methods/NAME.toml)."""
+    raw = _read_toml(_toml_path(name, RECIPE_DIR / "methods", "method", list_methods()))
+    if set(raw) - {"model", "train"}:
+        raise AbcgptError(f"a method preset sets [model] and [train] keys only; method {name} has "
+                          f"{', '.join(sorted(set(raw) - {'model', 'train'}))}")
+    return raw
+
+
+def _toml_path(name: str, folder: Path, what: str, known: list[str]) -> Path:
+    """NAME (a built-in file in folder, may name a subfolder: methods/reference) or a path to a .toml file."""
+    path = Path(name)
+    if not path.suffix:
+        path = folder / f"{name}.toml"
+        if not path.is_file():
+            raise AbcgptError(f"unknown {what} {name!r}; built-in: {', '.join(known)}, or give a path to a .toml file")
+    if not path.is_file():
+        raise AbcgptError(f"{what} file {path} does not exist")
+    return path
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise AbcgptError(f"{path} is not valid TOML: {e}") from None
+
+
+def _merge(under: dict, over: dict) -> dict:
+    """Tables of `over` on top of those of `under`, key by key."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in under.items()}
+    for k, v in over.items():
+        out[k] = out[k] | v if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def recipe_from_dict(d: dict) -> Recipe:
-    """Rebuild a recipe saved in a checkpoint's config.json."""
+    """Rebuild a recipe saved in a checkpoint's config.json (checkpoint.py brings older ones up to date first)."""
     raw = {k: dict(v) for k, v in d.items() if k in SECTIONS}
-    raw["model"].setdefault("method", "reference")  # saved before there was a choice: the original method
     for k in DERIVED["model"]:
         raw["model"].pop(k, None)
     return build_recipe(raw, d.get("name", "checkpoint"))
@@ -240,3 +269,7 @@ def recipe_from_dict(d: dict) -> Recipe:
 
 def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def list_methods() -> list[str]:
+    return sorted(f"{p.stem}" for p in (RECIPE_DIR / "methods").glob("*.toml"))
