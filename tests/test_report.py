@@ -9,6 +9,7 @@ from conftest import write_recipe
 from abcgpt.cli import main
 from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
+from abcgpt.dial import dial_path
 from abcgpt.report import Settings, build_report, write_report
 from abcgpt.train import train, train_baselines
 
@@ -25,10 +26,17 @@ def runs(tmp_path_factory):
     return tmp
 
 
+def test_dial_path_runs_along_an_edge_of_the_simplex():
+    """One path for every place the report looks between corners: for two sources the dial a = t itself."""
+    assert [d.tolist() for d in dial_path(2, [0.0, 0.25, 1.0])] == [[1.0, 0.0], [0.75, 0.25], [0.0, 1.0]]
+    assert [d.tolist() for d in dial_path(3, [0.5], 2, 1)] == [[0.0, 0.5, 0.5]]
+    assert [d.tolist() for d in dial_path(3, [1.0])] == [[0.0, 0.0, 1.0]]  # to the last source by default
+
+
 def test_baselines_are_ungated_and_trained_on_the_right_sources(runs):
     for name, only in [("joint", []), ("without_alpha", ["omega"]), ("without_omega", ["alpha"])]:
         cfg = json.loads((runs / "base" / name / "last" / "config.json").read_text())
-        assert cfg["model"]["gates"] == "none" and cfg["recipe"]["train"]["only_sources"] == only
+        assert cfg["recipe"]["model"]["gates"] == "none" and cfg["recipe"]["train"]["only_sources"] == only
         assert cfg["step"] == 200
     # a model that never saw alpha predicts it far worse than the joint model
     rows = [json.loads(x) for x in (runs / "base" / "without_alpha" / "metrics.jsonl").read_text().splitlines()]
@@ -40,7 +48,8 @@ def test_baselines_are_ungated_and_trained_on_the_right_sources(runs):
 def test_quick_report_numbers_follow_their_definitions(runs):
     # prompt " ": after a lone newline at position 0 these seconds-long models have learnt little (2% of windows)
     settings = dataclasses.replace(Settings.quick(samples=8), prompt=" ")
-    report, figures = build_report(runs / "dial", runs / "base", quick=True, settings=settings, progress=False)
+    measured, figures = build_report(runs / "dial", runs / "base", quick=True, settings=settings, progress=False)
+    report = measured.to_dict()  # the numbers as report.json has them
     s = ["alpha", "omega"]
     table = {t: {x: report["corner_table"][t][x]["mean"] for x in s} for t in s}
     assert report["contrast"]["alpha"] == pytest.approx(table["omega"]["alpha"] - table["alpha"]["alpha"])
@@ -108,7 +117,7 @@ def test_interrupted_report_keeps_the_complete_one(runs, monkeypatch):
 
     monkeypatch.setattr("abcgpt.report.to_html", boom)
     with pytest.raises(KeyboardInterrupt):
-        write_report(dict(report, step=-1), figures, out)
+        write_report(dataclasses.replace(report, step=-1), figures, out)
     assert (out / "report.json").read_text() == before
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["report.json", "report.md", "report.html", "loss_vs_dial.png", "corners.png", "style_curve.png",
@@ -128,7 +137,7 @@ def test_baselines_with_another_recipe_are_refused(runs, tmp_path):
     # a baseline that never saw one source is optional: without it there is no isolation, the rest stands
     shutil.rmtree(other / "without_omega")
     report, _ = build_report(runs / "dial", other, quick=True, progress=False)
-    assert report["isolation"] is None and report["baselines"]["joint"] and report["fluency"]["max_gap"] is not None
+    assert report.isolation is None and report.baselines["joint"] and report.fluency.max_gap is not None
     # an unfinished joint baseline is refused, naming its step
     cfg["recipe"]["train"]["lr"] = json.loads((runs / "base" / "joint" / "last" / "config.json").read_text())[
         "recipe"]["train"]["lr"]
@@ -159,9 +168,13 @@ def test_calibrate_then_sample_calibrated(runs, capsys, tmp_path):
     run = tmp_path / "dial"
     shutil.copytree(runs / "dial", run)
     assert "has no calibration" in _err(capsys, ["sample", "--ckpt", str(run), "--calibrated", "--dial", "0.5"])
+    shutil.rmtree(run / "last")
+    shutil.copytree(run / "best", run / "last")  # a run whose last checkpoint is its best
     assert main(["calibrate", "--ckpt", str(run), "--samples", "6", "--prompt", " "]) == 0
-    cal = json.loads((run / "best" / "config.json").read_text())["calibration"]
+    best, last = (json.loads((run / d / "config.json").read_text()) for d in ("best", "last"))
+    cal = best["calibration"]
     assert cal["share"] == sorted(cal["share"]) and len(cal["dial"]) == len(cal["share"])
+    assert last["calibration"] == cal  # the same weights: last/ keeps it when a resumed run replaces best/
     assert cal["mode"] == "mixture"  # measured in the default mode; another mode refuses it
     assert "measured in mode mixture" in _err(capsys, ["sample", "--ckpt", str(run), "--calibrated", "--dial", "0.5",
                                                        "--mode", "gates"])
@@ -174,7 +187,7 @@ def test_calibrate_then_sample_calibrated(runs, capsys, tmp_path):
     assert row["weights"]["omega"] == pytest.approx(apply_calibration(cal, 0.5), abs=1e-6)
     # the checkpoint still loads: config.json is not among the hashed files
     report, _ = build_report(run, None, quick=True, progress=False)
-    assert "calibrated" in report and len(report["calibrated"]["share"]) == 3
+    assert report.calibrated is not None and len(report.calibrated.share) == 3
 
 
 def _err(capsys, args) -> str:

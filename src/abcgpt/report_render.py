@@ -1,0 +1,247 @@
+"""The dial report as Markdown, one self-contained HTML page and PNG figures: functions of a Report alone (what it
+shows was measured in report_metrics.py)."""
+
+import base64
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from abcgpt.neurons import plot_neuron_view
+from abcgpt.report_metrics import Report
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, plt, ax, legend: int) -> bytes:
+    """The common last touches of a chart with a legend, then its PNG bytes."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend)
+    fig.tight_layout()
+    return _fig_bytes(fig, plt)
+
+
+def _fig_bytes(fig, plt) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_loss(r: Report) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    curve, sources = r.loss_curve, r.sources
+    for i, src in enumerate(sources):
+        c = f"C{i}"
+        mean = [p.mean for p in curve.loss[src]]
+        lo, hi = zip(*[p.ci95 for p in curve.loss[src]])
+        ax.plot(curve.t, mean, marker="o", ms=3, color=c, label=f"held-out {src}")
+        ax.fill_between(curve.t, lo, hi, color=c, alpha=0.2)
+        if r.baselines:
+            ax.axhline(r.baselines["joint"][src], color=c, ls="--", lw=1, label=f"joint model on {src}")
+            if f"without_{src}" in r.baselines:
+                ax.axhline(r.baselines[f"without_{src}"][src], color=c, ls=":", lw=1, label=f"never saw {src}")
+    ax.set_xlabel(f"dial  (0 = {sources[0]}, 1 = {sources[-1]})")
+    ax.set_ylabel("held-out loss (nats / token)")
+    ax.set_title(f"{r.recipe}, step {r.step}: loss across the dial")
+    ax.text(0.01, 0.01, f"{curve.tokens_per_point:,} tokens per point; band: 95% bootstrap CI over batches",
+            transform=ax.transAxes, fontsize=7, color="gray")
+    return _finish(fig, plt, ax, legend=7)
+
+
+def plot_style(r: Report) -> bytes:
+    plt = _plt()
+    st = r.style
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    ax.plot([0, 1], [0, 1], color="gray", lw=1, ls="--", label="ideal (share = dial)")
+    for k, e in enumerate(st.edges):
+        label = f"share read as {e.source_to}" + (f" ({e.source_from} -> {e.source_to})" if k or
+                                                  len(st.edges) > 1 else "")
+        ax.plot(e.t, e.share_to, marker="o", color=f"C{k}", label=label)
+        ax.plot(e.t, e.mixing, marker="x", ls=":", color=f"C{k}", alpha=0.6,
+                label="mixing inside a sample (0 = one style)" if k == 0 else None)
+    if r.calibrated is not None:
+        c = r.calibrated
+        ax.plot(c.asked, c.share, marker="s", color="k", label="with --calibrated (x = share asked)")
+    e0 = st.edges[0]
+    ax.set_xlabel(f"dial  (0 = {e0.source_from}, 1 = {e0.source_to})" if len(st.edges) == 1
+                  else "position along the edge (0 = first source, 1 = second)")
+    ax.set_ylabel("share")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"style curve: {st.samples_per_point} samples x {st.new_tokens} tokens per point")
+    return _finish(fig, plt, ax, legend=7)
+
+
+def plot_regret_fluency(r: Report) -> bytes:
+    """Left: dial regret at each position of the grid. Right: the samples' fluency gap and mixing per position."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    pos, sources = r.regret.positions, r.sources
+    if len(sources) == 2:
+        ax1.plot([p.weights[1] for p in pos], [p.regret for p in pos], marker="o")
+        ax1.set_xlabel(f"dial  (0 = {sources[0]}, 1 = {sources[1]})")
+    else:
+        ax1.bar(range(len(pos)), [p.regret for p in pos])
+        ax1.set_xticks(range(len(pos)), [p.dial for p in pos], rotation=90, fontsize=6)
+        ax1.set_xlabel("grid position (edge i-j at t; uniform = centroid)")
+    ax1.axhline(0, color="gray", lw=1)
+    ax1.set_ylabel("dial regret (nats / token)")
+    ax1.set_title(f"mode {r.mode}: regret, max {r.regret.max:+.3f}")
+    ax1.grid(alpha=0.3)
+    for k, e in enumerate(r.style.edges):
+        label = f"{e.source_from} -> {e.source_to}"
+        if e.fluency_gap:
+            ax2.plot(e.t, e.fluency_gap, marker="o", color=f"C{k}", label=f"fluency gap, {label}")
+        ax2.plot(e.t, e.mixing, marker="x", ls=":", color=f"C{k}", alpha=0.7, label=f"mixing, {label}")
+    ax2.axhline(0, color="gray", lw=1)
+    ax2.set_xlabel("position along the edge")
+    ax2.set_ylabel("nats / token (gap); share (mixing)")
+    ax2.set_title("samples: judge loss minus the corners' mean; mixing")
+    return _finish(fig, plt, ax2, legend=6)
+
+
+def plot_corners(r: Report) -> bytes:
+    """Heatmap of the N x N corner table: rows = dial at a corner, columns = held-out source."""
+    plt = _plt()
+    sources = r.sources
+    m = np.array([[r.corners.table[t][s].mean for s in sources] for t in sources])
+    size = 2.2 + 0.9 * len(sources)
+    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=110)
+    im = ax.imshow(m, cmap="viridis_r")
+    ax.set_xticks(range(len(sources)), sources, rotation=30, ha="right")
+    ax.set_yticks(range(len(sources)), [f"{t} corner" for t in sources])
+    for i in range(len(sources)):
+        for j in range(len(sources)):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="w" if m[i, j] > m.mean() else "k",
+                    fontsize=8, fontweight="bold" if i == j else None)
+    ax.set_xlabel("held-out source")
+    ax.set_title("held-out loss at each corner (nats/token)")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return _fig_bytes(fig, plt)
+
+
+def plot_neurons(r: Report) -> bytes:
+    nv = r.neurons
+    with tempfile.TemporaryDirectory() as d:  # neurons.py draws into a file
+        p = Path(d) / "fig.png"
+        plot_neuron_view(nv.histogram, nv.firing, nv.response, nv.dial, r.sources, p)
+        return p.read_bytes()
+
+
+def figures(r: Report) -> dict[str, bytes]:
+    """Every figure of the report, PNG bytes by file name."""
+    return {"loss_vs_dial.png": plot_loss(r), "corners.png": plot_corners(r), "style_curve.png": plot_style(r),
+            "regret_fluency.png": plot_regret_fluency(r), "neurons.png": plot_neurons(r)}
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _f(x, nd=3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def to_markdown(r: Report) -> str:
+    sources, lines = r.sources, []
+    lines += [f"# Dial report: {r.recipe}, step {r.step}, mode {r.mode}", "",
+              f"Checkpoint `{r.checkpoint}`. Dial mode **{r.mode}** (what the dial does between corners). "
+              f"Held-out loss in nats/token, {r.heldout_tokens_per_cell:,} tokens per cell "
+              f"({r.settings.batches} batches); 95% bootstrap CIs over batches."
+              + (" **Quick report** (few samples): for tests, not for quoting." if r.quick else ""), ""]
+    lines += ["## Loss of each source at each corner", "",
+              "| dial at | " + " | ".join(sources) + " |", "|---" * (len(sources) + 1) + "|"]
+    for t in sources:
+        row = r.corners.table[t]
+        lines.append(f"| {t} corner | " + " | ".join(_f(row[s].mean) for s in sources) + " |")
+    lines.append("| middle (uniform) | " + " | ".join(_f(r.corners.middle[s].mean) for s in sources) + " |")
+    lines.append("")
+    orig = r.original
+    head = ("| source | corner loss | joint model | alone | contrast | isolation (worst corner) "
+            "| isolation at 0.1 of the dial (worst) | middle vs joint |")
+    if orig:
+        head += " original: corner / contrast / isolation |"
+    lines += ["## Headline metrics (DESIGN.md §3)", "", head, "|---" * (head.count("|") - 1) + "|"]
+    for s in sources:
+        c = r.corners.own[s]
+        iso = None if r.isolation is None else min(r.isolation.corner[s].values())
+        near = None if r.isolation is None else min(r.isolation.near[s].values())
+        row = (f"| {s} | {_f(c.mean)} [{_f(c.ci95[0])}, {_f(c.ci95[1])}] | {_f(c.joint)} | "
+               f"{_f(c.alone)} | {_f(r.corners.contrast[s])} | {_f(iso, 2)} | {_f(near, 2)} | "
+               f"{_f(r.corners.middle[s].vs_joint)} |")
+        if orig:
+            row += (f" {_f(orig['corner_loss'].get(s))} / {_f(orig['contrast'].get(s), 2)} / "
+                    f"{_f(orig['isolation'].get(s), 2)} |")
+        lines.append(row)
+    if r.isolation is None:
+        lines += ["", "Isolation needs every baseline (the joint comparison and fluency need the joint one): "
+                  "`abcgpt baselines`, then `abcgpt eval --baselines DIR`."]
+    rg = r.regret
+    lines += ["", f"## Dial regret (DESIGN.md §3): max **{rg.max:+.3f}** nats at {rg.argmax}", "",
+              "Regret at a dial a = sum_s a_s (L(a, s) − L(corner s, s)): how much worse the dial predicts the text it "
+              f"asks for than the corners do ({rg.tokens_per_point:,} held-out tokens per position).", "",
+              "| dial | " + " | ".join(sources) + " | regret |", "|---" * (len(sources) + 2) + "|"]
+    for pos in rg.positions:
+        lines.append(f"| {pos.dial} | " + " | ".join(f"{w:.2f}" for w in pos.weights) + f" | {pos.regret:+.3f} |")
+    st = r.style
+    lines += ["", f"## Style curve ({st.samples_per_point} samples of {st.new_tokens} tokens per position, "
+              f"classifier accuracy {r.classifier['accuracy']:.3f} on {r.classifier['n_test']} held-out chunks)"]
+    for e in st.edges:
+        lines += ["", f"**{e.source_from} → {e.source_to}**: calibration error {e.calibration_error:.3f}, "
+                  f"monotone: {'yes' if e.monotone else 'no'}", "",
+                  f"| dial | share read as {e.source_to} | share of {e.source_to} segments inside samples "
+                  "| mixing | fluency (judge loss) | corners' weighted mean | gap |", "|---|---|---|---|---|---|---|"]
+        j = sources.index(e.source_to)
+        none = [None] * len(e.dial)
+        for d, sh, seg, mix, f, ft, g in zip(e.dial, e.share, e.segment_share, e.mixing, e.fluency or none,
+                                             e.fluency_target or none, e.fluency_gap or none):
+            lines.append(f"| {d} | {sh[j]:.2f} | {_f(seg[j] if seg else None, 2)} | {_f(mix, 2)} | {_f(f)} | "
+                         f"{_f(ft)} | {'–' if g is None else f'{g:+.3f}'} |")
+    lines += ["", f"Calibration error (mean |share − dial|, mean over edges): **{st.calibration_error:.3f}**; "
+              f"monotone (no point 0.05 below an earlier one): **{'yes' if st.monotone else 'no'}**. "
+              "Mixing is 0 when every sample is wholly one style (a coin flip), 1 when each sample is an even blend."]
+    if r.fluency is not None:
+        fl = r.fluency
+        lines += ["", f"Fluency: the samples' mean loss per token under the ungated joint baseline (`{fl.judge}`), "
+                  "which wrote none of them, against the dial-weighted mean of the two corners' samples; largest gap "
+                  f"**{fl.max_gap:+.3f}** nats. The judge's loss on real held-out text: "
+                  + ", ".join(f"{src} {v:.3f}" for src, v in fl.heldout.items()) + "."]
+    else:
+        lines += ["", "Fluency needs the joint baseline as a judge: `abcgpt eval --baselines DIR`."]
+    if r.calibrated is not None:
+        c = r.calibrated
+        lines += ["", f"Through the stored calibration: calibration error **{c.calibration_error:.3f}**, "
+                  f"monotone: {'yes' if c.monotone else 'no'}."]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(r: Report, md: str, figures: dict[str, bytes]) -> str:
+    """One self-contained page: the markdown rendered as HTML (tables included), the figures inline."""
+    import html
+
+    import markdown
+
+    body = markdown.markdown(md, extensions=["tables"])
+    imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(b).decode()}" alt="{name}">'
+                   f"<figcaption>{name}</figcaption></figure>" for name, b in figures.items())
+    examples = "".join(f"<h4>{html.escape(e.source_from)} → {html.escape(e.source_to)}, dial "
+                       f"{html.escape(d)}</h4><pre>{html.escape(t)}</pre>"
+                       for e in r.style.edges for d, t in zip(e.dial, e.example))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>abcgpt dial report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}pre{{background:#f6f6f6;padding:.6em;white-space:pre-wrap}}
+img{{max-width:100%}}figure{{margin:1em 0}}</style>
+</head><body>{body}{imgs}<h2>One sample per style position</h2>{examples}
+</body></html>"""
