@@ -1,5 +1,7 @@
 """End to end in a real headless Chromium (Debian's package, driven by Playwright): the page loads, text
-streams in, moving the slider changes the voice, and the mode select sends its mode. .ci/run installs chromium."""
+streams in, moving the slider changes the voice, the mode select sends its mode, a cleared number box means the
+server's default, a bad value gets a message naming its box, and the sweep covers every source. .ci/run installs
+chromium."""
 
 import os
 import shutil
@@ -7,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import live_server, write_recipe
+from conftest import live_server, source_tables, synthetic_text, write_recipe
 
 from abcgpt.config import load_recipe
 from abcgpt.serve import create_app
@@ -17,15 +19,34 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LAUNCH = {"executable_path": CHROMIUM, "args": ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def need_chromium() -> None:
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI"):
             pytest.fail("CI must install chromium (apt-get install chromium) for the browser test")
         pytest.skip("chromium is not installed")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    need_chromium()
     tmp = tmp_path_factory.mktemp("browser")
     train(load_recipe(str(write_recipe(tmp)), ["train.steps=150", "train.eval_every=150"]), tmp / "run",
           progress=False)
+    with live_server(create_app(tmp / "run", max_concurrent=2, max_new_tokens=400)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def server6(tmp_path_factory):
+    """Six sources (one more than the sweep used to show), trained for a few steps: only the page is tested."""
+    need_chromium()
+    tmp = tmp_path_factory.mktemp("browser6")
+    paths = {}
+    for k in range(6):
+        paths[f"s{k}"] = tmp / f"s{k}.txt"
+        paths[f"s{k}"].write_text(synthetic_text("abcdefghijklmnopqrstuvwx"[4 * k:4 * k + 4], 3_000, k))
+    recipe = write_recipe(tmp, sources=source_tables(**paths))
+    train(load_recipe(str(recipe), ["train.steps=5", "train.eval_every=5"]), tmp / "run", progress=False)
     with live_server(create_app(tmp / "run", max_concurrent=2, max_new_tokens=400)) as base:
         yield base
 
@@ -41,6 +62,19 @@ def page():
 
 def letters(text: str, alphabet: str) -> int:
     return sum(c in alphabet for c in text)
+
+
+def settled(page, status: str = "status") -> tuple[str, str]:
+    """(text, kind) of a status line once it is no longer busy."""
+    page.wait_for_function(f"document.querySelector('#{status}').dataset.kind !== 'busy'", timeout=60_000)
+    return page.inner_text(f"#{status}"), page.get_attribute(f"#{status}", "data-kind")
+
+
+def generate_requests(page) -> list:
+    """The bodies of the page's POST /api/generate, appended as they are sent."""
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/api/generate") else None)
+    return bodies
 
 
 def test_slider_streams_and_changes_the_voice(server):
@@ -126,3 +160,96 @@ def test_calibrated_is_off_outside_the_calibration_mode(server, page):
     with page.expect_request(lambda r: r.url.endswith("/api/generate")) as req:
         page.click("#generate")
     assert req.value.post_data_json["calibrated"] is False
+
+
+def test_cleared_number_boxes_mean_the_servers_defaults(server, page):
+    """A cleared box is left out of the request (it used to be sent as null, and the server said 422)."""
+    page.goto(server)
+    page.wait_for_selector("#dial")
+    page.fill("#prompt", " ")
+    bodies = generate_requests(page)
+    boxes = {"length": "max_new_tokens", "temperature": "temperature", "top-k": "top_k", "seed": "seed"}
+    for box in boxes:
+        page.fill(f"#{box}", "")
+    page.click("#generate")
+    text, kind = settled(page)
+    assert text.startswith("done") and kind == "", text
+    assert not set(boxes.values()) & set(bodies[-1]), bodies[-1]
+    assert len(page.inner_text("#output")) > 100  # the server's default length (200), not an empty answer
+    # the sweep with a cleared seed: one random seed, the same in every column
+    page.fill("#length", "5")
+    bodies.clear()
+    page.click("#sweep")
+    text, kind = settled(page, "sweep-status")
+    assert text.startswith("sweep done") and kind == "", text
+    seeds = {b["seed"] for b in bodies}
+    assert len(bodies) == 5 and len(seeds) == 1 and isinstance(seeds.pop(), int), bodies
+
+
+def test_a_bad_value_gets_a_message_naming_its_box(server, page):
+    page.goto(server)
+    page.wait_for_selector("#dial")
+    page.fill("#prompt", " ")
+    bodies = generate_requests(page)
+
+    def generate_with(box: str, value: str) -> str:
+        page.fill(f"#{box}", value)
+        page.click("#generate")
+        text, kind = settled(page)
+        assert kind == "error" and page.get_attribute(f"#{box}", "aria-invalid") == "true", (text, kind)
+        return text
+
+    # refused by the server (422): the message names the page's box and the API's field
+    text = generate_with("length", "5000")
+    assert "HTTP 422" in text and "length (max_new_tokens)" in text and "at most 400" in text, text
+    page.fill("#length", "5")
+    text = generate_with("temperature", "20")
+    assert "HTTP 422" in text and "temperature" in text and "less than or equal to 10" in text, text
+    assert page.get_attribute("#length", "aria-invalid") is None  # the mark follows the latest error only
+    page.fill("#temperature", "0.8")
+    # caught before sending: not a number, or not a whole number where the API wants an integer
+    bodies.clear()
+    text = generate_with("top-k", "2.5")
+    assert text.startswith("top-k:") and "whole number" in text, text
+    page.fill("#top-k", "")
+    page.click("#seed")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("1e")  # the browser reads this as "" (bad input), not as a cleared box
+    page.click("#generate")
+    text, kind = settled(page)
+    assert kind == "error" and text.startswith("seed:") and "not a number" in text, text
+    assert bodies == []
+    # the sweep says so too, once, in its status line
+    page.fill("#seed", "0")
+    page.fill("#length", "5000")
+    page.click("#sweep")
+    text, kind = settled(page, "sweep-status")
+    assert kind == "error" and "5 of 5 failed" in text and "length (max_new_tokens)" in text, text
+
+
+def test_a_busy_server_is_a_message_too(server, page):
+    """429 ({"detail": "text"}): retried a few times, then shown."""
+    page.route("**/api/generate", lambda route: route.fulfill(status=429, json={"detail": "too many at once"}))
+    page.goto(server)
+    page.wait_for_selector("#dial")
+    page.click("#generate")
+    text, kind = settled(page)
+    assert kind == "error" and text == "error (HTTP 429): too many at once", text
+
+
+def test_sweep_covers_every_source(server6, page):
+    """Six sources: a column at each corner and one at the uniform middle (the page used to stop at five)."""
+    names = [f"s{k}" for k in range(6)]
+    assert page.request.get(f"{server6}/api/info").json()["sources"] == names
+    page.goto(server6)
+    page.wait_for_selector("#w-s5")
+    page.fill("#prompt", " ")
+    page.fill("#length", "3")
+    bodies = generate_requests(page)
+    page.click("#sweep")
+    text, kind = settled(page, "sweep-status")
+    assert text.startswith("sweep done") and kind == "", text
+    heads = page.eval_on_selector_all(".sweep-head strong", "hs => hs.map(h => h.textContent)")
+    assert heads == [*names, "uniform"]
+    assert [b["dial"] for b in bodies] == [{n: float(n == c) for n in names} for c in names] + [dict.fromkeys(names, 1)]
+    assert page.eval_on_selector_all(".sweep-note", "ns => ns.map(n => n.textContent)") == [""] * 7

@@ -279,39 +279,92 @@ function modeChanged() {
 
 // ---------------------------------------------------------------- requests
 
-function numberOf(id, parse = Number) {
-  const v = $(id).value.trim();
-  return v === "" ? null : parse(v);
+// The number boxes: the label the page shows, the box's id and the request field it sets. The page keeps no copy
+// of the defaults: a cleared box is left out of the request, and the server's default applies (for the seed: a
+// random one).
+const NUMBER_BOXES = [
+  { label: "length", id: "length", field: "max_new_tokens", integer: true },
+  { label: "temperature", id: "temperature", field: "temperature", integer: false },
+  { label: "top-k", id: "top-k", field: "top_k", integer: true },
+  { label: "seed", id: "seed", field: "seed", integer: true },
+];
+
+// A message for the user, and the ids of the boxes it is about (marked aria-invalid until the next request).
+class PageError extends Error {
+  constructor(message, boxes = []) {
+    super(message);
+    this.boxes = boxes;
+  }
 }
 
+function markInvalid(ids) {
+  for (const b of NUMBER_BOXES) $(b.id).removeAttribute("aria-invalid");
+  $("prompt").removeAttribute("aria-invalid");
+  for (const id of ids) $(id).setAttribute("aria-invalid", "true");
+}
+
+function showError(e, statusId = "status") {
+  setStatus(e instanceof TypeError ? `network error: ${e.message}` : e.message, "error", statusId);
+  markInvalid(e.boxes || []);
+}
+
+// The number boxes' fields of a request, or a PageError naming the box that does not hold a number.
+function numberFields() {
+  const fields = {};
+  for (const { label, id, field, integer } of NUMBER_BOXES) {
+    const box = $(id);
+    const text = box.value.trim();
+    // the browser reads text that is not a number ("1e", "--") as "": badInput tells it from a cleared box
+    if (box.validity.badInput || (text !== "" && !Number.isFinite(Number(text)))) {
+      throw new PageError(`${label}: not a number (clear the box for the default)`, [id]);
+    }
+    if (text === "") continue;  // cleared: the server's default
+    const x = Number(text);
+    if (integer && !Number.isInteger(x)) throw new PageError(`${label}: must be a whole number, got ${text}`, [id]);
+    fields[field] = x;
+  }
+  return fields;
+}
+
+// The body of POST /api/generate; throws a PageError for a box that does not hold a number.
 function request(stream) {
+  markInvalid([]);
   return {
     prompt: $("prompt").value,
     dial: state.dial,
-    max_new_tokens: numberOf("length", (v) => parseInt(v, 10)),
-    temperature: numberOf("temperature"),
-    top_k: numberOf("top-k", (v) => parseInt(v, 10)),
-    seed: numberOf("seed", (v) => parseInt(v, 10)),
+    ...numberFields(),
     calibrated: !$("calibrated-row").hidden && !$("calibrated").disabled && $("calibrated").checked,
     mode: $("mode").value || undefined,  // undefined (left out): the server's default
     stream,
   };
 }
 
-// The message of a failed response: FastAPI's {"detail": "..."} or {"detail": [{"loc": [...], "msg": "..."}]}.
-async function errorMessage(res) {
+// A request field as the page names it: "length (max_new_tokens)", "temperature", "prompt".
+function fieldName(field) {
+  const box = NUMBER_BOXES.find((b) => b.field === field);
+  return box && box.label !== field ? `${box.label} (${field})` : field;
+}
+
+// The PageError of a failed response, naming the field: FastAPI's 422 is
+// {"detail": [{"loc": ["body", field, ...], "msg": "..."}]}, other errors (429, ...) {"detail": "..."}.
+async function responseError(res) {
   let detail = null;
   try { detail = (await res.json()).detail; } catch { /* not JSON */ }
+  const boxes = [];
   let msg;
   if (Array.isArray(detail)) {
     msg = detail.map((d) => {
-      const loc = (d.loc || []).filter((x) => x !== "body").join(".");
-      return loc ? `${loc}: ${d.msg}` : d.msg;
+      const [field, ...rest] = (d.loc || []).filter((x) => x !== "body");
+      if (field === undefined || field === "") return d.msg;
+      const box = NUMBER_BOXES.find((b) => b.field === field);
+      if (box) boxes.push(box.id);
+      else if (field === "prompt") boxes.push("prompt");
+      return `${[fieldName(field), ...rest].join(".")}: ${d.msg}`;
     }).join("; ");
   } else if (typeof detail === "string") msg = detail;
   else if (detail) msg = JSON.stringify(detail);
   else msg = res.statusText || "request failed";
-  return `error (HTTP ${res.status}): ${msg}`;
+  return new PageError(`error (HTTP ${res.status}): ${msg}`, boxes);
 }
 
 const sleep = (ms, signal) => new Promise((resolve, reject) => {
@@ -331,7 +384,7 @@ async function post(body, signal) {
     });
     if (res.ok) return res;
     if (res.status === 429 && attempt < 4) { await sleep(400 * (attempt + 1), signal); continue; }
-    throw new Error(await errorMessage(res));
+    throw await responseError(res);
   }
 }
 
@@ -365,9 +418,17 @@ async function* sseEvents(res) {
 async function generate() {
   clearTimeout(state.timer);
   if (state.gen) state.gen.ctrl.abort();
+  state.gen = null;
+  let body;
+  try {
+    body = request(true);
+  } catch (e) {
+    showError(e);
+    updateStop();
+    return;
+  }
   const gen = { ctrl: new AbortController(), n: 0, t0: performance.now() };
   state.gen = gen;
-  const body = request(true);
   const out = $("output");
   const text = document.createTextNode("");
   out.textContent = "";
@@ -396,7 +457,7 @@ async function generate() {
     if (!finished) setStatus(`stream ended early after ${gen.n} tokens`, "warn");
   } catch (e) {
     if (gen.ctrl.signal.aborted) return;  // replaced by a newer generation, or stopped
-    setStatus(e instanceof TypeError ? `network error: ${e.message}` : e.message, "error");
+    showError(e);
   } finally {
     if (state.gen === gen) state.gen = null;
     updateStop();
@@ -423,10 +484,11 @@ function stop() {
 
 // ---------------------------------------------------------------- sweep
 
+// Two sources: five points along the slider. More: every source's corner, then the uniform middle.
 function sweepPositions() {
   const s = state.sources;
   if (s.length === 2) return [0, 0.25, 0.5, 0.75, 1].map((d) => ({ label: fmt(d), dial: d }));
-  const corners = s.slice(0, 5).map((name) => ({
+  const corners = s.map((name) => ({
     label: name, dial: Object.fromEntries(s.map((k) => [k, k === name ? 1 : 0])),
   }));
   return [...corners, { label: "uniform", dial: Object.fromEntries(s.map((k) => [k, 1])) }];
@@ -434,15 +496,23 @@ function sweepPositions() {
 
 async function sweep() {
   if (state.sweep) state.sweep.abort();
+  state.sweep = null;
+  $("sweep-card").hidden = false;
+  let base;
+  try {
+    base = request(false);
+  } catch (e) {
+    showError(e, "sweep-status");
+    updateStop();
+    return;
+  }
   const ctrl = new AbortController();
   state.sweep = ctrl;
   updateStop();
-  const base = request(false);
-  if (base.seed === null) base.seed = Math.floor(Math.random() * 2 ** 31);  // one seed for every column
+  if (base.seed === undefined) base.seed = Math.floor(Math.random() * 2 ** 31);  // one seed for every column
   const positions = sweepPositions();
   const grid = $("sweep-output");
   grid.textContent = "";
-  $("sweep-card").hidden = false;
   const cols = positions.map((p, i) => {
     const col = el("article", "sweep-col");
     col.style.setProperty("--col", typeof p.dial === "number"
@@ -457,7 +527,7 @@ async function sweep() {
     return { col, head, pre, note };
   });
   $("sweep-card").scrollIntoView({ behavior: "smooth", block: "nearest" });
-  let failed = 0;
+  let failed = 0, firstError = null;
   for (let i = 0; i < positions.length; i++) {
     const c = cols[i];
     setStatus(`sweep ${i + 1}/${positions.length} · seed ${base.seed}…`, "busy", "sweep-status");
@@ -475,6 +545,7 @@ async function sweep() {
         return;
       }
       failed++;
+      firstError = firstError || e;
       c.note.textContent = e.message;
       c.note.classList.add("error");
     } finally {
@@ -484,8 +555,13 @@ async function sweep() {
   if (state.sweep === ctrl) state.sweep = null;
   updateStop();
   const mode = base.mode ? ` · ${base.mode}` : "";
-  setStatus(`sweep done · seed ${base.seed}${mode}` + (failed ? ` · ${failed} failed` : ""), failed ? "error" : "",
-    "sweep-status");
+  if (!failed) {
+    setStatus(`sweep done · seed ${base.seed}${mode}`, "", "sweep-status");
+    return;
+  }
+  markInvalid(firstError.boxes || []);
+  setStatus(`sweep done · seed ${base.seed}${mode} · ${failed} of ${positions.length} failed: ${firstError.message}`,
+    "error", "sweep-status");
 }
 
 // ---------------------------------------------------------------- start
@@ -500,7 +576,7 @@ async function init() {
   let info;
   try {
     const res = await fetch("/api/info");
-    if (!res.ok) throw new Error(await errorMessage(res));
+    if (!res.ok) throw await responseError(res);
     info = await res.json();
   } catch (e) {
     $("model-info").textContent = "model unavailable";
