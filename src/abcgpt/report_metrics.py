@@ -470,7 +470,3 @@ class Report:
             d["original"] = self.original
         d["seconds"] = self.seconds
         return as_json(d)
-
-    def __getitem__(self, key: str):
-        """report["key"] is report.json's value, for code that reads the report as its JSON."""
-        return self.to_dict()[key]
