@@ -63,7 +63,7 @@ def cmd_run(args) -> None:
         out = root / args.name / f"s{seed}"
         sets = [*args.set, f"train.seed={seed}", f"train.threads={args.threads}"]
         train = [sys.executable, "-m", "abcgpt", "train", "--config", args.config, "--out", str(out)]
-        train += [x for s in sets for x in ("--set", s)]
+        train += (["--method", args.method] if args.method else []) + [x for s in sets for x in ("--set", s)]
         if not (out / "last" / "config.json").is_file():
             run(train, args.threads)
         folder = out / (f"report-{args.mode}" if args.mode else "report")
@@ -218,6 +218,7 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--name", required=True)
     r.add_argument("--config", default="tiny")
+    r.add_argument("--method", help="a method preset (configs/methods/), before --set")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
     r.add_argument("--baselines", help="folder written by `abcgpt baselines` for this recipe (for isolation)")
