@@ -25,7 +25,16 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_va
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from abcgpt.common import DECLARED, AbcgptError, atomic_dir, atomic_write_text, existing_dir, interrupts_deferred
+from abcgpt.common import (
+    DECLARED,
+    AbcgptError,
+    atomic_dir,
+    atomic_write_text,
+    declared,
+    existing_dir,
+    interrupts_deferred,
+    validation_message,
+)
 from abcgpt.config import DERIVED, Recipe, list_methods, read_method, recipe_from_dict
 from abcgpt.dial import MODES
 from abcgpt.model import GPT, GPTConfig
@@ -203,23 +212,6 @@ class Meta(BaseModel):
         return self
 
 
-def _schema_error(e: ValidationError, prefix: tuple = ()) -> str:
-    """pydantic's first complaint as one line: the key, the value given and what is allowed."""
-    err = e.errors(include_url=False)[0]
-    loc = [*prefix, *err["loc"]]
-    key = ".".join(map(str, loc))
-    if err["type"] == "value_error":  # our own checks, whose message says what is wrong with the value
-        return f"{key}: {err['ctx']['error']}" if loc else str(err["ctx"]["error"])
-    why = err["msg"][0].lower() + err["msg"][1:]
-    if err["type"] == "missing":
-        return f"{key} is missing"
-    if err["type"] == "extra_forbidden":
-        return f"{key} is not a key abcgpt writes"
-    if loc and loc[-1] == "[key]":  # a key of a dict, like a file name
-        return f"{'.'.join(map(str, loc[:-2]))} has a key {loc[-2]!r}: {why}"
-    return f"{key} = {reprlib.repr(err['input'])}: {why}"
-
-
 def read_meta(path: Path) -> dict:
     """path/config.json, checked against Meta."""
     try:
@@ -234,7 +226,7 @@ def read_meta(path: Path) -> dict:
     try:
         Meta.model_validate(migrate(meta))
     except ValidationError as e:
-        raise _malformed(path, _schema_error(e)) from None
+        raise _malformed(path, validation_message(e)) from None
     return meta
 
 
@@ -403,15 +395,11 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
         recipe = recipe_from_dict(meta["recipe"])
     except AbcgptError as e:
         raise _malformed(path, f"recipe: {e}") from None
-    except ValidationError as e:
-        raise _malformed(path, _schema_error(e, ("recipe",))) from None
-    derived = {k: meta["recipe"]["model"][k] for k in DERIVED["model"] if k in meta["recipe"]["model"]}
-    if derived.keys() != DERIVED["model"]:
-        raise _malformed(path, f"recipe.model must hold {' and '.join(sorted(DERIVED['model']))}")
-    try:
-        config = GPTConfig(**(dataclasses.asdict(recipe.model) | derived))
-    except ValidationError as e:
-        raise _malformed(path, _schema_error(e, ("recipe", "model"))) from None
+    try:  # and what the data decided: the vocabulary and the number of sources
+        with declared("recipe.model."):
+            config = dataclasses.replace(recipe.model, **{k: meta["recipe"]["model"].get(k) for k in DERIVED["model"]})
+    except AbcgptError as e:
+        raise _malformed(path, str(e)) from None
     _check_agreement(path, meta, recipe, config, tokenizer)
     try:
         # the size first, on no memory: config.json cannot make us allocate more than its weights file holds

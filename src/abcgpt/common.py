@@ -4,6 +4,7 @@ import errno
 import fcntl
 import os
 import re
+import reprlib
 import shutil
 import signal
 import tempfile
@@ -34,17 +35,31 @@ DIAL_KEY = {"role": "dial"}
 RUN_KEY = {"role": "run"}
 
 
+def validation_message(e: ValidationError, prefix: str = "") -> str:
+    """pydantic's first complaint as one line: the key (after prefix: "train.", "--"), the value given and what
+    is allowed."""
+    err = e.errors(include_url=False)[0]
+    loc = [str(x) for x in err["loc"]]
+    key = prefix + ".".join(loc)
+    if err["type"] == "value_error":  # our own validators: their message says what is wrong with the value
+        return f"{key}: {err['ctx']['error']}" if key else str(err["ctx"]["error"])
+    if err["type"] == "missing":
+        return f"{key} is missing"
+    if err["type"] == "extra_forbidden":
+        return f"{key} is not a known key"
+    why = err["msg"][:1].lower() + err["msg"][1:]
+    if loc and loc[-1] == "[key]":  # a key of a dict, like a file name
+        return f"{prefix + '.'.join(loc[:-2])} has a key {loc[-2]!r}: {why}"
+    return f"{key} = {reprlib.repr(err['input'])} is not allowed: {why}"
+
+
 @contextmanager
 def declared(prefix: str = "") -> Iterator[None]:
-    """Creating DECLARED dataclasses inside: pydantic's first complaint becomes one line naming the key (after
-    prefix: "train.", "--"), the value given and what is allowed."""
+    """Creating DECLARED dataclasses inside: a ValidationError becomes an AbcgptError (validation_message)."""
     try:
         yield
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        msg = err["msg"][:1].lower() + err["msg"][1:]
-        key = prefix + ".".join(map(str, err["loc"]))
-        raise AbcgptError(f"{key} = {err['input']!r} is not allowed: {msg}") from None
+        raise AbcgptError(validation_message(e, prefix)) from None
 
 
 def data_dir() -> Path | None:
