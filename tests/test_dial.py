@@ -95,7 +95,7 @@ def test_routed_gradient_equals_the_stated_mask():
     dials = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
     source = torch.tensor([0, 1])
     g = gate(dials, s)
-    r = Reference(s).backward_mask(g, source)
+    r = Reference().backward_mask(g, s, source)
     y = apply_gate(x, g, r)
     assert torch.equal(y, x * g)  # the forward pass is the smooth gate, bit for bit
     w = torch.randn(2, 16)
@@ -203,30 +203,30 @@ def test_partition_gate_by_hand():
 def test_partition_route_mask_is_exact():
     m = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
     source = torch.tensor([0, 1])
-    part = Partition(m)
-    assert part.mask(source).tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]
+    part = Partition()
+    assert part.mask(m, source).tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]
     g = torch.tensor([[0.9, 0.2, 1.0], [0.4, 0.7, 1.0]])
-    assert torch.equal(part.backward_mask(g, source), g * part.mask(source))  # the true gradient, masked
-    assert torch.equal(part.head_mask(source), part.mask(source))
-    ref = Reference(m)  # the reference mask: m_s itself, in the gate's place; the LM head is not masked
-    assert ref.backward_mask(g, source).tolist() == [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]
-    assert ref.head_mask(source) is None
+    assert torch.equal(part.backward_mask(g, m, source), g * part.mask(m, source))  # the true gradient, masked
+    assert torch.equal(part.head_mask(m, source), part.mask(m, source))
+    ref = Reference()  # the reference mask: m_s itself, in the gate's place; the LM head is not masked
+    assert ref.backward_mask(g, m, source).tolist() == [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]
+    assert ref.head_mask(m, source) is None
 
 
 @pytest.mark.parametrize("method", ["reference", "partition"])
 def test_method_for_takes_the_config_knobs(method):
     cfg = GPTConfig(method=method, narrowness=0.7, gate_shape="linear", shared_gate="middle", shared_fraction=0.25)
     m = specialties_for(cfg, [8, 2, 32])
-    obj = method_for(cfg, m)
+    obj = method_for(cfg)
     assert type(obj) is {"reference": Reference, "partition": Partition}[method]
-    assert obj.specialties is m and (obj.narrowness, obj.shape) == (0.7, "linear")
+    assert (obj.narrowness, obj.shape) == (0.7, "linear")
     dial = two(0.3)
     if method == "partition":
         assert obj.shared == "middle"
-        assert torch.equal(obj.gates(dial), partition_gate(dial, m, 0.7, "linear", "middle"))
+        assert torch.equal(obj.gates(dial, m), partition_gate(dial, m, 0.7, "linear", "middle"))
         assert torch.equal(m, partition_specialties([8, 2, 32], 2, cfg.specialty_seed, 0.25))
     else:
-        assert torch.equal(obj.gates(dial), gate(dial, m, 0.7, "linear"))
+        assert torch.equal(obj.gates(dial, m), gate(dial, m, 0.7, "linear"))
         assert torch.equal(m, draw_specialties(42, 2, cfg.specialty_seed, 0.5))  # 1/N = 0.5: DESIGN §1's Beta
 
 

@@ -112,17 +112,16 @@ class Reference:
                                          gate its gradient is the ordinary one (its input is g * LN(x)); m_s reaches
                                          the tied weight through the embedding, which is before the first gate
     """
-    specialties: torch.Tensor  # (U, N)
     narrowness: float = 1.0
     shape: str = "cos2"
 
-    def gates(self, dial: torch.Tensor) -> torch.Tensor:
-        return gate(dial, self.specialties, self.narrowness, self.shape)
+    def gates(self, dial: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return gate(dial, m, self.narrowness, self.shape)
 
-    def backward_mask(self, gates: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        return self.specialties[:, source].T
+    def backward_mask(self, gates: torch.Tensor, m: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return m[:, source].T
 
-    def head_mask(self, source: torch.Tensor) -> None:
+    def head_mask(self, m: torch.Tensor, source: torch.Tensor) -> None:
         return None
 
 
@@ -138,22 +137,21 @@ class Partition:
         head_mask(s)        = mask(s)            the tied LM head's column of a residual channel learns only from
                                                  that channel's sources too (else it leaks into the other corners)
     """
-    specialties: torch.Tensor  # (U, N)
     narrowness: float = 1.0
     shape: str = "cos2"
     shared: str = "always"
 
-    def gates(self, dial: torch.Tensor) -> torch.Tensor:
-        return partition_gate(dial, self.specialties, self.narrowness, self.shape, self.shared)
+    def gates(self, dial: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return partition_gate(dial, m, self.narrowness, self.shape, self.shared)
 
-    def mask(self, source: torch.Tensor) -> torch.Tensor:
-        return (self.specialties / self.specialties.max(dim=-1, keepdim=True).values)[:, source].T
+    def mask(self, m: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return (m / m.max(dim=-1, keepdim=True).values)[:, source].T
 
-    def backward_mask(self, gates: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        return gates * self.mask(source)
+    def backward_mask(self, gates: torch.Tensor, m: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return gates * self.mask(m, source)
 
-    def head_mask(self, source: torch.Tensor) -> torch.Tensor:
-        return self.mask(source)
+    def head_mask(self, m: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return self.mask(m, source)
 
 
 def specialties_for(config, group_sizes: list[int]) -> torch.Tensor:
@@ -166,11 +164,12 @@ def specialties_for(config, group_sizes: list[int]) -> torch.Tensor:
     return draw_specialties(sum(group_sizes), config.n_sources, config.specialty_seed, concentration)
 
 
-def method_for(config, specialties: torch.Tensor) -> Reference | Partition:
-    """The method object of a model config (GPTConfig: method, narrowness, gate_shape, shared_gate)."""
+def method_for(config) -> Reference | Partition:
+    """The method object of a model config (GPTConfig: method, narrowness, gate_shape, shared_gate). It holds the
+    knobs only; the specialties m are the model's buffer, passed in (they move with the model)."""
     if config.method == "partition":
-        return Partition(specialties, config.narrowness, config.gate_shape, config.shared_gate)
-    return Reference(specialties, config.narrowness, config.gate_shape)
+        return Partition(config.narrowness, config.gate_shape, config.shared_gate)
+    return Reference(config.narrowness, config.gate_shape)
 
 
 def sample_dials(

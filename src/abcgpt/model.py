@@ -20,7 +20,7 @@ from pydantic.dataclasses import dataclass
 from torch.nn import functional as F
 
 from abcgpt.common import DECLARED, DIAL_KEY
-from abcgpt.dial import Partition, Reference, apply_gate, method_for, specialties_for
+from abcgpt.dial import apply_gate, method_for, specialties_for
 
 
 @dataclass(config=DECLARED)
@@ -187,6 +187,7 @@ class GPT(nn.Module):
             C, H, L = config.n_embd, config.n_head, config.n_layer
             self.group_sizes = [C] + [H, 4 * C] * L
             self.register_buffer("specialties", specialties_for(config, self.group_sizes))
+            self.method = method_for(config)  # the dial's method (dial.py): the gates, and the routed backward
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -199,17 +200,11 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @property
-    def method(self) -> Reference | Partition:
-        """The dial's method (dial.py) over this model's specialties: what the gates are, and what the routed
-        backward puts in their place. Built on each use, so it follows the buffer across .to() and loading."""
-        return method_for(self.config, self.specialties)
-
     def unit_gates(self, dial: torch.Tensor) -> torch.Tensor:
         """Gate of every unit (B, U) for dials (B, N) or one dial (N,): one small op per forward."""
         if dial.dim() == 1:
             dial = dial[None]
-        return self.method.gates(dial.to(self.specialties))
+        return self.method.gates(dial.to(self.specialties), self.specialties)
 
     def _split(self, g: torch.Tensor | None):
         """(B, U) -> residual gate and per layer (residual, head, unit) gates, as views."""
@@ -232,7 +227,8 @@ class GPT(nn.Module):
             g = self.unit_gates(dial).expand(B, -1)
             if self.config.routing == "routed" and source is not None and torch.is_grad_enabled():
                 # the factor that takes the gate's place in the backward pass, and the LM head's weight mask
-                r, head = self.method.backward_mask(g, source), self.method.head_mask(source)
+                m = self.specialties
+                r, head = self.method.backward_mask(g, m, source), self.method.head_mask(m, source)
         g_res, gates = self._split(g)
         r_res, routes = self._split(r)
         head_res, _ = self._split(head)
