@@ -61,17 +61,16 @@ def cmd_sample(args) -> None:
     sources, mode, notes = engine.sources, engine.mode(args.mode), []
     specs = args.sweep.split(",") if args.sweep else [args.dial]
     dials = [engine.dial_tensor(spec, args.calibrated, mode, notes) for spec in specs]
-    engine.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.n, args.seed, len(dials))
-    engine.prompt_ids(args.prompt)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
               mode=mode)
     if args.n == 1 and not (args.sweep or args.json):  # one sample: stream it to the terminal
+        pieces = engine.stream(args.prompt, dials[0], **kw)  # every argument checked here, before the header
         weights = ", ".join(f"{s} {w:.2f}" for s, w in zip(sources, dials[0].tolist()))
         print(f"--- dial {format_dial(dials[0], sources)} ({weights}), mode {mode}")
         sys.stdout.write(args.prompt)
-        for piece in engine.stream(args.prompt, dials[0], **kw):
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         print()
