@@ -11,6 +11,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -60,6 +61,13 @@ def declared(prefix: str = "") -> Iterator[None]:
         yield
     except ValidationError as e:
         raise AbcgptError(validation_message(e, prefix)) from None
+
+
+def check_integer(name: str, value: object, low: int, high: int | None = None) -> None:
+    """An integer in [low, high] (no bool, no float), or an AbcgptError naming it and what is allowed."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low or (high is not None and value > high):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise AbcgptError(f"{name} must be {allowed}, got {value!r}")
 
 
 def data_dir() -> Path | None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from abcgpt.checkpoint import Checkpoint
-from abcgpt.common import AbcgptError
+from abcgpt.common import AbcgptError, check_integer
 from abcgpt.dial import (
     MODES,
     combine_next,
@@ -253,22 +253,17 @@ class Engine:
     def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, n: int = 1,
                        seed: int | None = None, positions: int = 1) -> None:
         """Every sampling argument in its range, before any work: an AbcgptError naming the argument otherwise."""
-        def integer(x) -> bool:
-            return isinstance(x, Integral) and not isinstance(x, bool)
-
-        if not integer(n) or not 1 <= n <= MAX_ROWS:
-            raise AbcgptError(f"n must be an integer in [1, {MAX_ROWS}], got {n!r}")
+        check_integer("n", n, 1, MAX_ROWS)
         if n * positions > MAX_ROWS:
             raise AbcgptError(f"n x dial positions is {n} x {positions} = {n * positions} sequences; at most "
                               f"{MAX_ROWS} in one call")
-        if not integer(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise AbcgptError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {max_new_tokens!r}")
+        check_integer("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
         if isinstance(temperature, bool) or not isinstance(temperature, Real) or not math.isfinite(temperature) \
                 or temperature < 0:
             raise AbcgptError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-        if top_k is not None and (not integer(top_k) or top_k < 0):
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 0):
             raise AbcgptError(f"top_k must be None or an integer >= 0 (0 = off), got {top_k!r}")
-        if seed is not None and (not integer(seed) or not 0 <= seed <= MAX_SEED):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed <= MAX_SEED):
             raise AbcgptError(f"seed must be None or an integer in [0, 2**63 - 1], got {seed!r}")
 
     def _generator(self, seed: int | None) -> torch.Generator:

@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from abcgpt.checkpoint import load_checkpoint
-from abcgpt.common import AbcgptError
+from abcgpt.common import AbcgptError, check_integer
 from abcgpt.dial import MODES
 from abcgpt.engine import MAX_NEW_TOKENS, MAX_SEED, Engine
 
@@ -80,13 +80,6 @@ class InputError(Exception):
         self.field, self.msg, self.status = field, msg, status
 
 
-def check_option(name: str, value: object, low: int, high: int | None = None) -> None:
-    """A server option in its range, or an AbcgptError naming it (one line in the CLI)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise AbcgptError(f"{name} must be {allowed}, got {value!r}")
-
-
 def json_safe(x: object, depth: int = 0) -> object:
     """A 422 echoes the request's values, as Python's json read them: non-finite floats become strings ('nan',
     'inf', '-inf': JSON has no such numbers), containers nested deeper than 16 levels become '...' (encoding a
@@ -128,9 +121,9 @@ class SlotStream(StreamingResponse):
 
 def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurrent: int = 2,
                max_new_tokens: int = 1000, max_prompt_chars: int = 4000, mode: str | None = None) -> FastAPI:
-    check_option("max_concurrent", max_concurrent, 1)  # below 1 the server would refuse every generation
-    check_option("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
-    check_option("max_prompt_chars", max_prompt_chars, 1)
+    check_integer("max_concurrent", max_concurrent, 1)  # below 1 the server would refuse every generation
+    check_integer("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    check_integer("max_prompt_chars", max_prompt_chars, 1)
     engine = Engine(load_checkpoint(ckpt_path, device))
     sources, default_mode = engine.sources, engine.mode(mode)
     app = FastAPI(title="abcgpt", version="0.1.0", default_response_class=SafeJSON,
@@ -286,7 +279,7 @@ def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, device: str = "
 
     import uvicorn
 
-    check_option("port", port, 0, 65535)
+    check_integer("port", port, 0, 65535)
     try:  # the address first: a host that does not resolve, or a port in use, is one line before any loading
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as e:
