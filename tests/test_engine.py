@@ -26,6 +26,7 @@ from abcgpt.dial import (
     update_weights,
 )
 from abcgpt.engine import Engine
+from abcgpt.model import SubNetwork
 from abcgpt.serve import create_app
 from abcgpt.tokenizer import CharTokenizer
 from abcgpt.train import train
@@ -446,12 +447,15 @@ def test_export_between_corners_needs_gates(run, tmp_path, capsys, monkeypatch):
 
 
 def test_network_is_one_gpt_only_where_one_gpt_computes_the_dial(engine):
-    """Engine.network (what export folds): a corner in every mode and any dial in gates are one ordinary GPT;
-    between the corners the combining modes are refused, naming the mode."""
+    """Engine.network (what export writes): a corner in every mode and any dial in gates are one ordinary network,
+    a SubNetwork (a corner at its own width); between the corners the combining modes are refused, naming the
+    mode."""
     half = torch.tensor([0.5, 0.5])
+    C = engine.model.config.n_embd
     for mode in MODES:
-        assert engine.network(corner(1, 2), mode).config.gates == "none"
-    assert engine.network(half, "gates").config.gates == "none"
+        net = engine.network(corner(1, 2), mode)
+        assert isinstance(net, SubNetwork) and net.width == C // 2
+    assert engine.network(half, "gates").width == C
     for mode in ("mixture", "switch", "tokens", "product"):
         with pytest.raises(AbcgptError, match=f"mode {mode}"):
             engine.network(half, mode)

@@ -1,9 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from abcgpt.dial import gate, partition_gate
 from abcgpt.engine import generate_tokens
-from abcgpt.model import GPT, GPTConfig
+from abcgpt.model import GPT, GPTConfig, SubNetwork
 
 
 def small(**kw) -> GPTConfig:
@@ -153,40 +154,68 @@ def test_kv_cache_generation_equals_full_recompute(gates):
 
 @pytest.mark.parametrize("method", ["partition", "reference"])
 @pytest.mark.parametrize("routing", ["soft", "routed"])
-def test_training_forward_traces_as_one_graph(routing, method):
-    """torch.compile can capture the gated forward and the routed backward whole (no graph breaks), the method
-    object (model.method, built in the forward) included."""
+def test_full_width_training_forward_traces_as_one_graph(routing, method):
+    """torch.compile can capture the gated forward at full width and the routed backward whole (no graph breaks),
+    the method object (model.method, built in the forward) included."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(small(routing=routing, method=method))
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     idx = torch.randint(0, 50, (2, 10))
     dials = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
-    _, loss = compiled(idx, dials, idx, torch.tensor([0, 1]))
+    _, loss = compiled(idx, dials, idx, torch.tensor([0, 1]), own_width=False)
     loss.backward()
     _, eager_loss = model(idx, dials, idx, torch.tensor([0, 1]))
     assert torch.allclose(loss, eager_loss)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_folded_model_equals_gated_model_at_its_dial(bias):
-    """Folding a fixed dial's gates into the weights gives an ungated GPT with the same logits."""
+def test_compiled_training_forward_at_own_width():
+    """Under torch.compile the rows at a corner still run at their own width (the grouping runs eagerly, the
+    rest is compiled around it), with the eager losses and gradients."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
-    model = GPT(small(bias=bias)).eval()
+    model = GPT(small())
+    compiled = torch.compile(model, backend="eager")
+    idx = torch.randint(0, 50, (4, 10))
+    source = torch.tensor([0, 1, 1, 0])
+    dials = F.one_hot(source, 2).float()
+    _, loss = compiled(idx, dials, idx, source)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _, eager = model(idx, dials, idx, source, own_width=False)
+    eager.backward()
+    assert torch.allclose(loss, eager, atol=1e-6)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(grads, model.parameters()))
+
+
+@pytest.mark.parametrize("norm", ["full", "active"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sub_network_equals_gated_model_at_its_dial(bias, norm):
+    """A fixed dial's SubNetwork (gates folded into the weights; at its own width where gates are 0, or at full
+    width) has the gated model's logits, at corners and between them, and leaves the model untouched."""
+    torch.manual_seed(0)
+    model = GPT(small(bias=bias, norm=norm, shared_fraction=0.25)).eval()
     with torch.no_grad():  # non-zero biases and LayerNorm shifts, so their handling is tested too
         for p in model.parameters():
             if p.dim() == 1:
                 p.normal_(0, 0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     idx = torch.randint(0, 50, (2, 12))
+    C, shared = model.config.n_embd, round(0.25 * model.config.n_embd)
     for dial in (torch.tensor([1.0, 0.0]), torch.tensor([0.3, 0.7]), torch.tensor([0.0, 1.0])):
-        plain = model.folded(dial)
-        assert plain.config.gates == "none"
-        with torch.no_grad():
-            want, _ = model(idx, dial, idx)
-            got, _ = plain(idx, None, idx)
-        assert torch.allclose(got, want, atol=1e-5)
-    assert torch.equal(model.transformer.wte.weight, model.lm_head.weight)  # the original is untouched
-    assert plain.transformer.wte.weight is plain.lm_head.weight
+        corner = bool((dial == 1).any())
+        for own_width in (True, False):
+            net = SubNetwork(model, dial, own_width)
+            assert net.width == ((C - shared) // 2 + shared if corner and own_width else C)
+            with torch.no_grad():
+                want, _ = model(idx, dial, idx, own_width=False)
+                got, _ = net(idx, None, idx)
+                last, _ = net(idx)
+            assert torch.allclose(got, want, atol=1e-5)
+            assert torch.allclose(last[:, 0], want[:, -1], atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.transformer.wte.weight is model.lm_head.weight
 
 
 @pytest.mark.parametrize("method, routing, gate_norms, isolated", [

@@ -129,7 +129,10 @@ def cmd_calibrate(args) -> None:
 def cmd_export(args) -> None:
     from abcgpt.export import export_gpt2
 
-    out = export_gpt2(Path(args.ckpt), args.dial, Path(args.out), force=args.force, mode=args.mode)
+    notes: list[str] = []
+    out = export_gpt2(Path(args.ckpt), args.dial, Path(args.out), force=args.force, mode=args.mode, notes=notes)
+    for note in notes:
+        print(f"note: {note}")
     print(f"exported to {out}: load it with transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained")
 
 

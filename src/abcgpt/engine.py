@@ -9,12 +9,14 @@ fold gates into weights, and the checks on sampling arguments.
     for piece in engine.stream("ROMEO:", dial=0.9): ...
     engine.loss("To be, or not to be", dial=1.0)
 
-Cost. A corner, and any dial in mode gates, is one folded GPT: the cost of an ordinary GPT. mixture draws each
-sample's corner from the posterior given the prompt (its distribution over texts is exactly the token-by-token
-posterior mixture's) and then runs that corner alone: one folded GPT for a single sample (plus one pass over the
-prompt per corner); a batch whose samples landed on different corners runs the gated model with one corner per
-row, in one pass. switch, tokens and product run every corner with weight > 0 at every step, batched in one
-pass: up to N times a corner.
+Cost. A fixed dial runs as one ordinary network, its SubNetwork (model.py): the units the dial leaves on, at
+their own width, gates folded into the weights. A corner of the partition method is 1/N of every group of units
+(plus the shared ones), so it costs well under an ungated GPT of the model's size; any dial in mode gates costs
+about what that GPT costs. mixture draws each sample's corner from the posterior given the prompt (its
+distribution over texts is exactly the token-by-token posterior mixture's) and then runs that corner alone: a
+batch whose samples landed on different corners runs each corner's sub-network on its rows (RowGroups). switch,
+tokens and product run every corner with weight > 0 at every step, each on its own width: N corners of 1/N of
+the units each, about one full-width forward.
 """
 
 import math
@@ -37,7 +39,7 @@ from abcgpt.dial import (
     update_weights,
 )
 from abcgpt.dial_spec import DialSpec, parse_dial
-from abcgpt.model import GPT, KVCache
+from abcgpt.model import GPT, KVCache, SubNetwork
 from abcgpt.style import apply_calibration
 from abcgpt.tokenizer import Tokenizer
 
@@ -61,6 +63,24 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+class RowGroups(torch.nn.Module):
+    """Several networks side by side in one batch: the rows `rows` of every (rows, network) pair run that network,
+    with a KV cache of its own. Each corner of a batch that mixes corners runs at its own width."""
+
+    def __init__(self, groups: list[tuple[torch.Tensor, torch.nn.Module]], config):
+        super().__init__()
+        self.groups, self.config = groups, config
+
+    def forward(self, idx: torch.Tensor, dial=None, targets=None, source=None, cache: KVCache | None = None):
+        out = None
+        for i, (rows, net) in enumerate(self.groups):
+            logits, _ = net(idx[rows], cache=None if cache is None else cache.scoped(i))
+            if out is None:
+                out = logits.new_empty(idx.size(0), *logits.shape[1:])
+            out[rows] = logits
+        return out, None
+
+
 @torch.no_grad()
 def decode(model: GPT, ids: torch.Tensor, dials: torch.Tensor | None, max_new_tokens: int,
            step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], use_cache: bool = True
@@ -68,10 +88,9 @@ def decode(model: GPT, ids: torch.Tensor, dials: torch.Tensor | None, max_new_to
     """The decoding loop: model rows ids (R, T0) with dials (R, N) or None; step maps the last logits (R, V) to
     (what to yield, the (R,) tokens to feed back). With the cache each step feeds one token; when the context
     reaches block_size the cache is rebuilt from the last 3/4 of it (learned positions cannot slide). Without it,
-    every step re-runs the whole (cropped) context, as nanoGPT does."""
+    every step re-runs the whole (cropped) context, as nanoGPT does. ids and dials are on the model's device."""
     model.eval()
-    p = next(model.parameters())
-    block, idx = model.config.block_size, ids.to(p.device)
+    block, idx = model.config.block_size, ids
     cache, feed = None, idx
     for _ in range(max_new_tokens):
         if not use_cache:
@@ -79,8 +98,9 @@ def decode(model: GPT, ids: torch.Tensor, dials: torch.Tensor | None, max_new_to
         else:
             if cache is None or cache.pos + feed.size(1) > block:
                 feed = idx[:, -(3 * block // 4):] if cache is not None else idx[:, -block:]
-                cache = KVCache(model.config, idx.size(0), block, p.device, p.dtype)
+                cache = KVCache(block)
             logits, _ = model(feed, dials, cache=cache)
+            cache.pos += feed.size(1)
         out, nxt = step(logits[:, -1, :].float())
         idx = torch.cat([idx, nxt[:, None]], dim=1)
         feed = nxt[:, None]
@@ -92,7 +112,7 @@ def generate_tokens(model: GPT, prompt: torch.Tensor, dial: torch.Tensor | None,
                     use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Plain sampling from one network (a bare GPT, gated with dials (B, N) or (N,), or not): (B,) tokens per step.
     The Engine does this for gates mode and the corners; tests and benchmarks call it on bare models."""
-    gen = torch.Generator(device=next(model.parameters()).device)
+    gen = torch.Generator(device=prompt.device)
     gen.manual_seed(seed) if seed is not None else gen.seed()
     return decode(model, prompt, None if dial is None else dial.to(prompt.device), max_new_tokens,
                   plain_step(temperature, top_k, gen), use_cache)
@@ -141,7 +161,7 @@ class Engine:
         self.path = ckpt.path
         self.device = next(self.model.parameters()).device
         self.gated = self.model.config.gates == "abc"
-        self._folded: dict[tuple[float, ...], GPT] = {}
+        self._networks: dict[tuple[float, ...], SubNetwork] = {}
         self._boundary: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ the dial
@@ -198,23 +218,24 @@ class Engine:
         """The normalised weight of each source (rounded to 6 decimals: the dial is float32)."""
         return {s: round(w, 6) for s, w in zip(self.sources, self.dial_tensor(spec, calibrated, mode).tolist())}
 
-    def folded(self, dial: torch.Tensor) -> GPT:
-        """The ordinary GPT that computes the gated model at one dial (cached: corners are asked for often)."""
+    def at(self, dial: torch.Tensor) -> GPT | SubNetwork:
+        """The ordinary network that computes the gated model at one dial, at its own width (cached: corners are
+        asked for often); an ungated model is its own."""
         if not self.gated:
             return self.model
         key = tuple(dial.tolist())
-        if key not in self._folded:
-            if len(self._folded) >= 8:
-                self._folded.pop(next(iter(self._folded)))
-            self._folded[key] = self.model.folded(dial.to(self.device))
-        return self._folded[key]
+        if key not in self._networks:
+            if len(self._networks) >= 8:
+                self._networks.pop(next(iter(self._networks)))
+            self._networks[key] = SubNetwork(self.model, dial.to(self.device))
+        return self._networks[key]
 
-    def network(self, dial: torch.Tensor, mode: str | None = None) -> GPT:
-        """The one ordinary GPT that computes this dial in this mode: a corner in any mode, any dial in gates.
-        Between corners the other modes combine several corner networks at every token: no single GPT does."""
+    def network(self, dial: torch.Tensor, mode: str | None = None) -> GPT | SubNetwork:
+        """The one ordinary network that computes this dial in this mode: a corner in any mode, any dial in gates.
+        Between corners the other modes combine several corner networks at every token: no single one does."""
         mode = self.mode(mode)
         if mode == "gates" or not self.gated or int((dial > 0).sum()) == 1:
-            return self.folded(dial)
+            return self.at(dial)
         shown = ",".join(f"{s}={w:.3g}" for s, w in zip(self.sources, dial.tolist()) if w > 0)
         raise AbcgptError(f"dial {shown} in mode {mode} combines {int((dial > 0).sum())} corner networks at "
                           f"generation time and is not one GPT-2: give a corner, or mode gates to fold the network's "
@@ -337,15 +358,20 @@ class Engine:
         return self._decode_combined(ids, dials, mode, max_new_tokens, temperature, top_k, gen, use_cache)
 
     def _decode_rows(self, ids, dials, max_new_tokens, temperature, top_k, gen, use_cache):
-        """One network per row: the folded network when every row has the same dial (the cost of an ordinary GPT),
-        else the gated model with a dial per row, in one batch (a loop per dial costs more: each small batch pays
-        the whole per-step overhead)."""
-        plain = plain_step(temperature, top_k, gen)
+        """One network per row: the dial's sub-network (each dial's on its own rows, side by side in one batch,
+        when the rows have several)."""
+        return decode(self._by_row(dials), ids, None, max_new_tokens, plain_step(temperature, top_k, gen),
+                      use_cache)
+
+    def _by_row(self, dials: torch.Tensor) -> torch.nn.Module:
+        """The network of rows with dials (B, N): one sub-network, or one per distinct dial (RowGroups)."""
         if not self.gated:
-            return decode(self.model, ids, None, max_new_tokens, plain, use_cache)
-        if bool((dials == dials[0]).all()):
-            return decode(self.folded(dials[0]), ids, None, max_new_tokens, plain, use_cache)
-        return decode(self.model, ids, dials, max_new_tokens, plain, use_cache)
+            return self.model
+        uniq, inverse = torch.unique(dials, dim=0, return_inverse=True)
+        if uniq.size(0) == 1:
+            return self.at(dials[0])
+        return RowGroups([((inverse == j).nonzero().flatten(), self.at(d)) for j, d in enumerate(uniq)],
+                         self.model.config)
 
     def _decode_combined(self, ids, dials, mode, max_new_tokens, temperature, top_k, gen, use_cache):
         """switch, tokens, product: every corner with weight > 0 in one batch of B x K rows (row b * K + k runs
@@ -372,7 +398,7 @@ class Engine:
             state["writer"] = torch.where(boundary[t], next_segment_source(a, state["written"]), writer)
             return t, t.repeat_interleave(K)
 
-        return decode(self.model, ids.repeat_interleave(K, dim=0), rows, max_new_tokens, step, use_cache)
+        return decode(self._by_row(rows), ids.repeat_interleave(K, dim=0), None, max_new_tokens, step, use_cache)
 
     @torch.no_grad()
     def _prompt_log_weights(self, ids: torch.Tensor, dials: torch.Tensor, mode: str) -> torch.Tensor:
@@ -393,29 +419,29 @@ class Engine:
 
     @torch.no_grad()
     def _corner_logprobs(self, x: torch.Tensor, y: torch.Tensor, corners) -> torch.Tensor:
-        """(B, K, T): each corner's log-prob of every target token, one folded corner at a time."""
+        """(B, K, T): each corner's log-prob of every target token, one corner's sub-network at a time."""
         n = len(self.sources)
-        return torch.stack([_target_logprobs(self.folded(corner(int(k), n)), x, y) for k in corners], dim=1)
+        return torch.stack([_target_logprobs(self.at(corner(int(k), n)), x, y) for k in corners], dim=1)
 
     @torch.no_grad()
     def logprobs(self, x: torch.Tensor, y: torch.Tensor, dials: list[torch.Tensor], mode: str | None = None
                  ) -> list[torch.Tensor]:
         """(B, T) log-probs of the targets y given x (B, T <= block_size) at each dial, in one mode. The corners'
         log-probs are computed once and shared by every dial of a combining mode. A dial scored once in mode gates
-        runs the gated model as it is: folding pays only for a dial that is used again (corners, generation)."""
+        runs the gated model as it is: a sub-network pays only for a dial that is used again (corners, generation)."""
         mode = self.mode(mode)
         x, y = x.to(self.device), y.to(self.device)
         cached, out = None, []
         for d in dials:
             d = d.to(self.device)
             if not self.gated or int((d > 0).sum()) == 1:
-                out.append(_target_logprobs(self.folded(d), x, y))
+                out.append(_target_logprobs(self.at(d), x, y))
             elif mode == "gates":
                 out.append(_target_logprobs(self.model, x, y, d))
             elif mode == "product":
                 acc = 0.0
                 for k in (d > 0).nonzero().flatten().tolist():
-                    logits, _ = self.folded(corner(k, len(self.sources)))(x, targets=y)
+                    logits, _ = self.at(corner(k, len(self.sources)))(x, targets=y)
                     acc = acc + d[k] * torch.log_softmax(logits.float(), dim=-1)
                 out.append(torch.log_softmax(acc, dim=-1).gather(-1, y[..., None]).squeeze(-1))
             else:

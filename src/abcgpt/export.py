@@ -2,8 +2,10 @@
 
 The folder holds config.json, model.safetensors, generation_config.json, the tokenizer files and a model card
 (README.md); `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)` load it with
-no abcgpt code. The model is `GPT.folded(dial)`: an ordinary GPT-2 with the logits of the gated model at that
-dial. transformers is needed here only (it is not a runtime dependency of abcgpt): `pip install transformers`.
+no abcgpt code. The model is the dial's SubNetwork (model.py): an ordinary GPT-2 with the logits of the gated
+model at that dial, at its own width where that is a standard GPT-2 (a corner of a model trained with
+model.norm = "active": 1/N of the channels, heads and MLP units, plus the shared ones), else at full width, with a
+one-line note saying why. transformers is needed here only (not a runtime dependency): `pip install transformers`.
 
 Tokenizers. A byte-level BPE tokenizer is saved as is (every text encodes). A char tokenizer becomes a
 `tokenizers` WordLevel model over its characters, one piece per character, joined back with no spaces; it has
@@ -21,7 +23,7 @@ from abcgpt.checkpoint import Checkpoint, load_checkpoint
 from abcgpt.common import AbcgptError, atomic_dir, check_writable
 from abcgpt.dial_spec import format_dial
 from abcgpt.engine import Engine
-from abcgpt.model import GPT
+from abcgpt.model import GPT, SubNetwork
 from abcgpt.tokenizer import EOT, BPETokenizer, CharTokenizer
 
 # our nn.Linear weights are (out, in); transformers' GPT-2 Conv1D stores (in, out)
@@ -36,14 +38,16 @@ def _transformers():
     return transformers
 
 
-def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode: str | None = None) -> Path:
+def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode: str | None = None,
+                notes: list[str] | None = None) -> Path:
     """Write a transformers GPT-2 folder for the checkpoint's model folded at `dial` (a dial spec as users type
     it: "0.3", a source name, "uniform", "a=0.2,b=0.8"). Returns `out`. With force an existing `out` is
     replaced atomically (the new folder is written to out.tmp, then swapped in).
 
     Only a dial that one network computes can be exported (Engine.network): a corner in any mode, or any dial in
     mode gates. Between corners, the combining modes (the default mixture among them) run several corner networks
-    at generation time; that is refused with a one-line error, before anything is written."""
+    at generation time; that is refused with a one-line error, before anything is written. Where the dial's own
+    width is not a standard GPT-2, the full-width network is written and `notes` gets a line saying why."""
     out = Path(out)
     if out.exists() and not force:
         raise AbcgptError(f"{out} exists; use --force to overwrite")
@@ -57,13 +61,24 @@ def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode
     weights = engine.dial_tensor(dial, notes=notes)
     plain = engine.network(weights, mode)
     note = notes[0] if notes else None
+    notes = [] if notes is None else notes
+    if isinstance(plain, SubNetwork):
+        why = not_standard(plain)
+        if why and plain.width < ckpt.model.config.n_embd:
+            notes.append(f"written at full width ({ckpt.model.config.n_embd} channels), not the dial's own "
+                         f"({plain.width}): {why}")
+            plain = SubNetwork(ckpt.model, weights, own_width=False)
+            why = not_standard(plain)
+        if why:
+            raise AbcgptError(f"cannot export dial {format_dial(weights, ckpt.sources)} as a GPT-2: {why}")
 
     with atomic_dir(out) as tmp:
         hf_tok, special = _hf_tokenizer(ckpt, tf)
         hf_model = _hf_model(plain, ckpt, dial, weights, special, tf)
         hf_model.save_pretrained(tmp, safe_serialization=True)
         hf_tok.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_model_card(ckpt, Path(ckpt_path), dial, weights, note, out.name),
+        (tmp / "README.md").write_text(_model_card(ckpt, Path(ckpt_path), dial, weights, [note, *notes],
+                                                   hf_model.config, out.name),
                                        encoding="utf-8")
     return out
 
@@ -71,8 +86,55 @@ def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode
 # ----------------------------------------------------------------------------- model
 
 
-def _hf_model(plain: GPT, ckpt: Checkpoint, spec: str, weights: torch.Tensor, special: dict, tf):
+def not_standard(net: SubNetwork) -> str | None:
+    """Why a sub-network is not a standard GPT-2 (None if it is). Heads and MLP units may differ from layer to
+    layer (a layer is padded with silent ones up to the most), but GPT-2's LayerNorm takes plain statistics
+    over its own channels, and its heads span them exactly."""
+    sub, width = net.sub, net.width
+    hd = net.config.n_embd // net.config.n_head
+    if sub.stat_gate is not None:
+        return "model.norm = \"active\" weighs LayerNorm's statistics by gates between 0 and 1 at this dial"
+    if sub.width != width:
+        return (f"model.norm = \"full\" takes LayerNorm's statistics over all {sub.width} channels, the silenced "
+                f"ones included (train with --set model.norm=active for a corner that is a narrow GPT-2)")
+    if width % hd or max(sub.heads) > width // hd:
+        return f"its {width} channels are not a whole number of heads of {hd}, at least {max(sub.heads)} of them"
+    return None
+
+
+def gpt2_weights(net: SubNetwork) -> tuple[dict[str, torch.Tensor], int, int]:
+    """A standard sub-network's weights as GPT-2's (width / head_dim heads and the most MLP units of any layer in
+    every layer: the added ones have zero weights, so they add nothing), with its n_head and n_inner."""
+    w, cfg = dict(net.sub.weights), net.config
+    hd = cfg.n_embd // cfg.n_head
+    n_head = net.width // hd
+    n_inner = max(w[f"transformer.h.{i}.mlp.c_fc.weight"].size(0) for i in range(cfg.n_layer))
+
+    def pad(t, dim, size):  # zeros after t along dim, up to size
+        extra = list(t.shape)
+        extra[dim] = size - t.size(dim)
+        return torch.cat([t, t.new_zeros(extra)], dim=dim)
+
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        for name in ("attn.c_attn.weight", "attn.c_attn.bias"):  # q, k and v of the heads, each padded
+            if p + name in w:
+                w[p + name] = torch.cat([pad(t, 0, n_head * hd) for t in w[p + name].chunk(3, dim=0)])
+        w[p + "attn.c_proj.weight"] = pad(w[p + "attn.c_proj.weight"], 1, n_head * hd)
+        w[p + "mlp.c_fc.weight"] = pad(w[p + "mlp.c_fc.weight"], 0, n_inner)
+        if p + "mlp.c_fc.bias" in w:
+            w[p + "mlp.c_fc.bias"] = pad(w[p + "mlp.c_fc.bias"], 0, n_inner)
+        w[p + "mlp.c_proj.weight"] = pad(w[p + "mlp.c_proj.weight"], 1, n_inner)
+    w["lm_head.weight"] = w["transformer.wte.weight"]
+    return w, n_head, n_inner
+
+
+def _hf_model(plain: GPT | SubNetwork, ckpt: Checkpoint, spec: str, weights: torch.Tensor, special: dict, tf):
     c = plain.config
+    if isinstance(plain, SubNetwork):
+        (ours, n_head, n_inner), n_embd = gpt2_weights(plain), plain.width
+    else:  # an ungated model
+        ours, n_embd, n_head, n_inner = plain.state_dict(), c.n_embd, c.n_head, 4 * c.n_embd
     abc = {
         "sources": ckpt.sources,
         "dial": dict(zip(ckpt.sources, [round(w, 6) for w in weights.tolist()])),
@@ -82,16 +144,17 @@ def _hf_model(plain: GPT, ckpt: Checkpoint, spec: str, weights: torch.Tensor, sp
         "step": ckpt.meta.get("step"),
         "tokenizer": ckpt.tokenizer.kind,
         "checkpoint_model": dataclasses.asdict(ckpt.model.config),
+        "width": n_embd,
     }
     cfg = tf.GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=n_embd, n_layer=c.n_layer, n_head=n_head,
+        n_inner=n_inner, activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
         tie_word_embeddings=True, bos_token_id=special["bos_id"], eos_token_id=special["eos_id"],
         pad_token_id=None,
     )
     cfg.abcgpt = abc
     hf = tf.GPT2LMHeadModel(cfg).eval()
-    ours = plain.state_dict()
     used = set()
     new = {}
     for k, v in hf.state_dict().items():
@@ -209,8 +272,8 @@ def _heldout_lines(ckpt: Checkpoint, given: Path, weights: torch.Tensor) -> list
     return lines
 
 
-def _model_card(ckpt: Checkpoint, given: Path, spec: str, weights: torch.Tensor, note: str | None,
-                name: str) -> str:
+def _model_card(ckpt: Checkpoint, given: Path, spec: str, weights: torch.Tensor, notes: list[str | None],
+                hf, name: str) -> str:
     c = ckpt.model.config
     sources = ckpt.sources
     w = ", ".join(f"{s} = {x:.3g}" for s, x in zip(sources, weights.tolist()))
@@ -224,16 +287,17 @@ def _model_card(ckpt: Checkpoint, given: Path, spec: str, weights: torch.Tensor,
         f"- Dial exported: `{spec}` (weights: {w})" if gated else
         "- Dial: none (an ungated baseline model; the dial has no effect)",
     ]
-    if note:
-        lines.append(f"- Note: {note}")
+    lines += [f"- Note: {note}" for note in notes if note]
     if gated and int((weights > 0).sum()) > 1:  # only mode gates folds a dial between corners (Engine.network)
         lines.append("- Between corners this is the network's own gates at the dial (mode `gates`), not the "
                      "mixture of its corners that abcgpt generates by default there")
     lines += [
         "", "## Model", "",
-        f"- GPT-2: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} embedding width, context {c.block_size} tokens,"
-        f" vocabulary {c.vocab_size} ({ckpt.tokenizer.kind} tokenizer)",
-        f"- Parameters: {ckpt.meta.get('num_params', ckpt.model.num_params()):,}",
+        f"- GPT-2: {hf.n_layer} layers, {hf.n_head} heads, {hf.n_embd} embedding width, {hf.n_inner} MLP units, "
+        f"context {hf.n_positions} tokens, vocabulary {hf.vocab_size} ({ckpt.tokenizer.kind} tokenizer)"
+        + (f"; the dial's own width: the trained model has {c.n_embd} channels, {c.n_head} heads and "
+           f"{4 * c.n_embd} MLP units" if gated and hf.n_embd < c.n_embd else ""),
+        f"- Parameters: {ckpt.meta.get('num_params', ckpt.model.num_params()):,} in the trained model",
         f"- Recipe: {ckpt.recipe.name}; step {ckpt.meta.get('step')}; checkpoint `{ckpt.path}`",
         "",
         "## Held-out numbers", "",

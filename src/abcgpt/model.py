@@ -9,9 +9,8 @@ Gated units, each with a frozen specialty (see dial.py):
 gates="none" builds an ordinary GPT-2: the baseline every comparison uses.
 """
 
-import dataclasses
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -52,23 +51,72 @@ class GPTConfig:
     shared_gate: Literal["always", "middle"] = Field("always", json_schema_extra=DIAL_KEY)
     # gate the outputs of the blocks' LayerNorms too (DESIGN §1 does not)
     gate_norms: bool = Field(True, json_schema_extra=DIAL_KEY)
+    # LayerNorm statistics: "full" over all n_embd channels, the silenced zeros included; "active" weighted by the
+    # residual gates, so a corner is a standard narrow GPT-2 (docs/ablations.md measures both)
+    norm: Literal["full", "active"] = Field("full", json_schema_extra=DIAL_KEY)
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated to max_len."""
+    """Keys and values for incremental decoding, one preallocated (B, heads, max_len, head_dim) pair per key (a
+    layer), allocated at its first insert with that layer's shape: a sub-network may keep a different number of
+    heads in each layer. pos (the tokens already cached) is moved on by the decoding loop, once per step."""
 
-    def __init__(self, config: GPTConfig, batch: int, max_len: int, device, dtype):
-        hd = config.n_embd // config.n_head
-        shape = (config.n_layer, batch, config.n_head, max_len, hd)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # tokens already cached
+    def __init__(self, max_len: int):
+        self.max_len, self.pos = max_len, 0
+        self.kv: dict = {}
+        self.scopes: dict = {}
 
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def insert(self, key, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in self.kv:
+            shape = (*k.shape[:2], self.max_len, k.size(3))
+            self.kv[key] = (k.new_zeros(shape), v.new_zeros(shape))
+        ck, cv = self.kv[key]
         t0, t1 = self.pos, self.pos + k.size(2)
-        self.k[layer, :, :, t0:t1] = k
-        self.v[layer, :, :, t0:t1] = v
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+        ck[:, :, t0:t1], cv[:, :, t0:t1] = k, v
+        return ck[:, :, :t1], cv[:, :, :t1]
+
+    def scoped(self, name) -> "KVCache":
+        """The cache of one of several networks that decode side by side (rows of one batch), at this one's pos."""
+        child = self.scopes.setdefault(name, KVCache(self.max_len))
+        child.pos = self.pos
+        return child
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, key, dropout_p: float
+           ) -> torch.Tensor:
+    """Causal attention of q (B, h, T, hd) over k, v and the cache's earlier tokens: (B, h, T, hd)."""
+    T = q.size(2)
+    if cache is not None:
+        k, v = cache.insert(key, k, v)
+    if k.size(2) == T:  # no earlier tokens: plain causal attention (flash kernels where available)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    # new tokens attend to the whole cache and causally among themselves
+    mask = torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(diagonal=k.size(2) - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, width: int,
+               stat_gate: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm of x (..., c) as the full model computes it over its `width` channels, of which x holds the c that
+    are not exactly 0 (c < width in a sub-network: the zeros' share of the sums is known exactly).
+    stat_gate (model.norm = "active"): the mean and variance are weighted by the residual gates instead, so only
+    the channels the dial leaves on count, each as much as its gate; at a corner that is a plain LayerNorm of the
+    corner's channels, and the corner is a standard narrow GPT-2."""
+    c = x.size(-1)
+    if stat_gate is None and c == width:
+        return F.layer_norm(x, (c,), weight, bias, eps)
+    if stat_gate is None:
+        mean = x.sum(-1, keepdim=True) / width
+        xc = x - mean
+        var = (xc.square().sum(-1, keepdim=True) + (width - c) * mean.square()) / width
+    else:
+        s = stat_gate / stat_gate.sum(-1, keepdim=True)
+        mean = (x * s).sum(-1, keepdim=True)
+        xc = x - mean
+        var = (xc.square() * s).sum(-1, keepdim=True)
+    y = xc * torch.rsqrt(var + eps)
+    y = y * weight if weight is not None else y
+    return y + bias if bias is not None else y
 
 
 class CausalSelfAttention(nn.Module):
@@ -86,15 +134,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
-            k, v = cache.insert(self.layer, k, v)
-        if k.size(2) == T:  # no earlier tokens: plain causal attention (flash kernels where available)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)
-        else:  # new tokens attend to the whole cache and causally among themselves
-            past = k.size(2) - T
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, cache, self.layer, self.dropout if self.training else 0.0)
         if head_gate is not None:  # (B, H) -> one gate per head's output
             y = apply_gate(y, head_gate[:, :, None, None],
                            None if head_route is None else head_route[:, :, None, None])
@@ -125,6 +165,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
         self.gate_norms = config.gate_norms
+        self.active_norm = config.norm == "active"
 
     def forward(self, x, gates, routes, cache=None):
         res, head, unit = gates
@@ -137,13 +178,20 @@ class Block(nn.Module):
         """LayerNorm, with gate_norms its output gated like the residual channels: a silenced channel is 0 in the
         residual stream, but LayerNorm would turn that 0 into -mean/std * gain, a constant that other units
         read; and (routed) the gain of a channel learns only as its mask allows."""
-        return self._gate(ln(x), g, r) if self.gate_norms else ln(x)
+        y = norm(ln, x, g, self.active_norm)
+        return self._gate(y, g, r) if self.gate_norms else y
 
     @staticmethod
     def _gate(x, g, r):
         if g is None:
             return x
         return apply_gate(x, g[:, None, :], None if r is None else r[:, None, :])
+
+
+def norm(ln: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor | None, active: bool) -> torch.Tensor:
+    """A LayerNorm module of the full-width model: statistics over all channels, or (active) weighted by the
+    residual gates g (B, C)."""
+    return layer_norm(x, ln.weight, ln.bias, x.size(-1), g[:, None, :] if active and g is not None else None)
 
 
 class RoutedHead(torch.autograd.Function):
@@ -214,9 +262,13 @@ class GPT(nn.Module):
         return parts[0], [(parts[0], parts[1 + 2 * i], parts[2 + 2 * i]) for i in range(self.config.n_layer)]
 
     def forward(self, idx: torch.Tensor, dial: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                source: torch.Tensor | None = None, cache: KVCache | None = None):
+                source: torch.Tensor | None = None, cache: KVCache | None = None, own_width: bool = True):
         """idx (B, T) tokens; dial (B, N) or (N,) (ignored when gates="none"); targets (B, T) for the loss;
-        source (B,) sample sources, needed by the routed backward; cache for incremental decoding."""
+        source (B,) sample sources, needed by the routed backward; cache for incremental decoding.
+
+        With targets (training, evaluation), the rows whose dial silences units run through their sub-network at
+        its own width (own_width=False: everything at full width, masked by the gates, as the method is written):
+        the same losses and gradients, without the work the gates multiply by 0."""
         B, T = idx.size()
         t0 = cache.pos if cache is not None else 0
         assert t0 + T <= self.config.block_size, f"sequence of {t0 + T} exceeds block_size {self.config.block_size}"
@@ -224,61 +276,83 @@ class GPT(nn.Module):
         if self.config.gates == "abc":
             if dial is None:
                 raise ValueError("a gated model needs a dial")
-            g = self.unit_gates(dial).expand(B, -1)
+            dial = dial.to(self.specialties) if dial.dim() == 2 else dial.to(self.specialties)[None].expand(B, -1)
+            g = self.unit_gates(dial)
             if self.config.routing == "routed" and source is not None and torch.is_grad_enabled():
                 # the factor that takes the gate's place in the backward pass, and the LM head's weight mask
                 m = self.specialties
                 r, head = self.method.backward_mask(g, m, source), self.method.head_mask(m, source)
+            if targets is not None and cache is None and own_width:
+                groups = self._width_groups(dial, source, g, r, head)
+                if groups is not None:
+                    return self._forward_by_width(idx, targets, g, r, head, groups)
+        logits = self._forward_full(idx, g, r, head, cache, last_only=targets is None)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def _forward_full(self, idx, g, r, head, cache, last_only: bool) -> torch.Tensor:
+        """The gated network at full width: every unit computed, each multiplied by its gate."""
+        t0 = cache.pos if cache is not None else 0
         g_res, gates = self._split(g)
         r_res, routes = self._split(r)
         head_res, _ = self._split(head)
-        pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
+        pos = torch.arange(t0, t0 + idx.size(1), dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         x = self.transformer.drop(Block._gate(x, g_res, r_res))
         for block, gl, rl in zip(self.transformer.h, gates, routes):
             x = block(x, gl, rl, cache)
-        if cache is not None:
-            cache.pos += T
-        x = Block._gate(self.transformer.ln_f(x), g_res, r_res)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
+        x = Block._gate(norm(self.transformer.ln_f, x, g_res, self.config.norm == "active"), g_res, r_res)
+        if last_only:
+            return self.lm_head(x[:, [-1], :])  # only the last position is needed to sample
         if head_res is None:
-            logits = self.lm_head(x)
-        else:  # routed partition: the (tied) LM head's weights learn from a channel only as its mask allows
-            logits = RoutedHead.apply(x, self.lm_head.weight, head_res[:, None, :])
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+            return self.lm_head(x)
+        # routed partition: the (tied) LM head's weights learn from a channel only as its mask allows
+        return RoutedHead.apply(x, self.lm_head.weight, head_res[:, None, :])
 
-    @torch.no_grad()
-    def folded(self, dial: torch.Tensor) -> "GPT":
-        """An ordinary GPT (gates="none") that computes exactly what this model computes at one fixed dial.
+    @torch.compiler.disable  # data-dependent (which rows, which units): torch.compile compiles around it
+    def _width_groups(self, dial, source, g, r, head) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+        """The rows grouped by (dial, source): (rows, gates (U,)) for a group that can run at its own width, (rows,
+        None) for the rest. None when no group can (then nothing changes). A group runs narrower exactly when its
+        gates silence some unit and the backward asks nothing more of the silenced units than the plain gradient
+        of x * g: its routing factor r equals g and its head mask is 1 on every channel left on (the partition
+        method at a corner of the sample's own source; any method with soft routing)."""
+        if not self.config.gate_norms or not bool((g == 0).any()):
+            return None
+        key = dial if source is None else torch.cat([dial, source[:, None].to(dial)], dim=1)
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        groups, narrow = [], False
+        for j in range(uniq.size(0)):
+            rows = (inverse == j).nonzero().flatten()
+            b = rows[0]
+            gj = g[b]
+            exact = bool((gj == 0).any())
+            if exact and r is not None:
+                exact = bool((r[rows] == gj).all())
+            if exact and head is not None:
+                on = g[b, :self.config.n_embd] > 0
+                exact = bool((head[rows][:, :self.config.n_embd][:, on] == 1).all())
+            groups.append((rows, gj if exact else None))
+            narrow |= exact
+        return groups if narrow else None
 
-        Every gate multiplies a linear map's input or output, so it moves into the weights: the residual
-        gate scales the embedding columns (which also scales the tied LM head, as the final-LayerNorm gate
-        asks) and the rows of every output projection; head and MLP-unit gates scale the input columns of
-        the projection after them. Generating from it costs what an ungated GPT costs."""
-        if self.config.gates == "none":
-            return self
-        g_res, layers = self._split(self.unit_gates(dial))
-        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the caller's stream alone
-            plain = GPT(dataclasses.replace(self.config, gates="none"))
-        plain.load_state_dict({k: v for k, v in self.state_dict().items() if k != "specialties"})
-        plain.to(self.transformer.wte.weight.device)
-        g_res = g_res[0]
-        plain.transformer.wte.weight.mul_(g_res)  # (V, C): tied with lm_head
-        plain.transformer.wpe.weight.mul_(g_res)
-        hd = self.config.n_embd // self.config.n_head
-        for block, (_, g_head, g_unit) in zip(plain.transformer.h, layers):
-            if self.config.gate_norms:  # the gated LayerNorm output is the input of c_attn and c_fc
-                block.attn.c_attn.weight.mul_(g_res[None, :])
-                block.mlp.c_fc.weight.mul_(g_res[None, :])
-            for proj in (block.attn.c_proj, block.mlp.c_proj):
-                proj.weight.mul_(g_res[:, None])
-                if proj.bias is not None:
-                    proj.bias.mul_(g_res)
-            block.attn.c_proj.weight.mul_(g_head[0].repeat_interleave(hd)[None, :])
-            block.mlp.c_proj.weight.mul_(g_unit[0][None, :])
-        return plain.eval()
+    def _forward_by_width(self, idx, targets, g, r, head, groups):
+        """Each group of rows at its own width (the rest together at full width); the loss over all tokens."""
+        order, logits = [], []
+        full = [rows for rows, gj in groups if gj is None]
+        if full:
+            rows = torch.cat(full)
+            logits.append(self._forward_full(idx[rows], g[rows], None if r is None else r[rows],
+                                             None if head is None else head[rows], None, last_only=False))
+            order.append(rows)
+        for rows, gj in groups:
+            if gj is not None:
+                sub = sub_network(self, gj)
+                logits.append(run_sub_network(sub, idx[rows], None, self.training))
+                order.append(rows)
+        order, logits = torch.cat(order), torch.cat(logits)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets[order].reshape(-1))
+        return logits[torch.argsort(order)], loss
 
     def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str):
         """AdamW; weight decay on matrices and embeddings (dim >= 2) only, not on biases and LayerNorms."""
@@ -288,3 +362,131 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+# ----------------------------------------------------------------------------- a dial's network at its own width
+#
+# Where a dial's gate is exactly 0, the unit adds nothing: a silenced residual channel is 0 in the residual stream
+# and (with gate_norms) in every LayerNorm output, a silenced head or MLP unit reaches nothing. So the model at such
+# a dial is a narrower GPT of the units left on, with their gates folded into the weights that read or write them.
+# The one thing the narrow network cannot see is the zeros' share of a LayerNorm's statistics over all n_embd
+# channels; layer_norm adds it back exactly (norm = "full"), or the statistics leave them out (norm = "active").
+
+
+class Sub(NamedTuple):
+    """The weights of a sub-network (named as the GPT's) and what its forward needs besides."""
+    weights: dict[str, torch.Tensor]
+    heads: list[int]  # heads kept in each layer
+    width: int  # the channels LayerNorm statistics are taken over (the model's n_embd, or the kept ones)
+    stat_gate: torch.Tensor | None  # norm = "active" with gates other than 1: the statistics' weights
+    config: GPTConfig
+
+
+def sub_network(model: GPT, gates: torch.Tensor, own_width: bool = True) -> Sub:
+    """The network of `model` at one dial's gates (U,): only the units whose gate is not 0 (own_width=False: all
+    of them, a full-width fold), each gate folded into the weights after it. Differentiable: built from the
+    model's parameters inside a training step, gradients flow back to them."""
+    cfg = model.config
+    C, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
+    dtype = model.transformer.wte.weight.dtype
+    g_res, layers = model._split(gates[None].to(dtype))
+
+    def kept(g):
+        return (g > 0).nonzero().flatten() if own_width else torch.arange(g.numel(), device=g.device)
+
+    # without gated LayerNorms a silenced channel's LayerNorm output is not 0: keep every residual channel
+    res = kept(g_res[0]) if cfg.gate_norms else torch.arange(C, device=gates.device)
+    gr = g_res[0][res]
+    tr = model.transformer
+    w = {"transformer.wte.weight": tr.wte.weight.index_select(1, res) * gr,  # tied: also the LM head
+         "transformer.wpe.weight": tr.wpe.weight.index_select(1, res) * gr}
+    heads = []
+    for i, (block, (_, gh, gu)) in enumerate(zip(tr.h, layers)):
+        h, u = kept(gh[0]), kept(gu[0])
+        dims = (h[:, None] * hd + torch.arange(hd, device=h.device)).flatten()
+        qkv = torch.cat([dims, dims + C, dims + 2 * C])
+        p = f"transformer.h.{i}."
+        for name in ("ln_1", "ln_2"):
+            ln = getattr(block, name)
+            ln_gate = gr if cfg.gate_norms else 1.0
+            w[p + name + ".weight"] = ln.weight[res] * ln_gate
+            if ln.bias is not None:
+                w[p + name + ".bias"] = ln.bias[res] * ln_gate
+        attn, mlp = block.attn, block.mlp
+        w[p + "attn.c_attn.weight"] = attn.c_attn.weight.index_select(0, qkv).index_select(1, res)
+        w[p + "attn.c_proj.weight"] = (attn.c_proj.weight.index_select(0, res).index_select(1, dims)
+                                       * gr[:, None] * gh[0][h].repeat_interleave(hd)[None, :])
+        w[p + "mlp.c_fc.weight"] = mlp.c_fc.weight.index_select(0, u).index_select(1, res)
+        w[p + "mlp.c_proj.weight"] = (mlp.c_proj.weight.index_select(0, res).index_select(1, u)
+                                      * gr[:, None] * gu[0][u][None, :])
+        if cfg.bias:
+            w[p + "attn.c_attn.bias"] = attn.c_attn.bias[qkv]
+            w[p + "attn.c_proj.bias"] = attn.c_proj.bias[res] * gr
+            w[p + "mlp.c_fc.bias"] = mlp.c_fc.bias[u]
+            w[p + "mlp.c_proj.bias"] = mlp.c_proj.bias[res] * gr
+        heads.append(h.numel())
+    w["transformer.ln_f.weight"] = tr.ln_f.weight[res]  # its output gate is in the tied weight
+    if tr.ln_f.bias is not None:
+        w["transformer.ln_f.bias"] = tr.ln_f.bias[res]
+    width, stat_gate = C, None
+    if cfg.norm == "active":
+        if bool((gr == 1).all()):
+            width = res.numel()  # a plain LayerNorm of the kept channels
+        else:
+            stat_gate = gr
+    return Sub(w, heads, width, stat_gate, cfg)
+
+
+def run_sub_network(sub: Sub, idx: torch.Tensor, cache: KVCache | None, training: bool, last_only: bool = False
+                    ) -> torch.Tensor:
+    """Logits (B, T, V) of a sub-network (the last position only: (B, 1, V))."""
+    w, cfg = sub.weights, sub.config
+    B, T = idx.shape
+    hd, p_drop = cfg.n_embd // cfg.n_head, cfg.dropout if training else 0.0
+    t0 = cache.pos if cache is not None else 0
+    wte = w["transformer.wte.weight"]
+
+    def ln(x, name):
+        return layer_norm(x, w[name + ".weight"], w.get(name + ".bias"), sub.width, sub.stat_gate)
+
+    x = F.embedding(idx, wte) + w["transformer.wpe.weight"][t0:t0 + T]
+    x = F.dropout(x, p_drop, training)
+    for i, h in enumerate(sub.heads):
+        p = f"transformer.h.{i}."
+        y = F.linear(ln(x, p + "ln_1"), w[p + "attn.c_attn.weight"], w.get(p + "attn.c_attn.bias"))
+        if h:  # (a layer may keep no head of a source: its attention then adds only c_proj's bias)
+            q, k, v = y.view(B, T, 3, h, hd).permute(2, 0, 3, 1, 4)
+            y = attend(q, k, v, cache, i, p_drop).transpose(1, 2).reshape(B, T, h * hd)
+        x = x + F.dropout(F.linear(y, w[p + "attn.c_proj.weight"], w.get(p + "attn.c_proj.bias")), p_drop, training)
+        y = F.gelu(F.linear(ln(x, p + "ln_2"), w[p + "mlp.c_fc.weight"], w.get(p + "mlp.c_fc.bias")))
+        x = x + F.dropout(F.linear(y, w[p + "mlp.c_proj.weight"], w.get(p + "mlp.c_proj.bias")), p_drop, training)
+    x = ln(x[:, [-1]] if last_only else x, "transformer.ln_f")
+    return F.linear(x, wte)
+
+
+class SubNetwork(nn.Module):
+    """The gated model at one fixed dial as an ordinary network: the units the dial leaves on, at their own width
+    (a corner of the partition method: 1/N of every group, plus the shared units), gates folded into the weights
+    (own_width=False: every unit, the full-width fold). Computes what the gated model computes at that dial, for
+    what an ungated GPT of its width costs; the engine generates with it and `abcgpt export` writes it."""
+
+    def __init__(self, model: GPT, dial: torch.Tensor, own_width: bool = True):
+        super().__init__()
+        with torch.no_grad():
+            self.sub = sub_network(model, model.unit_gates(dial)[0], own_width)
+        self.config = model.config
+
+    def forward(self, idx: torch.Tensor, dial=None, targets: torch.Tensor | None = None, source=None,
+                cache: KVCache | None = None):
+        logits = run_sub_network(self.sub, idx, cache, self.training, last_only=targets is None)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1))
+
+    @property
+    def width(self) -> int:
+        """Residual channels kept."""
+        return self.sub.weights["transformer.wte.weight"].size(1)
+
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.sub.weights.values())
