@@ -1,13 +1,15 @@
 """Generation speed, on randomly initialised models of one recipe's size (no training, no files).
 
-1. Bare networks, a one-token prompt: KV cache against re-running the whole context, and a fixed dial folded into
-   the weights against the gated model and against an ordinary (ungated) GPT of the same size.
+1. Bare networks, a one-token prompt: KV cache against re-running the whole context; a fixed dial's SubNetwork
+   (gates folded into the weights) against the gated model and against an ordinary (ungated) GPT of the same size:
+   dial 0.3 (no gate is 0: full width) and a corner of a two- and a four-source model (their own width, 1/N of
+   every group of units).
 2. Through the inference engine (abcgpt.engine.Engine, as `abcgpt sample`, the server and the API call it): each
    dial mode (mixture, switch, tokens, product, gates) at a corner and at dial 0.5 of a two-source model, and at
    the uniform dial of a four-source model of the same size, against the ungated GPT through the same engine. All
    from the same 8-token prompt (so the prompt posterior of mixture and switch is not trivial; scoring the prompt
-   with every corner is part of what is timed), batch, new tokens, sampling settings and seed. Folded networks
-   are cached by the engine, so folding happens in the warm-up, as in a long-lived server.
+   with every corner is part of what is timed), batch, new tokens, sampling settings and seed. Sub-networks
+   are cached by the engine, so they are built in the warm-up, as in a long-lived server.
 
     python benchmarks/generate.py                      # tiny recipe's size, batch 8, 300 new tokens, 3 repeats
     python benchmarks/generate.py --config reference --json runs/bench/generate.json
@@ -26,9 +28,9 @@ import torch
 from abcgpt.checkpoint import Checkpoint
 from abcgpt.common import pick_device
 from abcgpt.config import load_recipe
-from abcgpt.dial import MODES
+from abcgpt.dial import MODES, corner
 from abcgpt.engine import Engine, generate_tokens
-from abcgpt.model import GPT, GPTConfig
+from abcgpt.model import GPT, GPTConfig, SubNetwork
 from abcgpt.tokenizer import CharTokenizer
 
 PROMPT = "The king"  # 8 characters: 8 tokens of the benchmark's character tokenizer
@@ -107,19 +109,26 @@ def main() -> None:
     # 1. bare networks
     torch.manual_seed(0)
     gated = GPT(cfg2).to(device).eval()
+    gated4 = GPT(cfg4).to(device).eval()
     dial = torch.tensor([0.3, 0.7], device=device)
     plain = GPT(plain_cfg).to(device).eval()
     prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    corner2, corner4 = SubNetwork(gated, corner(0, 2).to(device)), SubNetwork(gated4, corner(0, 4).to(device))
     rows = {
         "gated, no KV cache": tokens_per_s(gated, prompt, dial, n, False, 1),
         "gated, KV cache": tokens_per_s(gated, prompt, dial, n, True, args.repeats),
-        "folded dial, KV cache": tokens_per_s(gated.folded(dial), prompt, None, n, True, args.repeats),
+        "dial 0.3 sub-network": tokens_per_s(SubNetwork(gated, dial), prompt, None, n, True, args.repeats),
+        f"corner of 2 ({corner2.width} ch.)": tokens_per_s(corner2, prompt, None, n, True, args.repeats),
+        f"corner of 4 ({corner4.width} ch.)": tokens_per_s(corner4, prompt, None, n, True, args.repeats),
         "ungated GPT, KV cache": tokens_per_s(plain, prompt, None, n, True, args.repeats),
     }
+    ungated = rows["ungated GPT, KV cache"]
     ratios = {
         "KV cache / no cache (gated)": rows["gated, KV cache"] / rows["gated, no KV cache"],
-        "folded time / ungated time": rows["ungated GPT, KV cache"] / rows["folded dial, KV cache"],
-        "gated time / folded time": rows["folded dial, KV cache"] / rows["gated, KV cache"],
+        "dial 0.3 sub-network time / ungated time": ungated / rows["dial 0.3 sub-network"],
+        "gated time / dial 0.3 sub-network time": rows["dial 0.3 sub-network"] / rows["gated, KV cache"],
+        "corner of 2 tokens/s / ungated": rows[f"corner of 2 ({corner2.width} ch.)"] / ungated,
+        "corner of 4 tokens/s / ungated": rows[f"corner of 4 ({corner4.width} ch.)"] / ungated,
     }
 
     # 2. through the engine: every mode at three positions, against the ungated GPT
@@ -143,7 +152,7 @@ def main() -> None:
     for k, v in rows.items():
         print(f"  {k:24s} {v:10,.0f} tokens/s")
     for k, v in ratios.items():
-        print(f"  {k:30s} {v:.2f}x")
+        print(f"  {k:40s} {v:.2f}x")
     prompt_tokens = len(two.prompt_ids(PROMPT))
     print(f"\nthrough the engine, a prompt of {prompt_tokens} tokens "
           f"(ungated GPT: {ungated_tps:,.0f} tokens/s); mode at position time / ungated time:")

@@ -13,6 +13,7 @@ from conftest import write_recipe
 from fastapi.testclient import TestClient
 
 import abcgpt
+from abcgpt.checkpoint import load_checkpoint
 from abcgpt.cli import main
 from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
@@ -441,6 +442,9 @@ def test_export_between_corners_needs_gates(run, tmp_path, capsys, monkeypatch):
     assert main(["export", "--ckpt", str(run), "--dial", "omega", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["abcgpt"]["dial"] == {"alpha": 0.0, "omega": 1.0}
+    # this model's LayerNorms take statistics over every channel: the corner is written at full width, and said so
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(lines) == 1 and "full width" in lines[0] and config["n_embd"] == load_checkpoint(run).model.config.n_embd
     # the error's suggestion works: mode gates folds the network's own gates at the dial
     assert main(["export", "--ckpt", str(run), "--dial", "0.5", "--mode", "gates", "--out", str(tmp_path / "g")]) == 0
     assert (tmp_path / "g" / "config.json").is_file()

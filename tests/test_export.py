@@ -38,9 +38,16 @@ def bpe_run(tmp_path_factory):
     return _run(tmp_path_factory, "export_bpe", ["data.tokenizer=bpe", "data.vocab_size=300", "model.bias=true"])
 
 
-def check_equivalent(run, dial, out):
+@pytest.fixture(scope="module")
+def active_run(tmp_path_factory):
+    # model.norm = "active": a corner is a standard GPT-2 of half the width (plus the shared units)
+    return _run(tmp_path_factory, "export_active", ["model.norm=active", "model.shared_fraction=0.5", "model.bias=true",
+                                                    "model.n_embd=32", "model.n_head=4"])
+
+
+def check_equivalent(run, dial, out, notes=None):
     """The exported folder, loaded by transformers alone, computes what the gated model computes at the dial."""
-    export_gpt2(run, dial, out, mode="gates")  # the gated network at that dial, folded
+    export_gpt2(run, dial, out, mode="gates", notes=notes)  # the gated network at that dial, folded
     ckpt = load_checkpoint(run)
     d, _ = parse_dial(dial, ckpt.sources)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -77,6 +84,25 @@ def test_char_export_matches_the_gated_model(char_run, tmp_path, dial):
     assert len(tok) == ckpt.model.config.vocab_size  # no extra token the model has no row for
     with pytest.raises(Exception, match="UNK"):  # documented: a character outside the vocabulary cannot encode
         tok.encode("Q")
+
+
+def test_a_corner_is_exported_at_its_own_width_where_layer_norm_allows(active_run, char_run, tmp_path):
+    """norm = "active": the corner's own width, a GPT-2 of 16 + 8 of the 32 channels, 3 of 4 heads and 96 of 128
+    MLP units (between corners its statistics are weighted by the gates: refused, in one line). norm = "full" (the
+    default): the full width, and a note that says why."""
+    notes = []
+    check_equivalent(active_run, "omega", tmp_path / "narrow", notes)
+    cfg = json.loads((tmp_path / "narrow" / "config.json").read_text())
+    assert (cfg["n_embd"], cfg["n_head"], cfg["n_inner"]) == (24, 3, 96) and notes == []
+    assert "the dial's own width" in (tmp_path / "narrow" / "README.md").read_text()
+    with pytest.raises(AbcgptError, match="gates between 0 and 1"):  # weighted statistics: not a GPT-2 LayerNorm
+        export_gpt2(active_run, "0.3", tmp_path / "middle", mode="gates")
+    assert not (tmp_path / "middle").exists()
+
+    check_equivalent(char_run, "omega", tmp_path / "full", notes)
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["n_embd"] == 16
+    assert len(notes) == 1 and 'model.norm = "full"' in notes[0] and "model.norm=active" in notes[0]
+    assert notes[0] in (tmp_path / "full" / "README.md").read_text()
 
 
 def test_bpe_export_matches_the_gated_model(bpe_run, tmp_path):

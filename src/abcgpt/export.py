@@ -57,10 +57,10 @@ def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode
     tf = _transformers()
     ckpt = load_checkpoint(Path(ckpt_path), "cpu")
     ckpt.model.float()
-    engine, notes = Engine(ckpt), []
-    weights = engine.dial_tensor(dial, notes=notes)
+    engine, dial_notes = Engine(ckpt), []
+    weights = engine.dial_tensor(dial, notes=dial_notes)
     plain = engine.network(weights, mode)
-    note = notes[0] if notes else None
+    note = dial_notes[0] if dial_notes else None
     notes = [] if notes is None else notes
     if isinstance(plain, SubNetwork):
         why = not_standard(plain)

@@ -105,16 +105,13 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     c = x.size(-1)
     if stat_gate is None and c == width:
         return F.layer_norm(x, (c,), weight, bias, eps)
-    if stat_gate is None:
-        mean = x.sum(-1, keepdim=True) / width
-        xc = x - mean
-        var = (xc.square().sum(-1, keepdim=True) + (width - c) * mean.square()) / width
+    if stat_gate is None:  # the zeros put back (three ops, where computing the sums by hand takes ten)
+        y = F.layer_norm(F.pad(x, (0, width - c)), (width,), eps=eps)[..., :c]
     else:
         s = stat_gate / stat_gate.sum(-1, keepdim=True)
         mean = (x * s).sum(-1, keepdim=True)
         xc = x - mean
-        var = (xc.square() * s).sum(-1, keepdim=True)
-    y = xc * torch.rsqrt(var + eps)
+        y = xc * torch.rsqrt((xc.square() * s).sum(-1, keepdim=True) + eps)
     y = y * weight if weight is not None else y
     return y + bias if bias is not None else y
 
