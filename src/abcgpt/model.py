@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 from pydantic.dataclasses import dataclass
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
 from abcgpt.common import DECLARED, DIAL_KEY
@@ -316,6 +317,8 @@ class GPT(nn.Module):
         method at a corner of the sample's own source; any method with soft routing)."""
         if not self.config.gate_norms or not bool((g == 0).any()):
             return None
+        if any(isinstance(p, DTensor) for p in self.parameters()):  # FSDP: a block's weights are whole only
+            return None                                                 # inside its own forward
         key = dial if source is None else torch.cat([dial, source[:, None].to(dial)], dim=1)
         uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
         groups, narrow = [], False
