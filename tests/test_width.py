@@ -154,7 +154,8 @@ def test_active_norm_is_a_plain_layer_norm_of_the_channels_left_on():
     assert torch.allclose(layer_norm(x, w, b, 12, torch.ones(12)), F.layer_norm(x, (12,), w, b), atol=1e-5)
     got = layer_norm(x * on, w, b, 12, on.float())[..., on]
     assert torch.allclose(got, F.layer_norm(x[..., on], (8,), w[on], b[on]), atol=1e-5)
-    narrow = layer_norm(x[..., on], w[on], b[on], 12)  # a sub-network of 8 channels, statistics over 12
+    pad = torch.zeros(4)  # a sub-network of 8 channels, statistics over 12: weight and bias padded with zeros
+    narrow = layer_norm(x[..., on], torch.cat([w[on], pad]), torch.cat([b[on], pad]), 12)
     assert torch.allclose(narrow, F.layer_norm(x * on, (12,), w, b)[..., on], atol=1e-5)
 
     model = noisy(GPT(config(norm="active")))

@@ -91,6 +91,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | N
         k, v = cache.insert(key, k, v)
     if k.size(2) == T:  # no earlier tokens: plain causal attention (flash kernels where available)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if T == 1:  # one new token (decoding) attends to every cached one: no mask to build
+        return F.scaled_dot_product_attention(q, k, v)
     # new tokens attend to the whole cache and causally among themselves
     mask = torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(diagonal=k.size(2) - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -99,15 +101,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | N
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, width: int,
                stat_gate: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm of x (..., c) as the full model computes it over its `width` channels, of which x holds the c that
-    are not exactly 0 (c < width in a sub-network: the zeros' share of the sums is known exactly).
+    are not exactly 0 (c < width in a sub-network: the zeros are put back, and weight and bias have `width`
+    entries, the last width - c of them 0).
     stat_gate (model.norm = "active"): the mean and variance are weighted by the residual gates instead, so only
     the channels the dial leaves on count, each as much as its gate; at a corner that is a plain LayerNorm of the
     corner's channels, and the corner is a standard narrow GPT-2."""
     c = x.size(-1)
     if stat_gate is None and c == width:
         return F.layer_norm(x, (c,), weight, bias, eps)
-    if stat_gate is None:  # the zeros put back (three ops, where computing the sums by hand takes ten)
-        y = F.layer_norm(F.pad(x, (0, width - c)), (width,), eps=eps)[..., :c]
+    if stat_gate is None:  # (two ops, where computing the statistics by hand takes ten)
+        return F.layer_norm(F.pad(x, (0, width - c)), (width,), weight, bias, eps)[..., :c]
     else:
         s = stat_gate / stat_gate.sum(-1, keepdim=True)
         mean = (x * s).sum(-1, keepdim=True)
@@ -434,6 +437,9 @@ def sub_network(model: GPT, gates: torch.Tensor, own_width: bool = True) -> Sub:
             width = res.numel()  # a plain LayerNorm of the kept channels
         else:
             stat_gate = gr
+    elif res.numel() < C:  # statistics over all C channels: layer_norm puts the zeros back, with zero weights
+        for k in [k for k in w if ".ln_" in k]:
+            w[k] = F.pad(w[k], (0, C - res.numel()))
     return Sub(w, heads, width, stat_gate, cfg)
 
 
