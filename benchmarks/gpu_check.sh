@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check, one script, about 6 minutes on an H100: reference-recipe train step gated vs ungated
-# (eager and torch.compile, bf16), tokens/s and MFU; the GPT-2-small recipe's step, tokens/s and MFU;
-# generation tokens/s with and without the KV cache and with a folded dial. Results: JSON under $OUT.
+# The GPU check, one script, about 7 minutes on an H100. Train step of each recipe's gated model at its own width
+# (each row through its corner's sub-network), at full width, and ungated, on the recipe's training distribution,
+# eager and torch.compile, bf16, tokens/s and MFU: tiny (N = 2) and four (N = 4), the reference recipe (DESIGN
+# §1: dials between corners, so no row narrows) and GPT-2 small (124M, four sources). Generation tokens/s: KV cache
+# vs none, a dial's sub-network, corners of 2 and 4 sources at their own width vs an ungated GPT, every mode
+# through the engine. Results: JSON under $OUT.
 #   OUT=runs/gpu_check bash benchmarks/gpu_check.sh          (SMALL=1: a seconds-long CPU dry run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,11 +13,16 @@ PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${SMALL:-0}" = 1 ]; then  # the same commands at toy sizes, to try the script without a GPU
-  REF=(--config tiny --steps 2 --warmup 1) GPT=(--config tiny --steps 2 --warmup 1) GEN=(--new-tokens 20 --repeats 1)
+  STEP=(--steps 2 --warmup 1) CONFIGS=(tiny four) GEN=(--new-tokens 20 --repeats 1) GENCONF=(tiny)
 else
-  REF=(--config reference --compile yes) GPT=(--config gpt2 --compile yes --steps 10) GEN=(--config reference)
+  STEP=(--compile yes) CONFIGS=(tiny four reference gpt2) GEN=() GENCONF=(tiny reference)
 fi
 (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv) | tee "$OUT/gpu.txt" || true
-$PY benchmarks/train_step.py "${REF[@]}" --json "$OUT/train_step_reference.json"
-$PY benchmarks/train_step.py "${GPT[@]}" --json "$OUT/train_step_gpt2.json"
-$PY benchmarks/generate.py "${GEN[@]}" --json "$OUT/generate.json"
+for c in "${CONFIGS[@]}"; do
+  extra=()
+  [ "$c" = gpt2 ] && [ "${SMALL:-0}" != 1 ] && extra=(--steps 10)
+  $PY benchmarks/train_step.py --config "$c" "${STEP[@]}" "${extra[@]}" --json "$OUT/train_step_$c.json"
+done
+for c in "${GENCONF[@]}"; do
+  $PY benchmarks/generate.py --config "$c" "${GEN[@]}" --json "$OUT/generate_$c.json"
+done

@@ -231,7 +231,7 @@ def dial_path(n_sources: int, ts: list[float], start: int = 0, end: int | None =
 #            text so far (next_segment_source), so a sample's shares follow the dial.
 #   tokens   a fixed per-token mixture sum_k a_k p_k: every token from a fresh draw of the corner.
 #   product  a product of experts (logit interpolation): p proportional to prod_k p_k ** a_k.
-#   gates    the network's own gates at the dial (model.unit_gates), folded into one ordinary GPT.
+#   gates    the network's own gates at the dial (model.unit_gates), folded into one ordinary network (SubNetwork).
 
 MODES = ("mixture", "switch", "tokens", "product", "gates")
 
