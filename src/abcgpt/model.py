@@ -91,8 +91,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | N
         k, v = cache.insert(key, k, v)
     if k.size(2) == T:  # no earlier tokens: plain causal attention (flash kernels where available)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    if T == 1:  # one new token (decoding) attends to every cached one: no mask to build
-        return F.scaled_dot_product_attention(q, k, v)
+    if T == 1:  # one new token (decoding) attends to every cached one: three small ops beat the fused kernel's
+        att = torch.softmax((q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5, dim=-1)  # fixed cost on a CPU
+        return att @ v
     # new tokens attend to the whole cache and causally among themselves
     mask = torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(diagonal=k.size(2) - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -455,17 +456,19 @@ def run_sub_network(sub: Sub, idx: torch.Tensor, cache: KVCache | None, training
     def ln(x, name):
         return layer_norm(x, w[name + ".weight"], w.get(name + ".bias"), sub.width, sub.stat_gate)
 
-    x = F.embedding(idx, wte) + w["transformer.wpe.weight"][t0:t0 + T]
-    x = F.dropout(x, p_drop, training)
+    def drop(x):
+        return F.dropout(x, p_drop, training) if p_drop else x
+
+    x = drop(F.embedding(idx, wte) + w["transformer.wpe.weight"][t0:t0 + T])
     for i, h in enumerate(sub.heads):
         p = f"transformer.h.{i}."
         y = F.linear(ln(x, p + "ln_1"), w[p + "attn.c_attn.weight"], w.get(p + "attn.c_attn.bias"))
         if h:  # (a layer may keep no head of a source: its attention then adds only c_proj's bias)
             q, k, v = y.view(B, T, 3, h, hd).permute(2, 0, 3, 1, 4)
             y = attend(q, k, v, cache, i, p_drop).transpose(1, 2).reshape(B, T, h * hd)
-        x = x + F.dropout(F.linear(y, w[p + "attn.c_proj.weight"], w.get(p + "attn.c_proj.bias")), p_drop, training)
+        x = x + drop(F.linear(y, w[p + "attn.c_proj.weight"], w.get(p + "attn.c_proj.bias")))
         y = F.gelu(F.linear(ln(x, p + "ln_2"), w[p + "mlp.c_fc.weight"], w.get(p + "mlp.c_fc.bias")))
-        x = x + F.dropout(F.linear(y, w[p + "mlp.c_proj.weight"], w.get(p + "mlp.c_proj.bias")), p_drop, training)
+        x = x + drop(F.linear(y, w[p + "mlp.c_proj.weight"], w.get(p + "mlp.c_proj.bias")))
     x = ln(x[:, [-1]] if last_only else x, "transformer.ln_f")
     return F.linear(x, wte)
 
