@@ -278,7 +278,8 @@ class GPT(nn.Module):
         if self.config.gates == "abc":
             if dial is None:
                 raise ValueError("a gated model needs a dial")
-            dial = dial.to(self.specialties) if dial.dim() == 2 else dial.to(self.specialties)[None].expand(B, -1)
+            dial = dial.to(self.specialties)
+            dial = dial if dial.dim() == 2 else dial[None].expand(B, -1)
             g = self.unit_gates(dial)
             if self.config.routing == "routed" and source is not None and torch.is_grad_enabled():
                 # the factor that takes the gate's place in the backward pass, and the LM head's weight mask
