@@ -164,6 +164,31 @@ def test_injected_no_space_on_save(run, capsys, monkeypatch, failure):
 # ----------------------------------------------------------------------------- two trainers, and Ctrl-C
 
 
+def test_a_run_waits_for_another_preparing_its_data_then_reads_it(tmp_path):
+    """Two runs started on the same data: the second waits while the first prepares the folder (folder_lock),
+    then reads what it wrote instead of writing it again (it used to fail with `cannot write data/...`)."""
+    from abcgpt.common import folder_lock
+    from abcgpt.data import _prepare
+
+    path = write_recipe(tmp_path)
+    recipe = load_recipe(str(path))
+    code = f"from abcgpt.config import load_recipe; from abcgpt.data import prepared_data; " \
+           f"recipe = load_recipe({str(path)!r}); print('ready', flush=True); print(prepared_data(recipe, False).dir)"
+    with folder_lock(recipe.data_dir):  # the first run, preparing
+        second = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src")))
+        assert second.stdout.readline().strip() == "ready"  # imports done: it asks for the data now
+        time.sleep(2)  # preparing this recipe takes a fraction of that
+        assert second.poll() is None and not recipe.data_dir.exists()  # waiting, having written nothing
+        _prepare(recipe, recipe.data_dir, False)
+        written = (recipe.data_dir / "manifest.json").stat().st_mtime_ns
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert Path(out.strip()) == recipe.data_dir
+    assert (recipe.data_dir / "manifest.json").stat().st_mtime_ns == written  # read, not written again
+
+
+
 def start(*args) -> subprocess.Popen:
     return subprocess.Popen([*ABCGPT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})

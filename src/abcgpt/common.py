@@ -186,6 +186,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on FOLDER.lock, beside a folder that may not exist yet, while one process writes the
+    folder: another that wants to write it waits for its turn (then finds the folder written)."""
+    folder = Path(folder)
+    path = folder.with_name(folder.name + ".lock")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
+    except OSError as e:
+        raise write_error(path, e) from None
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # closing the file drops the lock
+        yield
+
+
+@contextmanager
 def run_lock(run: Path) -> Iterator[None]:
     """An exclusive lock on a run folder while a process writes checkpoints into it: a second trainer (or a
     calibration) on the same folder is refused, naming the process that holds it. The kernel drops the lock when

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from abcgpt.common import AbcgptError, atomic_dir, check_writable, existing_dir
+from abcgpt.common import AbcgptError, atomic_dir, check_writable, existing_dir, folder_lock
 from abcgpt.config import Recipe
 from abcgpt.dial import sample_dials
 from abcgpt.sources import load_source
@@ -35,8 +35,14 @@ def data_key(recipe: Recipe) -> dict:
 
 
 def prepare(recipe: Recipe, out: Path | None = None, progress: bool = True) -> Path:
-    """Load every source, train the tokenizer, write the shards and the manifest (atomically, as one folder)."""
+    """Load every source, train the tokenizer, write the shards and the manifest (atomically, as one folder).
+    One process at a time per folder: another waits (folder_lock)."""
     out = check_writable(Path(out or recipe.data_dir))
+    with folder_lock(out):
+        return _prepare(recipe, out, progress)
+
+
+def _prepare(recipe: Recipe, out: Path, progress: bool) -> Path:
     t0 = time.time()
     texts = [load_source(s, recipe.data.heldout_fraction, progress) for s in recipe.data.sources]
     if recipe.data.tokenizer == "char":  # the alphabet must cover held-out text too
@@ -132,8 +138,11 @@ def prepared_data(recipe: Recipe, progress: bool = True) -> PreparedData:
     """The recipe's prepared data: prepared now if absent; an error if it no longer matches the recipe."""
     path = existing_dir(recipe.data_dir)
     if not (path / "manifest.json").is_file():
-        prepare(recipe, recipe.data_dir, progress)
-        path = recipe.data_dir
+        out = check_writable(Path(recipe.data_dir))
+        with folder_lock(out):  # two runs may start on the same data: the second waits, then reads the first's
+            if not (out / "manifest.json").is_file():
+                _prepare(recipe, out, progress)
+        path = out
     data = load_data(path)
     reason = stale_reason(recipe, data.manifest)
     if reason:
