@@ -266,6 +266,9 @@ class Trainer:
         if self.fsdp:  # the final numbers below need a whole model: rank 0 gathers one
             model, _ = _gather_sharded(model, self.optimizer, self.cfg, t, self.master)
         if self.world > 1:
+            # free DDP (its reducer) while its process group lives: freed after it, when train() returned, rank 0
+            # once hung in a futex at exit (seen once under load; py-spy put it at that return)
+            self.ddp, self.step_model = None, self.model
             dist.barrier()  # the others wait for rank 0's last checkpoint
             dist.destroy_process_group()
             if not self.master:
