@@ -16,7 +16,8 @@ about what that GPT costs. mixture draws each sample's corner from the posterior
 distribution over texts is exactly the token-by-token posterior mixture's) and then runs that corner alone: a
 batch whose samples landed on different corners runs each corner's sub-network on its rows (RowGroups). switch,
 tokens and product run every corner with weight > 0 at every step, each on its own width: N corners of 1/N of
-the units each, about one full-width forward.
+the units each, the matrix work of about one full-width forward (small models pay each corner's per-op overhead:
+README, Speed and scale).
 """
 
 import math

@@ -64,11 +64,11 @@ def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode
     notes = [] if notes is None else notes
     if isinstance(plain, SubNetwork):
         why = not_standard(plain)
-        if why and plain.width < ckpt.model.config.n_embd:
-            notes.append(f"written at full width ({ckpt.model.config.n_embd} channels), not the dial's own "
+        full = SubNetwork(ckpt.model, weights, own_width=False) if why and plain.width < plain.config.n_embd else None
+        if full is not None and not_standard(full) is None:
+            notes.append(f"written at full width ({plain.config.n_embd} channels), not the dial's own "
                          f"({plain.width}): {why}")
-            plain = SubNetwork(ckpt.model, weights, own_width=False)
-            why = not_standard(plain)
+            plain, why = full, None
         if why:
             raise AbcgptError(f"cannot export dial {format_dial(weights, ckpt.sources)} as a GPT-2: {why}")
 
