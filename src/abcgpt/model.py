@@ -91,9 +91,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | N
         k, v = cache.insert(key, k, v)
     if k.size(2) == T:  # no earlier tokens: plain causal attention (flash kernels where available)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    if T == 1:  # one new token (decoding) attends to every cached one: three small ops beat the fused kernel's
-        att = torch.softmax((q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5, dim=-1)  # fixed cost on a CPU
-        return att @ v
+    if T == 1:  # one new token (decoding) attends to every cached one: no mask
+        if q.device.type == "cpu":  # three small ops beat the fused kernel's fixed cost here
+            return torch.softmax((q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5, dim=-1) @ v
+        return F.scaled_dot_product_attention(q, k, v)
     # new tokens attend to the whole cache and causally among themselves
     mask = torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(diagonal=k.size(2) - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
