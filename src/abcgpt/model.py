@@ -113,11 +113,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         return F.layer_norm(x, (c,), weight, bias, eps)
     if stat_gate is None:  # (two ops, where computing the statistics by hand takes ten)
         return F.layer_norm(F.pad(x, (0, width - c)), (width,), weight, bias, eps)[..., :c]
-    else:
-        s = stat_gate / stat_gate.sum(-1, keepdim=True)
-        mean = (x * s).sum(-1, keepdim=True)
-        xc = x - mean
-        y = xc * torch.rsqrt((xc.square() * s).sum(-1, keepdim=True) + eps)
+    s = stat_gate / stat_gate.sum(-1, keepdim=True)
+    xc = x - (x * s).sum(-1, keepdim=True)
+    y = xc * torch.rsqrt((xc.square() * s).sum(-1, keepdim=True) + eps)
     y = y * weight if weight is not None else y
     return y + bias if bias is not None else y
 
@@ -280,8 +278,9 @@ class GPT(nn.Module):
             if dial is None:
                 raise ValueError("a gated model needs a dial")
             dial = dial.to(self.specialties)
-            dial = dial if dial.dim() == 2 else dial[None].expand(B, -1)
-            g = self.unit_gates(dial)
+            dial = dial if dial.dim() == 2 else dial[None]
+            g = self.unit_gates(dial).expand(B, -1)  # one dial for every row: its gates computed once
+            dial = dial.expand(B, -1)
             if self.config.routing == "routed" and source is not None and torch.is_grad_enabled():
                 # the factor that takes the gate's place in the backward pass, and the LM head's weight mask
                 m = self.specialties
@@ -323,7 +322,7 @@ class GPT(nn.Module):
         method at a corner of the sample's own source; any method with soft routing)."""
         if not self.config.gate_norms or not bool((g == 0).any()):
             return None
-        if any(isinstance(p, DTensor) for p in self.parameters()):  # FSDP: a block's weights are whole only
+        if isinstance(self.transformer.h[0].ln_1.weight, DTensor):  # FSDP: a block's weights are whole only
             return None                                                 # inside its own forward
         key = dial if source is None else torch.cat([dial, source[:, None].to(dial)], dim=1)
         uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
