@@ -52,6 +52,18 @@ def train_synthetic(tmp: Path, *overrides: str) -> Path:
     return tmp / "run"
 
 
+def noisy(model):
+    """The model with non-zero biases and LayerNorm shifts (normally 0 at init), so tests of what a forward does
+    with them can fail."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1)
+    return model
+
+
 def write_recipe(tmp: Path, extra_train: str = "", sources: str | None = None) -> Path:
     """A seconds-long recipe over two synthetic sources with disjoint alphabets."""
     (tmp / "a.txt").write_text(synthetic_text("abcdefg", 40_000, 0))

@@ -245,5 +245,6 @@ def test_random_edits_load_or_raise_one_error(scratch, capsys, data):
         return
     capsys.readouterr()
     assert main(["info", "--ckpt", str(ckpt)]) == 0, capsys.readouterr().err
-    assert main(["sample", "--ckpt", str(ckpt), "--calibrated", "--dial", "0.5", "--max-new-tokens", "3"]) in (0, 2)
-    assert "Traceback" not in capsys.readouterr().err
+    code = main(["sample", "--ckpt", str(ckpt), "--calibrated", "--dial", "0.5", "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert code == 0 or (code == 2 and "calibrat" in err), err  # what loads samples, or lacks a calibration

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import noisy
 
 from abcgpt.dial import gate, partition_gate
 from abcgpt.engine import generate_tokens
@@ -195,11 +196,7 @@ def test_sub_network_equals_gated_model_at_its_dial(bias, norm):
     """A fixed dial's SubNetwork (gates folded into the weights; at its own width where gates are 0, or at full
     width) has the gated model's logits, at corners and between them, and leaves the model untouched."""
     torch.manual_seed(0)
-    model = GPT(small(bias=bias, norm=norm, shared_fraction=0.25)).eval()
-    with torch.no_grad():  # non-zero biases and LayerNorm shifts, so their handling is tested too
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.normal_(0, 0.1)
+    model = noisy(GPT(small(bias=bias, norm=norm, shared_fraction=0.25))).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     idx = torch.randint(0, 50, (2, 12))
     C, shared = model.config.n_embd, round(0.25 * model.config.n_embd)

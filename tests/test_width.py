@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import noisy
 
 import abcgpt.model as model_module
 from abcgpt.dial import corner, sample_dials
@@ -17,15 +18,6 @@ def config(**kw) -> GPTConfig:
     base = dict(vocab_size=40, n_sources=2, block_size=16, n_layer=2, n_head=8, n_embd=48, bias=True,
                 shared_fraction=0.25)
     return GPTConfig(**(base | kw))
-
-
-def noisy(model: GPT) -> GPT:
-    """Non-zero biases and LayerNorm shifts, so their handling is tested too."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.normal_(0, 0.1)
-    return model
 
 
 def both_ways(model: GPT, idx, dials, source):
