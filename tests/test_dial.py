@@ -16,7 +16,6 @@ from abcgpt.dial import (
     partition_gate,
     partition_specialties,
     sample_dials,
-    specialties_for,
 )
 from abcgpt.dial_spec import parse_dial
 from abcgpt.model import GPTConfig
@@ -95,7 +94,7 @@ def test_routed_gradient_equals_the_stated_mask():
     dials = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
     source = torch.tensor([0, 1])
     g = gate(dials, s)
-    r = Reference().backward_mask(g, s, source)
+    r, _ = Reference().routing(g, s, source)
     y = apply_gate(x, g, r)
     assert torch.equal(y, x * g)  # the forward pass is the smooth gate, bit for bit
     w = torch.randn(2, 16)
@@ -206,18 +205,20 @@ def test_partition_route_mask_is_exact():
     part = Partition()
     assert part.mask(m, source).tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]
     g = torch.tensor([[0.9, 0.2, 1.0], [0.4, 0.7, 1.0]])
-    assert torch.equal(part.backward_mask(g, m, source), g * part.mask(m, source))  # the true gradient, masked
-    assert torch.equal(part.head_mask(m, source), part.mask(m, source))
+    r, head = part.routing(g, m, source)
+    assert torch.equal(r, g * part.mask(m, source))  # the true gradient, masked
+    assert torch.equal(head, part.mask(m, source))
     ref = Reference()  # the reference mask: m_s itself, in the gate's place; the LM head is not masked
-    assert ref.backward_mask(g, m, source).tolist() == [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]
-    assert ref.head_mask(m, source) is None
+    r, head = ref.routing(g, m, source)
+    assert r.tolist() == [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]
+    assert head is None
 
 
 @pytest.mark.parametrize("method", ["reference", "partition"])
 def test_method_for_takes_the_config_knobs(method):
     cfg = GPTConfig(method=method, narrowness=0.7, gate_shape="linear", shared_gate="middle", shared_fraction=0.25)
-    m = specialties_for(cfg, [8, 2, 32])
     obj = method_for(cfg)
+    m = obj.specialties(cfg, [8, 2, 32])
     assert type(obj) is {"reference": Reference, "partition": Partition}[method]
     assert (obj.narrowness, obj.shape) == (0.7, "linear")
     dial = two(0.3)

@@ -21,13 +21,15 @@ to all of them (m = the centroid). The dial's weight on a unit's sources sets it
 gate_shape="linear" replaces cos^2((pi / 2) t) by 1 - t in either method. shared_gate="middle" puts the shared
 units on a tent around the centroid instead (on in the middle of the dial, off at the corners).
 
-Each method is one small object (Reference, Partition; method_for picks it from a model config) that the model
-asks for its gates and, when routing="routed", for the factor r that takes the gate's place in the backward pass
-(apply_gate: value x * g, gradient to x r * grad) and for the mask, if any, of the tied LM head's weight gradient.
+Each method is one small object (Reference, Partition; method_for picks it from a model config, the one place
+that does) that the model asks for its specialties, its gates and, when routing="routed", for the factor r that
+takes the gate's place in the backward pass (apply_gate: value x * g, gradient to x r * grad) with the mask, if
+any, of the tied LM head's weight gradient; the engine asks it for the default mode between corners.
 """
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -107,22 +109,28 @@ class Reference:
     gate g replaced by m_s, the unit's weight on the sample's source s (m1 for source 1, 1 - m1 for source 0):
 
         gates(a)            = gate(a, m)
-        backward_mask(g, s) = m_s        the gradient through a gate is m_s * grad instead of g * grad
-        head_mask(s)        = None       the LM head reads the final gate's output, so like every weight after a
-                                         gate its gradient is the ordinary one (its input is g * LN(x)); m_s reaches
-                                         the tied weight through the embedding, which is before the first gate
+        routing(g, s)       = (m_s, None)    the gradient through a gate is m_s * grad instead of g * grad; the LM
+                                             head reads the final gate's output, so like every weight after a gate
+                                             its gradient is the ordinary one (its input is g * LN(x)); m_s reaches
+                                             the tied weight through the embedding, which is before the first gate
+    Between corners the default mode is the network's own gates: this method trains its interior.
     """
     narrowness: float = 1.0
     shape: str = "cos2"
+    default_mode: ClassVar[str] = "gates"
+
+    @staticmethod
+    def specialties(config, group_sizes: list[int]) -> torch.Tensor:
+        # 1/N keeps DESIGN §1 (0.5) for two sources; for more it puts each unit near a few corners, so a single
+        # source still lights up a fair share of units (0.5 leaves a corner a sliver at N = 16)
+        concentration = config.specialty_concentration or 1.0 / config.n_sources
+        return draw_specialties(sum(group_sizes), config.n_sources, config.specialty_seed, concentration)
 
     def gates(self, dial: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return gate(dial, m, self.narrowness, self.shape)
 
-    def backward_mask(self, gates: torch.Tensor, m: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        return m[:, source].T
-
-    def head_mask(self, m: torch.Tensor, source: torch.Tensor) -> None:
-        return None
+    def routing(self, gates: torch.Tensor, m: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return m[:, source].T, None
 
 
 @dataclass(frozen=True)
@@ -133,13 +141,20 @@ class Partition:
 
         gates(a)            = partition_gate(a, m)
         mask(s)             = m_s / max_k m_k    1 for the unit's own source(s), else exactly 0
-        backward_mask(g, s) = g * mask(s)
-        head_mask(s)        = mask(s)            the tied LM head's column of a residual channel learns only from
-                                                 that channel's sources too (else it leaks into the other corners)
+        routing(g, s)       = (g * mask(s), mask(s))    the true gradient, masked; the tied LM head's column of a
+                                                 residual channel learns only from that channel's sources too (else
+                                                 it leaks into the other corners)
+    Its corners are separate sub-networks and its interior is never trained: between corners the default mode
+    mixes the corners.
     """
     narrowness: float = 1.0
     shape: str = "cos2"
     shared: str = "always"
+    default_mode: ClassVar[str] = "mixture"
+
+    @staticmethod
+    def specialties(config, group_sizes: list[int]) -> torch.Tensor:
+        return partition_specialties(group_sizes, config.n_sources, config.specialty_seed, config.shared_fraction)
 
     def gates(self, dial: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return partition_gate(dial, m, self.narrowness, self.shape, self.shared)
@@ -147,26 +162,16 @@ class Partition:
     def mask(self, m: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         return (m / m.max(dim=-1, keepdim=True).values)[:, source].T
 
-    def backward_mask(self, gates: torch.Tensor, m: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        return gates * self.mask(m, source)
-
-    def head_mask(self, m: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        return self.mask(m, source)
-
-
-def specialties_for(config, group_sizes: list[int]) -> torch.Tensor:
-    """The frozen specialties (sum(group_sizes), N) of a model config (GPTConfig) and its groups of units."""
-    if config.method == "partition":
-        return partition_specialties(group_sizes, config.n_sources, config.specialty_seed, config.shared_fraction)
-    # 1/N keeps DESIGN §1 (0.5) for two sources; for more it puts each unit near a few corners, so a single source
-    # still lights up a fair share of units (0.5 leaves a corner a sliver at N = 16)
-    concentration = config.specialty_concentration or 1.0 / config.n_sources
-    return draw_specialties(sum(group_sizes), config.n_sources, config.specialty_seed, concentration)
+    def routing(self, gates: torch.Tensor, m: torch.Tensor, source: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = self.mask(m, source)
+        return gates * mask, mask
 
 
 def method_for(config) -> Reference | Partition:
     """The method object of a model config (GPTConfig: method, narrowness, gate_shape, shared_gate). It holds the
-    knobs only; the specialties m are the model's buffer, passed in (they move with the model)."""
+    knobs only; the specialties it draws (specialties(config, group_sizes)) are the model's buffer, passed in to
+    the rest (they move with the model)."""
     if config.method == "partition":
         return Partition(config.narrowness, config.gate_shape, config.shared_gate)
     return Reference(config.narrowness, config.gate_shape)

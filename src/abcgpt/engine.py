@@ -171,9 +171,7 @@ class Engine:
     def default_mode(self) -> str:
         """mixture for the partition method, whose corners are separate sub-networks and whose interior was never
         trained; gates for the original method (DESIGN §1), which trains the interior, and for ungated models."""
-        if self.gated and self.model.config.method == "partition":
-            return "mixture"
-        return "gates"
+        return self.model.method.default_mode if self.gated else "gates"
 
     @property
     def calibration(self) -> dict | None:

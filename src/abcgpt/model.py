@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
 from abcgpt.common import DECLARED, DIAL_KEY
-from abcgpt.dial import apply_gate, method_for, specialties_for
+from abcgpt.dial import apply_gate, method_for
 
 
 @dataclass(config=DECLARED)
@@ -196,7 +196,7 @@ def norm(ln: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor | None, active: bool
 
 
 class RoutedHead(torch.autograd.Function):
-    """logits = x @ W.T, with W's gradient seeing the input through a mask (B, 1, C) (the method's head_mask), so
+    """logits = x @ W.T, with W's gradient seeing the input through a mask (B, 1, C) (the method's routing), so
     a channel's column of the (tied) LM head learns only from the sequences its mask lets through; x gets its
     ordinary gradient. One matmul forward, two backward, as for a plain Linear."""
 
@@ -235,8 +235,8 @@ class GPT(nn.Module):
             # residual channels (C), then per layer its heads (H) and MLP units (4C).
             C, H, L = config.n_embd, config.n_head, config.n_layer
             self.group_sizes = [C] + [H, 4 * C] * L
-            self.register_buffer("specialties", specialties_for(config, self.group_sizes))
-            self.method = method_for(config)  # the dial's method (dial.py): the gates, and the routed backward
+            self.method = method_for(config)  # the dial's method (dial.py): specialties, gates, routed backward
+            self.register_buffer("specialties", self.method.specialties(config, self.group_sizes))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -283,8 +283,7 @@ class GPT(nn.Module):
             dial = dial.expand(B, -1)
             if self.config.routing == "routed" and source is not None and torch.is_grad_enabled():
                 # the factor that takes the gate's place in the backward pass, and the LM head's weight mask
-                m = self.specialties
-                r, head = self.method.backward_mask(g, m, source), self.method.head_mask(m, source)
+                r, head = self.method.routing(g, self.specialties, source)
             if targets is not None and cache is None and own_width:
                 groups = self._width_groups(dial, source, g, r, head)
                 if groups is not None:
