@@ -300,15 +300,16 @@ def write_calibration(ckpt: "Checkpoint", calibration: dict) -> list[Path]:
     resumed run replaces best/). Returns the checkpoints written."""
     Calibration.model_validate(calibration)
     digest = ckpt.meta["files"]["model.safetensors"]
-    targets = [ckpt.path]
+    targets = [(ckpt.path, ckpt.meta)]
     if ckpt.path.name in ("best", "last"):
         other = existing_dir(ckpt.path.with_name("last" if ckpt.path.name == "best" else "best"))
-        if (other / "config.json").is_file() and read_meta(other)["files"]["model.safetensors"] == digest:
-            targets.append(other)
-    for path in targets:
-        meta = ckpt.meta if path == ckpt.path else read_meta(path)
+        if (other / "config.json").is_file():
+            meta = read_meta(other)
+            if meta["files"]["model.safetensors"] == digest:
+                targets.append((other, meta))
+    for path, meta in targets:
         atomic_write_text(path / "config.json", json.dumps(dict(meta, calibration=calibration), indent=2))
-    return targets
+    return [path for path, _ in targets]
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -391,10 +392,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     if (tokenizer.kind, tokenizer.vocab_size) != (entry["kind"], entry["vocab_size"]):
         raise _malformed(path, f"tokenizer says {entry['kind']} with {entry['vocab_size']} tokens, tokenizer.json "
                                f"holds {tokenizer.kind} with {tokenizer.vocab_size}")
-    try:
-        recipe = recipe_from_dict(meta["recipe"])
-    except AbcgptError as e:
-        raise _malformed(path, f"recipe: {e}") from None
+    recipe = _recipe(path, meta)
     try:  # and what the data decided: the vocabulary and the number of sources
         with declared("recipe.model."):
             config = dataclasses.replace(recipe.model, **{k: meta["recipe"]["model"].get(k) for k in DERIVED["model"]})
@@ -410,10 +408,23 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
         if need > have:
             raise ValueError(f"its model has {need:,} parameters, model.safetensors holds {have:,} numbers")
         model = GPT(config)
-        load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+        load_model(model, str(path / "model.safetensors"), strict=True)  # onto the CPU model; moved once below
     except (SafetensorError, RuntimeError, ValueError, TypeError, AssertionError) as e:
         raise AbcgptError(" ".join(f"checkpoint {path} cannot be loaded ({type(e).__name__}): {e}".split())) from None
     return Checkpoint(path, model.to(device), recipe, tokenizer, meta)
+
+
+def read_recipe(path: Path) -> Recipe:
+    """A checkpoint's recipe alone, from its config.json (no weights read, no files hashed)."""
+    path = resolve(path)
+    return _recipe(path, read_meta(path))
+
+
+def _recipe(path: Path, meta: dict) -> Recipe:
+    try:
+        return recipe_from_dict(meta["recipe"])
+    except AbcgptError as e:
+        raise _malformed(path, f"recipe: {e}") from None
 
 
 def _check_agreement(path: Path, meta: dict, recipe: Recipe, config: GPTConfig, tokenizer: Tokenizer) -> None:

@@ -27,7 +27,7 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from abcgpt.checkpoint import load_checkpoint
+    from abcgpt.checkpoint import read_recipe
     from abcgpt.common import AbcgptError, declared, existing_dir
     from abcgpt.config import load_recipe
     from abcgpt.train import train
@@ -39,7 +39,7 @@ def cmd_train(args) -> None:
         last = existing_dir(run / "last")
         if not (last / "config.json").is_file():
             raise AbcgptError(f"{run} holds no checkpoint to resume (no {run}/last)")
-        recipe = load_checkpoint(last).recipe
+        recipe = read_recipe(last)  # the trainer loads (and checks) the whole checkpoint
         if args.steps is not None:
             with declared("--"):
                 recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, steps=args.steps))

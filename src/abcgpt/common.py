@@ -190,14 +190,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on FOLDER.lock, beside a folder that may not exist yet, while one process writes the
     folder: another that wants to write it waits for its turn (then finds the folder written)."""
     folder = Path(folder)
-    path = folder.with_name(folder.name + ".lock")
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a")
-    except OSError as e:
-        raise write_error(path, e) from None
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # closing the file drops the lock
+    with _lock_file(folder.with_name(folder.name + ".lock")) as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
 
@@ -207,13 +201,7 @@ def run_lock(run: Path) -> Iterator[None]:
     calibration) on the same folder is refused, naming the process that holds it. The kernel drops the lock when
     that process ends, however it ends."""
     run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    path = run / ".lock"
-    try:
-        f = open(path, "a+")
-    except OSError as e:
-        raise write_error(path, e) from None
-    try:
+    with _lock_file(run / ".lock") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -226,8 +214,16 @@ def run_lock(run: Path) -> Iterator[None]:
         f.write(str(os.getpid()))
         f.flush()
         yield
-    finally:
-        f.close()  # closing drops the lock
+
+
+def _lock_file(path: Path):
+    """The lock file at path, open for reading and appending (its folder made if need be); closing it drops any
+    flock taken on it, which the kernel also does when the process ends, however it ends."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a+")
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -34,15 +34,18 @@ def data_key(recipe: Recipe) -> dict:
     }
 
 
-def prepare(recipe: Recipe, out: Path | None = None, progress: bool = True) -> Path:
+def prepare(recipe: Recipe, out: Path | None = None, progress: bool = True, if_missing: bool = False) -> Path:
     """Load every source, train the tokenizer, write the shards and the manifest (atomically, as one folder).
-    One process at a time per folder: another waits (folder_lock)."""
+    One process at a time per folder: another waits (folder_lock). if_missing: a folder that holds prepared data by
+    then (perhaps another process's, written while this one waited) is left as it is."""
     out = check_writable(Path(out or recipe.data_dir))
     with folder_lock(out):
-        return _prepare(recipe, out, progress)
+        if not (if_missing and (out / "manifest.json").is_file()):
+            _prepare(recipe, out, progress)
+    return out
 
 
-def _prepare(recipe: Recipe, out: Path, progress: bool) -> Path:
+def _prepare(recipe: Recipe, out: Path, progress: bool) -> None:
     t0 = time.time()
     texts = [load_source(s, recipe.data.heldout_fraction, progress) for s in recipe.data.sources]
     if recipe.data.tokenizer == "char":  # the alphabet must cover held-out text too
@@ -74,7 +77,6 @@ def _prepare(recipe: Recipe, out: Path, progress: bool) -> Path:
     if progress:
         print(f"prepared {out} in {time.time() - t0:.1f}s: {recipe.data.tokenizer} tokenizer, "
               f"vocab {tok.vocab_size}")
-    return out
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -137,12 +139,8 @@ def stale_reason(recipe: Recipe, manifest: dict) -> str | None:
 def prepared_data(recipe: Recipe, progress: bool = True) -> PreparedData:
     """The recipe's prepared data: prepared now if absent; an error if it no longer matches the recipe."""
     path = existing_dir(recipe.data_dir)
-    if not (path / "manifest.json").is_file():
-        out = check_writable(Path(recipe.data_dir))
-        with folder_lock(out):  # two runs may start on the same data: the second waits, then reads the first's
-            if not (out / "manifest.json").is_file():
-                _prepare(recipe, out, progress)
-        path = out
+    if not (path / "manifest.json").is_file():  # two runs may start on the same data: one prepares it
+        path = prepare(recipe, recipe.data_dir, progress, if_missing=True)
     data = load_data(path)
     reason = stale_reason(recipe, data.manifest)
     if reason:

@@ -96,9 +96,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     while rank 0 trains in it: a second trainer there is refused."""
     out = check_writable(Path(out))
     pick_device(recipe.train.device)  # a device this machine lacks is refused before the run folder is made
-    if int(os.environ.get("RANK", 0)) != 0:
-        return Trainer(recipe, out, resume, progress).train()
-    with run_lock(out):
+    with run_lock(out) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
         return Trainer(recipe, out, resume, progress).train()
 
 
