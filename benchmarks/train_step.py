@@ -21,6 +21,7 @@ import torch
 
 from abcgpt.common import pick_device
 from abcgpt.config import load_recipe
+from abcgpt.data import dial_draw
 from abcgpt.dial import sample_dials
 from abcgpt.model import GPT
 from abcgpt.train import autocast_for, peak_flops
@@ -28,14 +29,9 @@ from abcgpt.train import autocast_for, peak_flops
 
 def training_draws(recipe, batch: int, steps: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(dials, sources) of `steps` training batches, drawn as the recipe's Batcher draws them."""
-    t, n = recipe.train, len(recipe.data.sources)
-    rng = np.random.default_rng(0)
-    draws = []
-    for _ in range(steps):
-        d, s = sample_dials(rng, batch, n, t.dial_concentration, t.corner_fraction,
-                            per_batch=t.dial_sampling == "per_batch", weights=[x.weight for x in recipe.data.sources])
-        draws.append((torch.from_numpy(d).to(device), torch.from_numpy(s).to(device)))
-    return draws
+    rng, n = np.random.default_rng(0), len(recipe.data.sources)
+    draws = [sample_dials(rng, batch, n, **dial_draw(recipe)) for _ in range(steps)]
+    return [(torch.from_numpy(d).to(device), torch.from_numpy(s).to(device)) for d, s in draws]
 
 
 def step_time(cfg, draws, batch: int, device, autocast, compile_: bool, own_width: bool, steps: int,

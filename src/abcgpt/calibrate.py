@@ -26,8 +26,7 @@ def calibrate(ckpt_path: Path, settings: Settings | None = None, device="cpu", p
     engine.prompt_ids(s.prompt)  # the checks first, then minutes of work
     check_writable(ckpt.path)
     # a run's checkpoint is rewritten by its trainer: hold the run (no trainer starts) until ours is written
-    in_run = ckpt.path.name in ("best", "last")
-    with run_lock(ckpt.path.parent) if in_run else nullcontext():
+    with run_lock(ckpt.run) if ckpt.run is not None else nullcontext():
         data = heldout_data(ckpt)
         clf = fit_classifier(data, s)
         ts = even(s.style_points)

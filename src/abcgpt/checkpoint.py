@@ -57,6 +57,11 @@ class Checkpoint:
     def sources(self) -> list[str]:
         return self.meta["sources"]
 
+    @property
+    def run(self) -> Path | None:
+        """The run folder this checkpoint is the best/ or last/ of, if it is one."""
+        return self.path.parent if self.path.name in ("best", "last") else None
+
 
 # ----------------------------------------------------------------------------- config.json's schema
 
@@ -301,7 +306,7 @@ def write_calibration(ckpt: "Checkpoint", calibration: dict) -> list[Path]:
     Calibration.model_validate(calibration)
     digest = ckpt.meta["files"]["model.safetensors"]
     targets = [(ckpt.path, ckpt.meta)]
-    if ckpt.path.name in ("best", "last"):
+    if ckpt.run is not None:
         other = existing_dir(ckpt.path.with_name("last" if ckpt.path.name == "best" else "best"))
         if (other / "config.json").is_file():
             meta = read_meta(other)

@@ -158,6 +158,13 @@ def check_lengths(data: PreparedData, block_size: int) -> None:
                                   f"(model.block_size = {block_size}) needs: give it more text or lower block_size")
 
 
+def dial_draw(recipe: Recipe) -> dict:
+    """The recipe's training draw, as keyword arguments of dial.sample_dials."""
+    t = recipe.train
+    return dict(concentration=t.dial_concentration, corner_fraction=t.corner_fraction,
+                per_batch=t.dial_sampling == "per_batch", weights=[s.weight for s in recipe.data.sources])
+
+
 class Batcher:
     """Training batches: per sequence a dial ~ Beta/Dirichlet (or, a corner_fraction of the time, a corner), a
     source ~ Categorical(dial), a random window.
@@ -186,9 +193,7 @@ class Batcher:
         t, m = recipe.train, recipe.model
         only = None if m.gates == "abc" else [data.sources.index(s) for s in t.only_sources or data.sources]
         return cls(data, block_size=m.block_size, batch_size=t.batch_size, device=device, seed=t.seed,
-                   concentration=t.dial_concentration, per_batch=t.dial_sampling == "per_batch",
-                   corner_fraction=t.corner_fraction, weights=[s.weight for s in recipe.data.sources], only=only,
-                   rank=rank, world=world)
+                   **dial_draw(recipe), only=only, rank=rank, world=world)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x, y (B, T) int64; dials (B, N) float32; sources (B,) int64."""

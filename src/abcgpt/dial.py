@@ -211,6 +211,11 @@ def corner(k: int, n_sources: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(k), n_sources).float()
 
 
+def uniform(n_sources: int) -> torch.Tensor:
+    """The even mix of every source: the middle of the simplex."""
+    return torch.full((n_sources,), 1.0 / n_sources)
+
+
 def even(points: int) -> list[float]:
     """points evenly spaced positions in [0, 1], both ends included."""
     return np.linspace(0.0, 1.0, points).tolist()

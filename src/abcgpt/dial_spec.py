@@ -8,7 +8,7 @@ from numbers import Real
 import torch
 
 from abcgpt.common import AbcgptError
-from abcgpt.dial import corner
+from abcgpt.dial import corner, uniform
 
 DialSpec = float | str | Mapping[str, float] | Sequence[float] | torch.Tensor
 
@@ -43,7 +43,7 @@ def parse_dial(spec: DialSpec, sources: list[str]) -> tuple[torch.Tensor, str | 
     except ValueError:
         pass
     if text == "uniform":
-        return torch.full((n,), 1.0 / n), None
+        return uniform(n), None
     if text in sources:
         return corner(sources.index(text), n), None
     pairs = []

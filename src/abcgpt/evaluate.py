@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from abcgpt.data import PreparedData, heldout_batches
-from abcgpt.dial import corner, dial_path, even
+from abcgpt.dial import corner, dial_path, even, uniform
 from abcgpt.dial_spec import format_dial
 from abcgpt.model import GPT
 
@@ -49,7 +49,7 @@ def dial_positions(sources: list[str]) -> dict[str, torch.Tensor]:
     """Each source's corner, then the middle of the dial (the uniform mixture)."""
     n = len(sources)
     pos = {s: corner(k, n) for k, s in enumerate(sources)}
-    pos["middle"] = torch.full((n,), 1.0 / n)
+    pos["middle"] = uniform(n)
     return pos
 
 

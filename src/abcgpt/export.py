@@ -226,8 +226,8 @@ def _char_tokenizer(tok: CharTokenizer, tf):
 def _report(ckpt: Checkpoint, given: Path) -> tuple[dict | None, Path | None]:
     """The report of the checkpoint's run (<run>/report/report.json), if one was written."""
     candidates = [given / "report", ckpt.path / "report"]
-    if ckpt.path.name in ("best", "last"):
-        candidates.append(ckpt.path.parent / "report")
+    if ckpt.run is not None:
+        candidates.append(ckpt.run / "report")
     for d in candidates:
         f = d / "report.json"
         if f.is_file():

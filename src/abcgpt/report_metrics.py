@@ -14,7 +14,7 @@ from pydantic import Field
 from abcgpt.checkpoint import Checkpoint
 from abcgpt.common import DECLARED
 from abcgpt.data import PreparedData
-from abcgpt.dial import corner, dial_path, even
+from abcgpt.dial import corner, dial_path, even, uniform
 from abcgpt.dial_spec import format_dial
 from abcgpt.engine import MAX_NEW_TOKENS, MAX_ROWS, MAX_SEED, Engine
 from abcgpt.evaluate import batch_losses, dial_losses
@@ -113,7 +113,7 @@ def loss_positions(sources: list[str], s: Settings) -> LossPositions:
     t = even(s.loss_points)
     near = {(src, other): dial_path(n, [0.1], j, i)[0] for i, src in enumerate(sources)
             for j, other in enumerate(sources) if i != j}
-    return LossPositions(corners=[corner(i, n) for i in range(n)], middle=torch.full((n,), 1.0 / n), t=t,
+    return LossPositions(corners=[corner(i, n) for i in range(n)], middle=uniform(n), t=t,
                          path=dial_path(n, t), grid=regret_grid(n, s), near=near)
 
 
@@ -306,13 +306,8 @@ def sample_style(engine: Engine, clf: StyleClassifier, dials: list[torch.Tensor]
 
 
 @dataclass
-class StyleEdge:
-    """The style curve along one edge of the simplex (for two sources: the dial)."""
-    share: list[list[float]]
-    segment_share: list[list[float] | None]
-    mixing: list[float | None]
-    example: list[str]
-    fluency: list[float] | None
+class StyleEdge(StyleSamples):
+    """The style curve along one edge of the simplex (for two sources: the dial): its samples, read, and more."""
     samples_per_point: int
     new_tokens: int
     temperature: float
@@ -351,8 +346,7 @@ def style_curve(engine: Engine, clf: StyleClassifier, mode: str, s: Settings, ju
             dials = dial_path(n, ts, i, j)
             st = sample_style(engine, clf, dials, mode, s, judge)
             share_to = [row[j] for row in st.share]
-            e = StyleEdge(share=st.share, segment_share=st.segment_share, mixing=st.mixing, example=st.example,
-                          fluency=st.fluency, samples_per_point=s.samples, new_tokens=s.new_tokens,
+            e = StyleEdge(**vars(st), samples_per_point=s.samples, new_tokens=s.new_tokens,
                           temperature=s.temperature, top_k=s.top_k, source_from=sources[i], source_to=sources[j],
                           t=ts, dial=[format_dial(d, sources) for d in dials], share_to=share_to,
                           calibration_error=calibration_error(ts, share_to),
