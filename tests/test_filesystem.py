@@ -30,10 +30,17 @@ def recipe(tmp_path_factory) -> Path:
     return write_recipe(tmp_path_factory.mktemp("fs"))
 
 
+@pytest.fixture(scope="module")
+def trained(recipe, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(load_recipe(str(recipe), ["train.steps=20", "train.eval_every=10"]), out, progress=False)
+    return out
+
+
 @pytest.fixture
-def run(recipe, tmp_path) -> Path:
-    """A finished 20-step run of its own (tests below break it)."""
-    train(load_recipe(str(recipe), ["train.steps=20", "train.eval_every=10"]), tmp_path / "run", progress=False)
+def run(trained, tmp_path) -> Path:
+    """A finished 20-step run of its own (tests below break it): a copy of one trained run."""
+    shutil.copytree(trained, tmp_path / "run")
     return tmp_path / "run"
 
 
