@@ -45,6 +45,8 @@ def headline(report: dict) -> dict:
         "monotone": report["monotone"],
         "share_mid": edge["share_to"][mid],
         "mixing_mid": edge["mixing"][mid],
+        "morph_mid": report.get("morph_mid"),  # mean over edges; None: undefined, or a report from before it
+        "morph_mid_samples": report.get("morph_mid_samples"),
         "mode": report["mode"],
         "regret_max": report["regret"]["max"],
         "isolation_near": ({s: min(v.values()) for s, v in report["isolation_near"].items()}
@@ -128,8 +130,8 @@ def results_by_name(root: Path) -> dict[str, list[dict]]:
 def cmd_table(args) -> None:
     print("| setting · mode | `--set` (on today's defaults) | seeds | corner − joint | contrast | isolation "
           "| isolation at 0.1 | max regret | middle − joint | fluency gap | calib. error (calibrated) | monotone "
-          "| share at 0.5 | mixing at 0.5 |")
-    print("|---" * 14 + "|")
+          "| share at 0.5 | mixing at 0.5 | morph error at 0.5 (coin flip 0.50) |")
+    print("|---" * 15 + "|")
     for name, rs in results_by_name(Path(args.root)).items():
         sources = list(rs[0]["corner"])
 
@@ -148,7 +150,8 @@ def cmd_table(args) -> None:
               f"{_agg([r.get('regret_max') for r in rs], signed=True)} | {per_source('middle_vs_joint')} | "
               f"{_agg([r.get('fluency_gap') for r in rs], signed=True)} | "
               f"{calib} | {sum(r['monotone'] for r in rs)}/{len(rs)} | "
-              f"{_agg([r['share_mid'] for r in rs])} | {_agg([r['mixing_mid'] for r in rs])} |")
+              f"{_agg([r['share_mid'] for r in rs])} | {_agg([r['mixing_mid'] for r in rs])} | "
+              f"{_agg([r.get('morph_mid') for r in rs])} |")
 
 
 def cmd_plot(args) -> None:

@@ -34,10 +34,11 @@ def test_dial_path_runs_along_an_edge_of_the_simplex():
 
 
 def test_baselines_are_ungated_and_trained_on_the_right_sources(runs):
-    for name, only in [("joint", []), ("without_alpha", ["omega"]), ("without_omega", ["alpha"])]:
+    for name, only, steps in [("joint", [], 200), ("without_alpha", ["omega"], 200), ("without_omega", ["alpha"], 200),
+                              ("alone_alpha", ["alpha"], 100), ("alone_omega", ["omega"], 100)]:
         cfg = json.loads((runs / "base" / name / "last" / "config.json").read_text())
         assert cfg["recipe"]["model"]["gates"] == "none" and cfg["recipe"]["train"]["only_sources"] == only
-        assert cfg["step"] == 200
+        assert cfg["step"] == cfg["recipe"]["train"]["steps"] == steps  # alone: the dial model's steps on it
     # a model that never saw alpha predicts it far worse than the joint model
     rows = [json.loads(x) for x in (runs / "base" / "without_alpha" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in rows if r["type"] == "eval"][-1]["heldout"]["alpha"]
@@ -57,7 +58,9 @@ def test_quick_report_numbers_follow_their_definitions(runs):
     joint, never = report["baselines"]["joint"], report["baselines"]["without_alpha"]
     assert report["isolation"]["alpha"]["omega"] == pytest.approx(
         (table["omega"]["alpha"] - joint["alpha"]) / (never["alpha"] - joint["alpha"]))
-    assert report["corner_loss"]["alpha"]["alone"] == report["baselines"]["without_omega"]["alpha"]
+    own = report["corner_loss"]["alpha"]  # alone: the equal-compute alone_alpha
+    assert own["alone"] == report["baselines"]["alone_alpha"]["alpha"] and own["alone_kind"] == "alone (equal compute)"
+    assert own["vs_alone"] == pytest.approx(own["mean"] - own["alone"])
     ci = report["corner_loss"]["alpha"]["ci95"]
     assert ci[0] <= report["corner_loss"]["alpha"]["mean"] <= ci[1]
     for key in ("corner_loss", "contrast", "isolation", "middle", "style_curve", "calibration_error"):
@@ -89,6 +92,20 @@ def test_quick_report_numbers_follow_their_definitions(runs):
     assert report["fluency"]["max_gap"] == max(st["fluency_gap"])
     # near-corner isolation: a tenth of the dial on a source
     assert set(report["isolation_near"]["alpha"]) == {"omega"}
+    # morph error at every position: each sample's own style on the corners' scale, against the dial
+    for e in report["style_curve"]["edges"]:
+        assert len(e["morph_error"]) == len(e["t"]) == len(e["sample_style"]) == len(e["coin_flip"])
+        assert all(m is not None and 0 <= m <= 1 for m in e["morph_error"])
+        assert e["morph_samples"] == [len(x) for x in e["sample_style"]] and all(0 < n <= 8 for n in e["morph_samples"])
+        lo, hi = (sum(x) / len(x) for x in (e["sample_style"][0], e["sample_style"][-1]))
+        assert e["style_scale"] == pytest.approx([lo, hi]) and lo < hi  # alpha's samples read less omega
+        x, t = e["sample_style"][1], e["t"][1]
+        assert e["morph_error"][1] == pytest.approx(
+            sum(abs(min(1, max(0, (v - lo) / (hi - lo))) - t) for v in x) / len(x))
+        assert e["coin_flip"][1] == 2 * t * (1 - t) == 0.5
+        assert "line_proba" not in e  # the edge keeps only its second source's column, as sample_style
+    assert report["morph_mid"] == st["morph_error"][1] and report["morph_mid_samples"] == st["morph_samples"][1]
+    assert report["coin_flip_mid"] == 0.5
 
 
 def test_eval_cli_writes_every_file(runs, capsys):
@@ -103,6 +120,7 @@ def test_eval_cli_writes_every_file(runs, capsys):
     assert "<table>" in html and "<td>alpha</td>" in html and "| alpha |" not in html  # tables as HTML
     md = (out / "report.md").read_text()
     assert "| alpha |" in md and "Calibration error" in md
+    assert "morph error (samples)" in md and "Morph error at the middle (t = 0.50): **" in md
     assert "report.html" in capsys.readouterr().out
 
 

@@ -13,12 +13,14 @@ from types import SimpleNamespace
 import pytest
 
 from abcgpt.common import AbcgptError
-from abcgpt.sources import BUILTIN_SOURCES, SourceSpec, SourceText, load_source, normalize_reference
+from abcgpt.sources import BUILTIN_SOURCES, VOICES, SourceSpec, SourceText, load_source, normalize_reference
 
 # the shared corpora, read before the autouse fixture below clears $ABCGPT_DATA_DIR
 DATA = Path(os.environ.get("ABCGPT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not (DATA / "shakespeare" / "input.txt").is_file(),
                                 reason=f"no corpora in {DATA} (set $ABCGPT_DATA_DIR)")
+needs_voices = pytest.mark.skipif(not (DATA / "voices" / "SOURCES.md").is_file(),
+                                  reason=f"no voices corpora in {DATA}/voices (set $ABCGPT_DATA_DIR)")
 
 
 @pytest.fixture(autouse=True)
@@ -282,7 +284,8 @@ def test_path_errors(tmp_path):
 def test_spec_from_dict_errors():
     with pytest.raises(AbcgptError, match=r"unknown key 'pth'.*allowed keys: name, path, url"):
         SourceSpec.from_dict({"name": "x", "pth": "a.txt"})
-    with pytest.raises(AbcgptError, match="unknown built-in source 'shakespear': built-ins are shakespeare,"):
+    with pytest.raises(AbcgptError, match=r"unknown built-in source 'shakespear' \(did you mean shakespeare\?\): "
+                                          "built-ins are shakespeare,"):
         SourceSpec.from_dict({"name": "shakespear"})
     with pytest.raises(AbcgptError, match="at most one of path, url, hf.*path and url"):
         SourceSpec.from_dict({"name": "x", "path": "a.txt", "url": "http://h/a.txt"})
@@ -316,7 +319,7 @@ def test_spec_round_trip():
                  "max_bytes": 1000, "weight": 2.0}
     assert SourceSpec.from_dict(json.loads(json.dumps(d))) == spec
     assert SourceSpec("shakespeare").to_dict() == {"name": "shakespeare"}
-    assert set(BUILTIN_SOURCES) == {"shakespeare", "tinystories", "kjv", "python"}
+    assert set(BUILTIN_SOURCES) == {"shakespeare", "tinystories", "kjv", "python", *VOICES}
 
 
 def test_normalize_reference(tmp_path):
@@ -365,3 +368,122 @@ def test_hf_source_from_local_json(tmp_path):
         load(SourceSpec("h", hf="json", hf_data_files=str(tmp_path / "stop.jsonl")))
     with pytest.raises(AbcgptError, match="cannot load Hugging Face dataset json"):
         load(SourceSpec("h", hf="json", hf_data_files=str(tmp_path / "gone.jsonl")))
+
+
+# ----------------------------------------------------------------------------- the voices
+
+
+def test_voices_are_built_ins():
+    assert len(VOICES) == 28 and all(about for about in VOICES.values())
+    for name in VOICES:
+        b = BUILTIN_SOURCES[name]
+        assert (b.folder, b.file, b.url, b.heldout_file) == (f"voices/{name}", "text.txt", None, None)
+        assert SourceSpec.from_dict(name) == SourceSpec(name)
+
+
+@needs_voices
+def test_the_voices_table_names_every_voices_folder():
+    """One table in sources.py: it must name every corpus voices/build.sh wrote, and nothing else."""
+    folders = {p.parent.name for p in (DATA / "voices").glob("*/text.txt")}
+    assert set(VOICES) == folders
+    table = (DATA / "voices" / "SOURCES.md").read_text()
+    assert all(f"| {name} |" in table for name in VOICES)
+
+
+@needs_voices
+def test_voice_from_data_dir(monkeypatch):
+    monkeypatch.setenv("ABCGPT_DATA_DIR", str(DATA))
+    raw = (DATA / "voices" / "fortunes_en" / "text.txt").read_bytes()
+    s = load(SourceSpec("fortunes_en"))
+    assert s.train + s.heldout == raw.decode() and s.train.endswith("\n")
+    assert 0.095 < len(s.heldout) / len(raw) < 0.105  # the last heldout_fraction
+    assert s.origin == "$ABCGPT_DATA_DIR/voices/fortunes_en/text.txt (last 10% held out)"
+    part = load(SourceSpec("man_de", max_bytes=20_000), heldout_fraction=0.2)
+    raw = (DATA / "voices" / "man_de" / "text.txt").read_bytes()[:20_000]
+    assert part.train + part.heldout == raw.decode("utf-8", "ignore") and 0.19 < len(part.heldout) / 20_000 < 0.21
+
+
+@needs_voices
+def test_voice_from_mirror_then_cache(mirror, env):
+    raw = (DATA / "voices" / "devils_dictionary" / "text.txt").read_bytes()
+    s = load(SourceSpec("devils_dictionary", max_bytes=30_000))
+    assert mirror.seen == [("/voices/devils_dictionary/text.txt", "bytes=0-29999")]
+    assert s.train + s.heldout == raw[:30_000].decode()
+    assert (env / "voices" / "devils_dictionary" / "text.first30000bytes.txt").read_bytes() == raw[:30_000]
+    load(SourceSpec("devils_dictionary", max_bytes=30_000))
+    assert len(mirror.seen) == 1  # from the cache
+
+
+def test_voice_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("ABCGPT_DATA_DIR", str(tmp_path))
+    with pytest.raises(AbcgptError, match=r"built-in source 'foldoc' has no download URL and voices/foldoc/text\.txt "
+                                          "was not found") as e:
+        load(SourceSpec("foldoc"))
+    assert str(tmp_path / "voices" / "foldoc" / "text.txt") in str(e.value)
+
+
+def test_unknown_built_in_lists_every_name_on_one_line():
+    with pytest.raises(AbcgptError) as e:
+        SourceSpec("fortune_en")
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 700
+    assert msg.startswith("unknown built-in source 'fortune_en' (did you mean fortunes_en, ")
+    assert all(name in msg for name in BUILTIN_SOURCES) and "`abcgpt sources`" in msg
+    assert msg.endswith("or give path, url or hf")
+    with pytest.raises(AbcgptError, match=r"^unknown built-in source 'poems': built-ins are shakespeare, "):
+        SourceSpec("poems")
+
+
+def test_sources_command_lists_the_built_ins(monkeypatch, capsys):
+    from abcgpt.cli import main
+
+    monkeypatch.setenv("ABCGPT_DATA_DIR", str(DATA))
+    assert main(["sources"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert list(rows) == list(BUILTIN_SOURCES)
+    assert VOICES["fortunes_en"] in rows["fortunes_en"]
+    if (DATA / "voices" / "fortunes_en" / "text.txt").is_file():
+        assert "$ABCGPT_DATA_DIR" in rows["fortunes_en"]
+
+
+@needs_voices
+def test_a_recipe_of_voices_prepares(tmp_path, monkeypatch):
+    from abcgpt.config import load_recipe
+    from abcgpt.data import load_data, prepare
+
+    monkeypatch.setenv("ABCGPT_DATA_DIR", str(DATA))
+    (tmp_path / "two.toml").write_text(f"""
+[data]
+dir = "{tmp_path / 'data'}"
+tokenizer = "char"
+
+[[data.sources]]
+name = "fortunes_en"
+max_bytes = 50_000
+
+[[data.sources]]
+name = "python_stdlib"
+max_bytes = 50_000
+""")
+    data = load_data(prepare(load_recipe(str(tmp_path / "two.toml")), progress=False))
+    assert data.sources == ["fortunes_en", "python_stdlib"]
+    for name, train, heldout in zip(data.sources, data.train, data.heldout):
+        assert (tmp_path / "data" / f"{name}.train.bin").stat().st_size > 0
+        assert train.size > 40_000 and heldout.size > 4_000, name
+
+
+@needs_voices
+def test_the_voices_recipe(tmp_path, monkeypatch):
+    """configs/voices.toml: at least 16 voices, each capped, char-level; prepared, its vocabulary stays small."""
+    from abcgpt.config import load_recipe
+    from abcgpt.data import load_data, prepare
+
+    monkeypatch.setenv("ABCGPT_DATA_DIR", str(DATA))
+    recipe = load_recipe("voices")
+    names = [s.name for s in recipe.data.sources]
+    assert len(names) >= 16 and set(names) <= set(VOICES) and recipe.data.tokenizer == "char"
+    assert all(s.max_bytes == 400_000 for s in recipe.data.sources)
+    data = load_data(prepare(recipe, tmp_path / "data", progress=False))
+    assert data.sources == names and all(a.size > 300_000 for a in data.train)
+    assert data.manifest["vocab_size"] < 256

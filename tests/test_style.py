@@ -10,8 +10,10 @@ from abcgpt.style import (
     StyleClassifier,
     apply_calibration,
     calibration_error,
+    coin_flip_morph,
     fit_calibration,
     is_monotone,
+    morph_error,
     sample_shares,
     within_sample,
 )
@@ -125,9 +127,33 @@ def test_within_sample_segments():
     assert r["segments"] == 2 and r["samples_used"] == 1
     assert r["segment_share"] == pytest.approx([30 / 61, 31 / 61])
     assert r["mixing"] == pytest.approx(2 * 30 / 61)
+    assert r["line_proba"] == [[0.5, 0.5]]  # a sample's own style: the plain mean over its segments
     r = within_sample(Fixed(), [a30, "b" * 40, "short"], min_chars=30)
     assert r["samples_used"] == 2 and r["mixing"] == 0 and r["segment_share"] == [0.5, 0.5]
+    assert r["line_proba"] == [[1.0, 0.0], [0.0, 1.0]]  # one row per sample used ("short" is not)
     assert within_sample(Fixed(), ["too short"])["mixing"] is None
+    assert within_sample(Fixed(), ["too short"])["line_proba"] == []
+
+
+def test_morph_error():
+    t = [0.0, 0.25, 0.5, 0.75, 1.0]
+    # corners read 0.1 and 0.9: a coin flip between them (half the samples at each) scores 2t(1 - t)
+    lo, hi = [0.1] * 4, [0.9] * 4
+    flip = [lo, lo * 3 + hi, lo + hi, lo + hi * 3, hi]
+    assert morph_error(t, flip) == pytest.approx(coin_flip_morph(t))
+    assert morph_error(t, flip)[2] == pytest.approx(0.5) and coin_flip_morph([0.5]) == [0.5]
+    # samples that sit where the dial is (on the corners' scale) score 0
+    assert morph_error(t, [[0.1, 0.1], [0.3], [0.5, 0.5, 0.5], [0.7], [0.9]]) == pytest.approx([0] * 5)
+    # the scale: corners at their means; styles beyond a corner are clipped to it
+    m = morph_error([0, 0.5, 1], [[0.0, 0.2], [0.95, -0.5], [0.8, 1.0]])  # scale 0.1 .. 0.9
+    assert m == pytest.approx([(0 + 0.125) / 2, 0.5, (0.125 + 0) / 2])
+    assert morph_error([0, 0.5, 1], [[0.9], [0.5, 1.0], [0.1]]) == pytest.approx([0, 0.25, 0])  # a falling curve
+    # undefined: the two corners read the same, or a corner has no sample; a position with no sample is None
+    assert morph_error(t, [[0.4, 0.6], [0.2], [0.9], [0.3], [0.5, 0.5]]) is None
+    assert morph_error([0, 1], [[], [0.9]]) is None
+    assert morph_error([0, 0.5, 1], [[0.1], [], [0.9]]) == [0.0, None, 0.0]
+    with pytest.raises(AbcgptError):
+        morph_error([0, 1], [[0.1]])
 
 
 def test_calibration_error_and_monotone():

@@ -37,7 +37,7 @@ from abcgpt.common import (
 )
 from abcgpt.config import DERIVED, Recipe, list_methods, read_method, recipe_from_dict
 from abcgpt.dial import MODES
-from abcgpt.model import GPT, GPTConfig
+from abcgpt.model import GPT, GPTConfig, build_model
 from abcgpt.sources import check_source_name
 from abcgpt.tokenizer import Tokenizer, load_tokenizer
 
@@ -208,10 +208,11 @@ class Meta(BaseModel):
     def consistent(self) -> "Meta":
         heldout = self.metrics.heldout if self.metrics else None
         if heldout is not None:
-            positions = set(self.sources) | {"middle"}
-            if heldout.keys() != positions or any(row.keys() != set(self.sources) for row in heldout.values()):
-                raise ValueError(f"metrics.heldout must hold a loss for every one of sources "
-                                 f"({', '.join(self.sources)}) at each one's corner and at the middle")
+            known = set(self.sources)
+            if (not heldout.keys() <= known | {"middle"} or any(not row.keys() <= known for row in heldout.values())
+                    or any(s not in heldout.get(s, {}) for s in self.sources)):
+                raise ValueError(f"metrics.heldout must hold a loss for each of sources ({', '.join(self.sources)}) "
+                                 "at its own corner, and may hold others at the corners and the middle")
         if self.trainer and self.trainer.optimizer and "optimizer.safetensors" not in self.files:
             raise ValueError("trainer.optimizer is set but files does not list optimizer.safetensors")
         return self
@@ -407,12 +408,12 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     try:
         # the size first, on no memory: config.json cannot make us allocate more than its weights file holds
         with torch.device("meta"):
-            need = sum(p.numel() for p in GPT(config).parameters())
+            need = sum(p.numel() for p in build_model(config).parameters())
         with safe_open(str(path / "model.safetensors"), "pt") as f:
             have = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         if need > have:
             raise ValueError(f"its model has {need:,} parameters, model.safetensors holds {have:,} numbers")
-        model = GPT(config)
+        model = build_model(config)
         load_model(model, str(path / "model.safetensors"), strict=True)  # onto the CPU model; moved once below
     except (SafetensorError, RuntimeError, ValueError, TypeError, AssertionError) as e:
         raise AbcgptError(" ".join(f"checkpoint {path} cannot be loaded ({type(e).__name__}): {e}".split())) from None

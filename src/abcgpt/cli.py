@@ -1,4 +1,4 @@
-"""The `abcgpt` command: prepare, train, sample, baselines, eval, calibrate, serve, export, info, config."""
+"""The `abcgpt` command: prepare, train, sample, baselines, eval, calibrate, serve, export, info, config, sources."""
 
 import argparse
 import dataclasses
@@ -150,6 +150,9 @@ def cmd_info(args) -> None:
         if len(ckpt.sources) == 2 else f"sources       {', '.join(ckpt.sources)}",
         f"model         {ckpt.model.num_params() / 1e6:.2f}M parameters, {m.n_layer} layers x {m.n_head} heads x "
         f"{m.n_embd}, context {m.block_size}, gates={m.gates}, routing={m.routing}",
+        *([f"width         corner: each source its own network of that size ({ckpt.model.corner_params() / 1e6:.2f}M "
+           f"parameters, what a token costs), {m.shared_fraction:.0%} of it shared; the parameters grow with the "
+           f"number of sources"] if not ckpt.model.has_interior else []),
         f"tokenizer     {ckpt.tokenizer.kind}, vocabulary {ckpt.tokenizer.vocab_size}",
         f"recipe        {ckpt.recipe.name}, step {meta['step']} of {ckpt.recipe.train.steps}",
         f"calibration   {'yes (mode ' + cal.get('mode', 'gates') + ')' if cal else 'no'}",
@@ -187,6 +190,20 @@ def print_side_by_side(headers: list[str], texts: list[str], sources: list[str])
     for row in itertools.zip_longest(*cols, fillvalue=""):
         print(" | ".join(cell.ljust(col) for cell in row).rstrip())
     print(f"(dial 0 = {sources[0]}, 1 = {sources[-1]})" if len(sources) == 2 else "")
+
+
+def cmd_sources(args) -> None:
+    from abcgpt.sources import BUILTIN_SOURCES, VOICES, builtin_location
+
+    width = max(map(len, BUILTIN_SOURCES))
+    print("built-in sources (a recipe names them: [[data.sources]] name = \"...\"); where each is read from now:")
+    for group, names in (("", [n for n in BUILTIN_SOURCES if n not in VOICES]),
+                         ("voices ($ABCGPT_DATA_DIR/voices/<name>/text.txt; provenance in voices/SOURCES.md):",
+                          [n for n in BUILTIN_SOURCES if n in VOICES])):
+        if group:
+            print(f"\n{group}")
+        for n in names:
+            print(f"  {n.ljust(width)}  {builtin_location(n):<16}  {BUILTIN_SOURCES[n].about}")
 
 
 def cmd_config(args) -> None:
@@ -262,15 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     mode_arg(sp)
     sp.set_defaults(func=cmd_sample)
 
-    sp = sub.add_parser("baselines", help="train the ungated comparison models (joint, and without each source)")
+    what = ("train the ungated comparison models: joint, without each source, and each source alone for the steps "
+            "the dial model spent on it (equal compute)")
+    sp = sub.add_parser("baselines", help=what, description=what[0].upper() + what[1:] + ". Complete runs are "
+                        "skipped, unfinished ones resumed.")
     recipe_args(sp, required=True)
     sp.add_argument("--out", required=True, help="folder for the baseline runs")
-    sp.add_argument("--steps", type=int, help="overrides train.steps (must match the dial model's)")
+    sp.add_argument("--steps", type=int, help="overrides train.steps (must match the dial model's; alone_<s> trains "
+                    "for its share of them)")
     sp.set_defaults(func=cmd_baselines)
 
     sp = sub.add_parser("eval", help="the dial report: losses, contrast, isolation, style curve, neuron view")
     sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
-    sp.add_argument("--baselines", help="folder written by `abcgpt baselines` (for isolation and joint)")
+    sp.add_argument("--baselines", help="folder written by `abcgpt baselines` (for isolation, joint and alone)")
     sp.add_argument("--out", help="report folder (default: CKPT/report)")
     sp.add_argument("--quick", action="store_true", help="few batches and samples: a smoke test, not numbers")
     sp.add_argument("--samples", type=int, help="samples per style-curve position (default 32; quick 4)")
@@ -310,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("info", help="what a checkpoint is: sources, size, recipe, steps, losses, calibration")
     sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
     sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("sources", help="list the built-in sources a recipe can name, and where each is found")
+    sp.set_defaults(func=cmd_sources)
 
     sp = sub.add_parser("config", help="show a recipe with defaults and overrides applied")
     recipe_args(sp)

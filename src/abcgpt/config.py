@@ -48,6 +48,9 @@ class TrainConfig:
     dial_concentration: float = Field(0.5, gt=0.0, le=1e6, json_schema_extra=DIAL_KEY)
     # share of draws put at an exact corner (one source alone); 1 = always
     corner_fraction: float = Field(1.0, ge=0.0, le=1.0, json_schema_extra=DIAL_KEY)
+    # every draw at a corner: the sources of one batch are drawn from this many (0: each sequence its own); fewer
+    # sources in a batch, fewer small forwards at many sources, the same share of each source
+    sources_per_batch: int = Field(0, ge=0, le=2**20, json_schema_extra=DIAL_KEY)
     # ungated baselines: train on these sources only ([] = all)
     only_sources: list[str] = Field(default_factory=list, json_schema_extra=DIAL_KEY)
     seed: int = Field(0, ge=0, le=2**63 - 1, json_schema_extra=RUN_KEY)
@@ -166,6 +169,16 @@ def validate(r: Recipe) -> None:
                               f"({', '.join(names)})")
     if t.only_sources and m.gates != "none":
         raise AbcgptError('train.only_sources is for ungated baselines: set model.gates = "none" too')
+    if m.width == "corner" and m.gates == "abc":
+        needs = {"model.method": (m.method, "partition"), "model.shared_gate": (m.shared_gate, "always"),
+                 "train.corner_fraction": (t.corner_fraction, 1.0), "train.fsdp": (t.fsdp, False)}
+        for key, (have, want) in needs.items():
+            if have != want:
+                raise AbcgptError(f'model.width = "corner" (each source its own network, nothing between the corners) '
+                                  f"needs {key} = {want!r}, got {have!r}")
+    if t.sources_per_batch and (t.corner_fraction != 1.0 or t.dial_sampling != "per_sequence"):
+        raise AbcgptError("train.sources_per_batch draws corners: it needs train.corner_fraction = 1 and "
+                          'train.dial_sampling = "per_sequence"')
     if m.n_embd % m.n_head:
         raise AbcgptError(f"model.n_embd ({m.n_embd}) must be a multiple of model.n_head ({m.n_head})")
     if t.min_lr > t.lr:

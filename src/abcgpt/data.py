@@ -162,7 +162,8 @@ def dial_draw(recipe: Recipe) -> dict:
     """The recipe's training draw, as keyword arguments of dial.sample_dials."""
     t = recipe.train
     return dict(concentration=t.dial_concentration, corner_fraction=t.corner_fraction,
-                per_batch=t.dial_sampling == "per_batch", weights=[s.weight for s in recipe.data.sources])
+                per_batch=t.dial_sampling == "per_batch", weights=[s.weight for s in recipe.data.sources],
+                sources_per_batch=t.sources_per_batch)
 
 
 class Batcher:
@@ -177,11 +178,12 @@ class Batcher:
 
     def __init__(self, data: PreparedData, *, block_size: int, batch_size: int, device: torch.device, seed: int,
                  concentration: float, per_batch: bool, corner_fraction: float, weights: list[float],
-                 only: list[int] | None = None, rank: int = 0, world: int = 1):
+                 sources_per_batch: int = 0, only: list[int] | None = None, rank: int = 0, world: int = 1):
         self.data, self.T, self.B, self.device = data, block_size, batch_size, device
         self.rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)  # this process's share
         self.concentration, self.per_batch, self.corner_fraction = concentration, per_batch, corner_fraction
         self.weights, self.only = np.asarray(weights, dtype=np.float64), only
+        self.sources_per_batch = sources_per_batch
         self.rng = np.random.default_rng(seed)
         self.window = np.arange(block_size + 1)
 
@@ -200,7 +202,7 @@ class Batcher:
         n = len(self.data.train)
         if self.only is None:
             dials, sources = sample_dials(self.rng, self.B, n, self.concentration, self.corner_fraction,
-                                          self.per_batch, self.weights)
+                                          self.per_batch, self.weights, self.sources_per_batch)
         else:
             w = self.weights[self.only]
             sources = self.rng.choice(np.asarray(self.only), size=self.B, p=w / w.sum())

@@ -179,16 +179,22 @@ def method_for(config) -> Reference | Partition:
 
 def sample_dials(
     rng: np.random.Generator, batch: int, n_sources: int, concentration: float, corner_fraction: float,
-    per_batch: bool = False, weights: list[float] | None = None,
+    per_batch: bool = False, weights: list[float] | None = None, sources_per_batch: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training draw: dials (B, N) ~ Beta/Dirichlet(alpha), then sources (B,) ~ Categorical(dial).
 
     alpha_k = c * N * w_k / sum(w): equal source weights give Dirichlet(c, ..., c) (Beta(c, c) for two, the
     method of DESIGN §1); unequal weights shift the dial, and with it how often each source is drawn
     (E[dial_k] = w_k / sum(w)). With probability corner_fraction a draw is instead an exact corner e_k, k drawn
-    in proportion to the weights. per_batch=True reproduces the reference: one dial and one source per step."""
+    in proportion to the weights. per_batch=True reproduces the reference: one dial and one source per step.
+    sources_per_batch=K (every draw a corner): K sources drawn in proportion to the weights, and each sequence one of
+    those K at random; each sequence's source is still distributed as the weights, and a batch holds at most K."""
     n = 1 if per_batch else batch
     w = np.ones(n_sources) if weights is None else np.asarray(weights, dtype=np.float64)
+    if sources_per_batch:
+        pool = rng.choice(n_sources, size=sources_per_batch, p=w / w.sum())
+        sources = pool[rng.integers(0, sources_per_batch, size=batch)]
+        return np.eye(n_sources, dtype=np.float32)[sources], sources.astype(np.int64)
     alpha = concentration * n_sources * w / w.sum()
     if n_sources == 2:
         a = rng.beta(alpha[1], alpha[0], size=n)

@@ -45,26 +45,48 @@ def heldout_loss(model: GPT, tokens, dial: torch.Tensor, batch_size: int, n_batc
     return float(batch_losses(model, tokens, dial, batch_size, n_batches, autocast).mean())
 
 
-def dial_positions(sources: list[str]) -> dict[str, torch.Tensor]:
-    """Each source's corner, then the middle of the dial (the uniform mixture)."""
+FULL_TABLE = 8  # up to this many sources the table scores every source at every corner
+
+
+def dial_positions(sources: list[str], interior: bool = True) -> dict[str, torch.Tensor]:
+    """Each source's corner, then the middle of the dial (the uniform mixture) for a model with a network there."""
     n = len(sources)
     pos = {s: corner(k, n) for k, s in enumerate(sources)}
-    pos["middle"] = uniform(n)
+    if interior:
+        pos["middle"] = uniform(n)
     return pos
+
+
+def scored_at(position: str, sources: list[str]) -> list[str]:
+    """The sources the table scores at a position: every one up to FULL_TABLE sources; past that, at a corner its own
+    source and the next two (a fixed sample that still shows isolation: N^2 cells would cost more than training)."""
+    if len(sources) <= FULL_TABLE or position not in sources:
+        return list(sources)
+    k = sources.index(position)
+    return [sources[(k + i) % len(sources)] for i in range(3)]
 
 
 def loss_table(model: GPT, data: PreparedData, batch_size: int, n_batches: int,
                autocast=nullcontext) -> dict[str, dict[str, float]]:
-    """{dial position: {source: held-out loss}} at every corner and the middle."""
+    """{dial position: {source: held-out loss}} at every corner and the middle (see scored_at)."""
+    tokens = dict(zip(data.sources, data.heldout))
     return {
-        name: {s: heldout_loss(model, tokens, dial, batch_size, n_batches, autocast)
-               for s, tokens in zip(data.sources, data.heldout)}
-        for name, dial in dial_positions(data.sources).items()
+        name: {s: heldout_loss(model, tokens[s], dial, batch_size, n_batches, autocast)
+               for s in scored_at(name, data.sources)}
+        for name, dial in dial_positions(data.sources, model.has_interior).items()
     }
 
 
 def format_table(table: dict[str, dict[str, float]], sources: list[str]) -> str:
-    """The loss table as aligned text; a star marks the best dial position for each source."""
+    """The loss table as aligned text; a star marks the best dial position for each source. Past FULL_TABLE sources,
+    one line per source: its own corner, and the other corners scored."""
+    if len(sources) > FULL_TABLE:
+        w = max(map(len, sources)) + 2
+        lines = ["source".ljust(w) + "own corner".rjust(12) + "   other corners (scored)"]
+        for s in sources:
+            others = ", ".join(f"{d} {row[s]:.3f}" for d, row in table.items() if d != s and s in row)
+            lines.append(s.ljust(w) + f"{table[s][s]:.3f}".rjust(12) + "   " + others)
+        return "\n".join(lines)
     best = {s: min(table, key=lambda d: table[d][s]) for s in sources}
     labels = {d: d if d == "middle" else f"{d} corner" for d in table}
     w = max(len(v) for v in labels.values()) + 2

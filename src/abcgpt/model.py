@@ -55,6 +55,10 @@ class GPTConfig:
     # LayerNorm statistics: "full" over all n_embd channels, the silenced zeros included; "active" weighted by the
     # residual gates, so a corner is a standard narrow GPT-2 (docs/ablations.md measures both)
     norm: Literal["full", "active"] = Field("full", json_schema_extra=DIAL_KEY)
+    # partition: n_embd, n_head (and 4 n_embd MLP units) size the "total" network, split among the sources, or one
+    # "corner": each source its own network of that size (shared_fraction of it shared), parameters growing with N
+    # (bank.py)
+    width: Literal["total", "corner"] = Field("total", json_schema_extra=DIAL_KEY)
 
 
 class KVCache:
@@ -213,7 +217,17 @@ class RoutedHead(torch.autograd.Function):
         return grad_x, grad_w.to(weight.dtype), None
 
 
+def build_model(config: GPTConfig) -> "GPT":
+    """The model of a config: a GPT, or with width = "corner" a bank of corner networks (bank.py)."""
+    if config.width == "corner" and config.gates == "abc":
+        from abcgpt.bank import CornerBank  # (bank.py builds on this module)
+        return CornerBank(config)
+    return GPT(config)
+
+
 class GPT(nn.Module):
+    has_interior = True  # a network at every dial, between the corners too (gates mode)
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -254,6 +268,10 @@ class GPT(nn.Module):
         if dial.dim() == 1:
             dial = dial[None]
         return self.method.gates(dial.to(self.specialties), self.specialties)
+
+    def network_at(self, dial: torch.Tensor, own_width: bool = True) -> "Sub":
+        """The Sub of one dial (N,): the units it leaves on, gates folded in (SubNetwork runs it)."""
+        return sub_network(self, self.unit_gates(dial)[0], own_width)
 
     def _split(self, g: torch.Tensor | None):
         """(B, U) -> residual gate and per layer (residual, head, unit) gates, as views."""
@@ -482,7 +500,7 @@ class SubNetwork(nn.Module):
     def __init__(self, model: GPT, dial: torch.Tensor, own_width: bool = True):
         super().__init__()
         with torch.no_grad():
-            self.sub = sub_network(model, model.unit_gates(dial)[0], own_width)
+            self.sub = model.network_at(dial, own_width)
         self.config = model.config
 
     def forward(self, idx: torch.Tensor, dial=None, targets: torch.Tensor | None = None, source=None,

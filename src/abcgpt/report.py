@@ -35,6 +35,7 @@ from abcgpt.report_metrics import (
 )
 from abcgpt.report_render import figures as render_figures
 from abcgpt.report_render import to_html, to_markdown
+from abcgpt.sources import alone_steps
 
 # DESIGN.md §2: the original implementation at the reference recipe (one H100, held-out data), sources in the
 # reference's order (tinystories = dial 0, shakespeare = dial 1).
@@ -51,14 +52,41 @@ ORIGINAL = {
 # ----------------------------------------------------------------------------- what the report measures
 
 
+def baseline_keys(dial: Checkpoint, name: str) -> dict[str, object]:
+    """The [train] keys the baseline `name` sets otherwise than the dial model, as `abcgpt baselines` trains it: the
+    sources it trains on, and for alone_<s> the steps the dial model spent on s and a warm-up no longer than them."""
+    sources, t = dial.sources, dial.recipe.train
+    if name == "joint":
+        return {"only_sources": []}
+    for src in sources:
+        if name == f"without_{src}":
+            return {"only_sources": [x for x in sources if x != src]}
+        if name == f"alone_{src}":
+            steps = alone_steps(t.steps, [s.weight for s in dial.recipe.data.sources], sources.index(src))
+            return {"only_sources": [src], "steps": steps, "warmup_steps": min(t.warmup_steps, steps)}
+    return {}
+
+
 def check_baseline(dial: Checkpoint, base: Checkpoint, name: str) -> None:
-    """Refuse a baseline trained with another tokenizer or recipe, naming the difference."""
+    """Refuse a baseline trained with another tokenizer or recipe, naming the difference. It matches the dial model
+    in every key but the dial's own and how a run executes, except the [train] keys baseline_keys gives for its name
+    (alone_<s> trains for fewer steps, by design), which must be as given there."""
     if base.tokenizer.to_json() != dial.tokenizer.to_json():
         raise AbcgptError(f"baseline {name} ({base.path}) has another tokenizer than the dial model")
     a, b, free = dial.meta["recipe"], base.meta["recipe"], keys_a_baseline_may_change()
+    own = baseline_keys(dial, name)
+
+    def same(key, x, y) -> bool:  # the sources trained on, in any order
+        return sorted(x) == sorted(y) if key == "only_sources" and isinstance(x, list) else x == y
+
+    for key, want in own.items():
+        got = b["train"].get(key)
+        if not same(key, got, want):
+            why = ", the dial model's steps on that source" if key != "only_sources" else ""
+            raise AbcgptError(f"baseline {name} ({base.path}) has train.{key} = {got!r}, expected {want!r}{why}")
     for section in ("data", "model", "train"):
         for key in sorted(set(a[section]) | set(b[section])):
-            if key in free.get(section, ()):
+            if key in free.get(section, ()) or (section == "train" and key in own):  # own: checked above
                 continue
             if a[section].get(key) != b[section].get(key):
                 raise AbcgptError(f"baseline {name} ({base.path}) differs from the dial model in {section}.{key}: "
@@ -66,11 +94,12 @@ def check_baseline(dial: Checkpoint, base: Checkpoint, name: str) -> None:
 
 
 def load_baselines(path: Path, dial: Checkpoint, device) -> dict[str, Checkpoint]:
-    """joint, and without_<s> for the sources that have a finished one, from a folder written by `abcgpt baselines`.
-    The joint model is required (the comparisons and the fluency judge); isolation needs every without_<s>."""
+    """joint, and without_<s> and alone_<s> for the sources that have a finished one, from a folder written by
+    `abcgpt baselines`. The joint model is required (the comparisons and the fluency judge); isolation needs every
+    without_<s>; corner - alone (equal compute) needs alone_<s>."""
     path = Path(path)
     found = {}
-    for name in ["joint"] + [f"without_{s}" for s in dial.sources]:
+    for name in ["joint"] + [f"{kind}_{s}" for kind in ("without", "alone") for s in dial.sources]:
         run = path / name
         if not (existing_dir(run / "last") / "config.json").is_file():
             if name != "joint":
@@ -130,7 +159,7 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
     say(f"held-out loss at {len(dials)} dial positions (mode {mode})")
     losses = measure_losses(engine, data, dials, mode, bs, s.batches)
 
-    # baselines: joint, and never saw s; the joint model also judges the samples' fluency
+    # baselines: joint, never saw s, s alone; the joint model also judges the samples' fluency
     base, judge = None, None
     if baselines is not None:
         say("baselines")
@@ -139,6 +168,9 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
         missing = [f"without_{src}" for src in sources if f"without_{src}" not in base]
         if missing:
             say(f"no isolation: baselines {', '.join(missing)} are missing")
+        missing = [f"alone_{src}" for src in sources if f"alone_{src}" not in base]
+        if missing:
+            say(f"no equal-compute corner - alone for {', '.join(missing)} (missing or unfinished)")
 
     # style curve along every edge of the simplex (for two sources: the dial), scored by a classifier trained on
     # held-out text, and the samples' fluency under the judge
@@ -153,8 +185,10 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
         say("style curve through the stored calibration")
         calibrated = calibrated_curve(engine, clf, cal, style.edges[0].t, mode, s)
 
-    say("neuron view")
-    neurons = neuron_view(model, data, s, bs)
+    neurons = None  # a bank of corners (model.width = "corner") has no specialties to look at
+    if model.has_interior:
+        say("neuron view")
+        neurons = neuron_view(model, data, s, bs)
     report = Report(
         checkpoint=str(ckpt.path), recipe=ckpt.recipe.name, step=ckpt.meta["step"], sources=sources, mode=mode,
         settings=s, quick=quick, heldout_tokens_per_cell=losses.tokens_per_cell,

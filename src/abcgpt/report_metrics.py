@@ -24,7 +24,10 @@ from abcgpt.style import (
     StyleClassifier,
     apply_calibration,
     calibration_error,
+    coin_flip_morph,
+    corner_scale,
     is_monotone,
+    morph_error,
     sample_shares,
     within_sample,
 )
@@ -129,8 +132,15 @@ class CI:
     batches: int
     joint: float | None = None  # the joint model
     vs_joint: float | None = None  # mean - joint
-    alone: float | None = None  # two sources: the model trained on this source alone
-    OPTIONAL = ("joint", "vs_joint", "alone")
+    alone: float | None = None  # a model trained on this source alone (alone_kind says which)
+    alone_kind: str | None = None  # ALONE_EQUAL (alone_<s>) or ALONE_NEVER (two sources: without_<other>)
+    vs_alone: float | None = None  # mean - alone
+    OPTIONAL = ("joint", "vs_joint", "alone", "alone_kind", "vs_alone")
+
+
+# where a corner's `alone` comes from: alone_<s> (of the same width, the dial model's steps on s), else (two sources)
+# without_<other>, the model that never saw the other source (trained for all the dial model's steps)
+ALONE_EQUAL, ALONE_NEVER = "alone (equal compute)", "never saw the other"
 
 
 def mean_ci(x: np.ndarray, n_boot: int = 1000, seed: int = 0) -> CI:
@@ -181,7 +191,8 @@ class CornerLosses:
 def corner_losses(losses: HeldoutLosses, pos: LossPositions, base: dict[str, dict[str, float]] | None
                   ) -> CornerLosses:
     """The corner table, each source at its own corner and at the middle (against the baselines, given their
-    losses), and the contrast."""
+    losses: joint, and alone, the equal-compute alone_<s> or else, for two sources, without_<other>), and the
+    contrast."""
     sources = losses.sources
     cells = {t: losses.at(d) for t, d in zip(sources, pos.corners)}
     mid = losses.at(pos.middle)
@@ -193,8 +204,11 @@ def corner_losses(losses: HeldoutLosses, pos: LossPositions, base: dict[str, dic
         for src in sources:
             own[src].joint, own[src].vs_joint = joint[src], L[src][src] - joint[src]
             middle[src].joint, middle[src].vs_joint = joint[src], middle[src].mean - joint[src]
-            if len(sources) == 2:  # "never saw the other source" is "trained on this one alone"
-                own[src].alone = base.get(f"without_{sources[1 - sources.index(src)]}", {}).get(src)
+            alone, kind = base.get(f"alone_{src}", {}).get(src), ALONE_EQUAL
+            if alone is None and len(sources) == 2:  # "never saw the other source" is "trained on this one alone"
+                alone, kind = base.get(f"without_{sources[1 - sources.index(src)]}", {}).get(src), ALONE_NEVER
+            if alone is not None:
+                own[src].alone, own[src].alone_kind, own[src].vs_alone = alone, kind, L[src][src] - alone
     return CornerLosses(
         table={t: {src: mean_ci(v) for src, v in row.items()} for t, row in cells.items()},
         own=own,
@@ -286,23 +300,27 @@ class StyleSamples:
     mixing: list[float | None]  # per dial: 0 when every sample is wholly one style, 1 when each is an even blend
     example: list[str]  # per dial: the first sample
     fluency: list[float] | None  # per dial: the judge's mean loss per token of the samples
+    # per dial, per sample with a line long enough to classify: the mean over its lines of each source's probability
+    # (read by the same classification as mixing); a StyleEdge keeps only its second source's column, sample_style
+    line_proba: list[list[list[float]]] | None
 
 
 def sample_style(engine: Engine, clf: StyleClassifier, dials: list[torch.Tensor], mode: str, s: Settings,
                  judge: Engine | None = None) -> StyleSamples:
     """K samples per dial (same prompt and the same random stream at every position), scored by the classifier,
     and, given a judge (the ungated joint baseline), by the judge's loss per token: how fluent they are."""
-    shares, segment, mixing, texts, fluency = [], [], [], [], []
+    shares, segment, mixing, texts, fluency, line_proba = [], [], [], [], [], []
     for d in dials:
         batch = engine.generate(s.prompt, d, s.new_tokens, s.temperature, s.top_k, s.seed, n=s.samples, mode=mode)
         shares.append(sample_shares(clf, batch).tolist())
         w = within_sample(clf, batch)
         segment.append(w["segment_share"])
         mixing.append(w["mixing"])
+        line_proba.append(w["line_proba"])
         texts.append(batch[0])
         if judge is not None:  # the prompt is the first token: every generated token is scored
             fluency.append(float(np.mean([judge.loss(s.prompt + t, "uniform") for t in batch])))
-    return StyleSamples(shares, segment, mixing, texts, fluency or None)
+    return StyleSamples(shares, segment, mixing, texts, fluency or None, line_proba)
 
 
 @dataclass
@@ -319,9 +337,15 @@ class StyleEdge(StyleSamples):
     share_to: list[float]  # the share read as source_to, against t
     calibration_error: float
     monotone: bool
+    # morph error (DESIGN.md §3): each sample's own style, the mean over its lines of the probability of source_to
+    sample_style: list[list[float]]  # per t, per sample with a classifiable line
+    style_scale: list[float | None]  # the corners' mean style: 0 and 1 of morph error's scale (None: no sample)
+    morph_error: list[float | None]  # per t: mean over samples of |style on the corners' scale - t|; None: undefined
+    morph_samples: list[int]  # per t: the samples morph error rests on
+    coin_flip: list[float]  # per t: a coin flip's morph error, 2t(1 - t)
     fluency_target: list[float] | None = None  # the dial-weighted mean of the two ends' fluency
     fluency_gap: list[float] | None = None  # fluency - fluency_target
-    OPTIONAL = ("fluency_target", "fluency_gap")
+    OPTIONAL = ("fluency_target", "fluency_gap", "line_proba")
 
 
 @dataclass
@@ -333,6 +357,10 @@ class StyleCurve:
     calibration_error: float  # mean over edges
     monotone: bool  # on every edge
     mixing_mid: float  # mean over edges of the mixing at the middle position
+    morph_mid: float | None  # mean over edges (where defined) of the morph error at the middle position
+    morph_mid_edges: int  # edges with a defined morph error at the middle
+    morph_mid_samples: int  # samples at the middle position of those edges
+    coin_flip_mid: float  # a coin flip's morph error at the middle position, 2t(1 - t)
 
 
 def style_curve(engine: Engine, clf: StyleClassifier, mode: str, s: Settings, judge: Engine | None = None
@@ -346,20 +374,29 @@ def style_curve(engine: Engine, clf: StyleClassifier, mode: str, s: Settings, ju
             dials = dial_path(n, ts, i, j)
             st = sample_style(engine, clf, dials, mode, s, judge)
             share_to = [row[j] for row in st.share]
-            e = StyleEdge(**vars(st), samples_per_point=s.samples, new_tokens=s.new_tokens,
-                          temperature=s.temperature, top_k=s.top_k, source_from=sources[i], source_to=sources[j],
-                          t=ts, dial=[format_dial(d, sources) for d in dials], share_to=share_to,
-                          calibration_error=calibration_error(ts, share_to),
-                          monotone=is_monotone(share_to, tol=0.05))
+            styles = [[p[j] for p in at] for at in st.line_proba]  # each sample's own style: P(source_to)
+            morph = morph_error(ts, styles)
+            e = StyleEdge(**(vars(st) | {"line_proba": None}), samples_per_point=s.samples,
+                          new_tokens=s.new_tokens, temperature=s.temperature, top_k=s.top_k, source_from=sources[i],
+                          source_to=sources[j], t=ts, dial=[format_dial(d, sources) for d in dials],
+                          share_to=share_to, calibration_error=calibration_error(ts, share_to),
+                          monotone=is_monotone(share_to, tol=0.05), sample_style=styles,
+                          style_scale=list(corner_scale(styles)), morph_error=morph or [None] * len(ts),
+                          morph_samples=[len(x) for x in styles], coin_flip=coin_flip_morph(ts))
             if st.fluency:
                 f = st.fluency
                 e.fluency_target = [(1 - t) * f[0] + t * f[-1] for t in ts]
                 e.fluency_gap = [a - b for a, b in zip(f, e.fluency_target)]
             edges.append(e)
+    mid = len(ts) // 2
+    morphed = [e for e in edges if e.morph_error[mid] is not None]
     return StyleCurve(edges, s.samples, s.new_tokens, s.prompt,
                       calibration_error=float(np.mean([e.calibration_error for e in edges])),
                       monotone=all(e.monotone for e in edges),
-                      mixing_mid=float(np.mean([e.mixing[len(e.t) // 2] or 0.0 for e in edges])))
+                      mixing_mid=float(np.mean([e.mixing[mid] or 0.0 for e in edges])),
+                      morph_mid=float(np.mean([e.morph_error[mid] for e in morphed])) if morphed else None,
+                      morph_mid_edges=len(morphed), morph_mid_samples=sum(e.morph_samples[mid] for e in morphed),
+                      coin_flip_mid=coin_flip_morph([ts[mid]])[0])
 
 
 @dataclass
@@ -434,7 +471,7 @@ class Report:
     style: StyleCurve
     fluency: Fluency | None
     calibrated: Calibrated | None
-    neurons: NeuronView
+    neurons: NeuronView | None
     original: dict | None  # DESIGN.md §2's numbers, for the reference recipe
     seconds: float
 
@@ -454,12 +491,15 @@ class Report:
         d |= {"loss_curve": self.loss_curve, "classifier": self.classifier,
               "style_curve": {"edges": st.edges, "samples_per_point": st.samples_per_point,
                               "new_tokens": st.new_tokens, "prompt": st.prompt},
-              "calibration_error": st.calibration_error, "monotone": st.monotone, "mixing_mid": st.mixing_mid}
+              "calibration_error": st.calibration_error, "monotone": st.monotone, "mixing_mid": st.mixing_mid,
+              "morph_mid": st.morph_mid, "morph_mid_edges": st.morph_mid_edges,
+              "morph_mid_samples": st.morph_mid_samples, "coin_flip_mid": st.coin_flip_mid}
         for key in ("fluency", "calibrated"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
-        d["neurons"] = {"histogram": self.neurons.histogram, "firing": self.neurons.firing,
-                        "response": self.neurons.response}
+        if self.neurons is not None:
+            d["neurons"] = {"histogram": self.neurons.histogram, "firing": self.neurons.firing,
+                            "response": self.neurons.response}
         if self.original is not None:
             d["original"] = self.original
         d["seconds"] = self.seconds

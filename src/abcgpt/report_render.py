@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from abcgpt.neurons import plot_neuron_view
-from abcgpt.report_metrics import Report
+from abcgpt.report_metrics import ALONE_EQUAL, ALONE_NEVER, Report
 
 # ----------------------------------------------------------------------------- figures
 
@@ -71,13 +71,17 @@ def plot_style(r: Report) -> bytes:
         ax.plot(e.t, e.share_to, marker="o", color=f"C{k}", label=label)
         ax.plot(e.t, e.mixing, marker="x", ls=":", color=f"C{k}", alpha=0.6,
                 label="mixing inside a sample (0 = one style)" if k == 0 else None)
+        ax.plot(e.t, [np.nan if m is None else m for m in e.morph_error], marker="^", ls="-.", color=f"C{k}",
+                alpha=0.6, label="morph error (mean |sample's style - dial|)" if k == 0 else None)
+    e0 = st.edges[0]
+    t = np.linspace(0, 1, 101)
+    ax.plot(t, 2 * t * (1 - t), color="gray", lw=1, ls=":", label="a coin flip's morph error, 2t(1 - t)")
     if r.calibrated is not None:
         c = r.calibrated
         ax.plot(c.asked, c.share, marker="s", color="k", label="with --calibrated (x = share asked)")
-    e0 = st.edges[0]
     ax.set_xlabel(f"dial  (0 = {e0.source_from}, 1 = {e0.source_to})" if len(st.edges) == 1
                   else "position along the edge (0 = first source, 1 = second)")
-    ax.set_ylabel("share")
+    ax.set_ylabel("share / mixing / morph error")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"style curve: {st.samples_per_point} samples x {st.new_tokens} tokens per point")
     return _finish(fig, plt, ax, legend=7)
@@ -143,7 +147,7 @@ def plot_neurons(r: Report) -> bytes:
 def figures(r: Report) -> dict[str, bytes]:
     """Every figure of the report, PNG bytes by file name."""
     return {"loss_vs_dial.png": plot_loss(r), "corners.png": plot_corners(r), "style_curve.png": plot_style(r),
-            "regret_fluency.png": plot_regret_fluency(r), "neurons.png": plot_neurons(r)}
+            "regret_fluency.png": plot_regret_fluency(r)} | ({"neurons.png": plot_neurons(r)} if r.neurons else {})
 
 
 # ----------------------------------------------------------------------------- text
@@ -151,6 +155,10 @@ def figures(r: Report) -> dict[str, bytes]:
 
 def _f(x, nd=3) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
+
+
+def _signed(x, nd=3) -> str:
+    return "–" if x is None else f"{x:+.{nd}f}"
 
 
 def to_markdown(r: Report) -> str:
@@ -168,7 +176,7 @@ def to_markdown(r: Report) -> str:
     lines.append("| middle (uniform) | " + " | ".join(_f(r.corners.middle[s].mean) for s in sources) + " |")
     lines.append("")
     orig = r.original
-    head = ("| source | corner loss | joint model | alone | contrast | isolation (worst corner) "
+    head = ("| source | corner loss | joint model | alone | corner − alone | contrast | isolation (worst corner) "
             "| isolation at 0.1 of the dial (worst) | middle vs joint |")
     if orig:
         head += " original: corner / contrast / isolation |"
@@ -178,12 +186,24 @@ def to_markdown(r: Report) -> str:
         iso = None if r.isolation is None else min(r.isolation.corner[s].values())
         near = None if r.isolation is None else min(r.isolation.near[s].values())
         row = (f"| {s} | {_f(c.mean)} [{_f(c.ci95[0])}, {_f(c.ci95[1])}] | {_f(c.joint)} | "
-               f"{_f(c.alone)} | {_f(r.corners.contrast[s])} | {_f(iso, 2)} | {_f(near, 2)} | "
+               f"{_f(c.alone)} | {_signed(c.vs_alone)} | {_f(r.corners.contrast[s])} | {_f(iso, 2)} | {_f(near, 2)} | "
                f"{_f(r.corners.middle[s].vs_joint)} |")
         if orig:
             row += (f" {_f(orig['corner_loss'].get(s))} / {_f(orig['contrast'].get(s), 2)} / "
                     f"{_f(orig['isolation'].get(s), 2)} |")
         lines.append(row)
+    kinds = {k: [s for s in sources if r.corners.own[s].alone_kind == k] for k in (ALONE_EQUAL, ALONE_NEVER)}
+    if any(kinds.values()):
+        said = []
+        if kinds[ALONE_EQUAL]:
+            said.append(f"for {', '.join(kinds[ALONE_EQUAL])}: **{ALONE_EQUAL}**, an ungated model of the same "
+                        "recipe trained on the source alone for the steps the dial model spent on it (`alone_<s>`)")
+        if kinds[ALONE_NEVER]:
+            said.append(f"for {', '.join(kinds[ALONE_NEVER])}: the model that **{ALONE_NEVER}** source "
+                        "(`without_<other>`), trained on this one alone for all the dial model's steps, so not equal "
+                        "compute")
+        lines += ["", "Alone: " + "; ".join(said) + ". Corner − alone below 0: the source gained from the others "
+                  "(generality); near 0 with isolation 1: a dedicated model of its source (individuality)."]
     if r.isolation is None:
         lines += ["", "Isolation needs every baseline (the joint comparison and fluency need the joint one): "
                   "`abcgpt baselines`, then `abcgpt eval --baselines DIR`."]
@@ -198,19 +218,46 @@ def to_markdown(r: Report) -> str:
     lines += ["", f"## Style curve ({st.samples_per_point} samples of {st.new_tokens} tokens per position, "
               f"classifier accuracy {r.classifier['accuracy']:.3f} on {r.classifier['n_test']} held-out chunks)"]
     for e in st.edges:
+        lo, hi = e.style_scale
+        if lo is None or hi is None:
+            scale = (f"morph error undefined: no sample at the {e.source_from if lo is None else e.source_to} corner "
+                     "had a line long enough to classify")
+        elif all(m is None for m in e.morph_error):
+            scale = (f"morph error undefined: the two corners' samples read the same, mean P({e.source_to}) "
+                     f"{lo:.3f}")
+        else:
+            scale = (f"morph error's scale: 0 = the {e.source_from} corner's samples, mean P({e.source_to}) {lo:.3f}; "
+                     f"1 = the {e.source_to} corner's, {hi:.3f}")
         lines += ["", f"**{e.source_from} → {e.source_to}**: calibration error {e.calibration_error:.3f}, "
-                  f"monotone: {'yes' if e.monotone else 'no'}", "",
+                  f"monotone: {'yes' if e.monotone else 'no'}; {scale}", "",
                   f"| dial | share read as {e.source_to} | share of {e.source_to} segments inside samples "
-                  "| mixing | fluency (judge loss) | corners' weighted mean | gap |", "|---|---|---|---|---|---|---|"]
+                  "| mixing | morph error (samples) | coin flip 2t(1−t) | fluency (judge loss) "
+                  "| corners' weighted mean | gap |", "|---" * 9 + "|"]
         j = sources.index(e.source_to)
         none = [None] * len(e.dial)
-        for d, sh, seg, mix, f, ft, g in zip(e.dial, e.share, e.segment_share, e.mixing, e.fluency or none,
-                                             e.fluency_target or none, e.fluency_gap or none):
-            lines.append(f"| {d} | {sh[j]:.2f} | {_f(seg[j] if seg else None, 2)} | {_f(mix, 2)} | {_f(f)} | "
-                         f"{_f(ft)} | {'–' if g is None else f'{g:+.3f}'} |")
+        for d, sh, seg, mix, m, n, cf, f, ft, g in zip(e.dial, e.share, e.segment_share, e.mixing, e.morph_error,
+                                                       e.morph_samples, e.coin_flip, e.fluency or none,
+                                                       e.fluency_target or none, e.fluency_gap or none):
+            lines.append(f"| {d} | {sh[j]:.2f} | {_f(seg[j] if seg else None, 2)} | {_f(mix, 2)} | {_f(m, 2)} ({n}) | "
+                         f"{cf:.2f} | {_f(f)} | {_f(ft)} | {'–' if g is None else f'{g:+.3f}'} |")
+    t_mid, n_edges = st.edges[0].t[len(st.edges[0].t) // 2], len(st.edges)
+    if st.morph_mid is None:
+        morph = f"Morph error at the middle (t = {t_mid:.2f}): **undefined** on every edge (see above)."
+    else:
+        over = f" of {st.morph_mid_edges} of {n_edges} edges" if n_edges > 1 else ""
+        morph = (f"Morph error at the middle (t = {t_mid:.2f}): **{st.morph_mid:.3f}**, against a coin flip's "
+                 f"{st.coin_flip_mid:.3f} ({st.morph_mid_samples} samples{over}, on the scale their corners' samples "
+                 "set).")
     lines += ["", f"Calibration error (mean |share − dial|, mean over edges): **{st.calibration_error:.3f}**; "
-              f"monotone (no point 0.05 below an earlier one): **{'yes' if st.monotone else 'no'}**. "
-              "Mixing is 0 when every sample is wholly one style (a coin flip), 1 when each sample is an even blend."]
+              f"monotone (no point 0.05 below an earlier one): **{'yes' if st.monotone else 'no'}**; "
+              f"mixing at the middle: **{st.mixing_mid:.2f}**. {morph}",
+              "", "Mixing is 0 when every sample is wholly one style (a coin flip), 1 when each sample is an even "
+              "blend. "
+              "**Morph error** (DESIGN.md §3) is what a person moving the slider feels: each sample's own style (the "
+              "mean over its lines of the classifier's probability of the edge's second source), put on the corners' "
+              "scale (0 = the first corner's samples' mean, 1 = the second's, clipped), and the mean over samples of "
+              "|style − t|. A coin flip between the corners scores 2t(1 − t), 0.5 at the middle; samples that all sit "
+              "where the dial is score 0."]
     if r.fluency is not None:
         fl = r.fluency
         lines += ["", f"Fluency: the samples' mean loss per token under the ungated joint baseline (`{fl.judge}`), "

@@ -208,7 +208,7 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
                 "model": {"params": model.num_params(), "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                           "n_embd": cfg.n_embd, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
                           "tokenizer": engine.tokenizer.kind, "recipe": engine.recipe.name,
-                          "step": engine.meta["step"], "gates": cfg.gates},
+                          "step": engine.meta["step"], "gates": cfg.gates, "width": cfg.width},
                 "limits": {"max_new_tokens": max_new_tokens, "max_prompt_chars": max_prompt_chars,
                            "max_concurrent": max_concurrent}}
 

@@ -2,10 +2,12 @@
 
 Every source comes out as a SourceText: training text plus held-out text that never overlaps it, with a sha256
 of the bytes read so that prepared data can notice when its input changed. Built-in files are looked up in
-$ABCGPT_DATA_DIR/<name>/<file>, then in the cache, then downloaded into the cache: from
-$ABCGPT_MIRROR/<name>/<file> when a mirror is set, else from the official URL.
+$ABCGPT_DATA_DIR/<folder>/<file>, then in the cache, then downloaded into the cache: from
+$ABCGPT_MIRROR/<folder>/<file> when a mirror is set, else from the official URL. The folder is the source's name,
+or voices/<name> for the voices corpora (VOICES).
 """
 
+import difflib
 import hashlib
 import http.client
 import math
@@ -47,11 +49,12 @@ def _is_number(text: str) -> bool:
 
 @dataclass(frozen=True)
 class BuiltinSource:
-    file: str  # training file, <data dir>/<name>/<file>
+    file: str  # training file, <data dir>/<folder>/<file>
     url: str | None  # official download URL; None: local data dir (or a mirror) only
     heldout_file: str | None = None  # official held-out file; None: the last fraction of the training text
     heldout_url: str | None = None
     about: str = ""
+    folder: str | None = None  # the file's folder under the data dir, the cache and a mirror; None: the name
 
 
 BUILTIN_SOURCES: dict[str, BuiltinSource] = {
@@ -65,6 +68,42 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {
     "kjv": BuiltinSource("kjv.txt", None, about="King James Bible, one verse per line"),
     "python": BuiltinSource("cpython311_stdlib.txt", None, about="CPython 3.11 standard library source"),
 }
+
+# The voices: 28 corpora of 0.3-1.2 MB built from Debian 12 packages by shared/data/voices/build.sh (provenance,
+# licences and cleaning in voices/SOURCES.md). No official URL: read from $ABCGPT_DATA_DIR/voices/<name>/text.txt
+# (or the cache, or $ABCGPT_MIRROR/voices/<name>/text.txt); held-out text is the last data.heldout_fraction.
+VOICES: dict[str, str] = {
+    "bash_completion": "Bash completion functions (shell script)",
+    "bible_kjv": "King James Bible, 15 whole books, one verse per line",
+    "c_headers": "GNU C Library headers: declarations, macros, comments",
+    "debian_changelogs": "Debian changelog entries of 63 packages",
+    "debian_policy": "Debian Policy Manual: normative must/should prose",
+    "devils_dictionary": "Ambrose Bierce, The Devil's Dictionary (1881-1906)",
+    "dict_gcide": "Webster's Revised Unabridged (1913) via GCIDE",
+    "foldoc": "Free On-line Dictionary of Computing (1 in 5 entries)",
+    "fortunes_de": "German fortune cookies: Zitate, Sprüche, Gedichte, Witze",
+    "fortunes_en": "classic English fortune cookies: quotations, jokes, poems",
+    "fortunes_es": "Spanish fortune cookies: refranes, citas, humor",
+    "fortunes_it": "Italian fortune cookies: battute, citazioni, leggi di Murphy",
+    "fortunes_pl": "Polish fortune cookies: dowcipy, quotes, IRC logs",
+    "fortunes_pt": "Brazilian Portuguese fortunes: piadas, citações",
+    "fortunes_ru": "Russian fortune cookies: aphorisms, anekdoty, quotes",
+    "fortunes_zh": "Chinese: Tang/Song poems, proverbs, Dao De Jing",
+    "gnu_standards": "GNU Coding Standards and Information for GNU Maintainers",
+    "jargon_file": "The Jargon File 4.4.7",
+    "man_de": "German manual pages (manpages-l10n)",
+    "man_en": "English Linux manual pages: system calls and C library",
+    "man_es": "Spanish manual pages (manpages-l10n)",
+    "man_fr": "French manual pages (manpages-l10n)",
+    "man_ja": "Japanese manual pages (JM project)",
+    "man_ru": "Russian manual pages (manpages-l10n)",
+    "perl_modules": "Perl core modules, POD stripped",
+    "python_docs": "Python 3.11 documentation as plain text",
+    "python_stdlib": "Python 3.11 standard-library source code",
+    "wordnet_glosses": "WordNet 3.0 synsets: lemmas, glosses, examples",
+}
+BUILTIN_SOURCES.update({name: BuiltinSource("text.txt", None, about=about, folder=f"voices/{name}")
+                        for name, about in VOICES.items()})
 
 
 @dataclass
@@ -100,8 +139,7 @@ class SourceSpec:
             raise AbcgptError(f"source {self.name!r}: give at most one of path, url, hf "
                               f"(got {' and '.join(given)})")
         if not given and self.name not in BUILTIN_SOURCES:
-            raise AbcgptError(f"unknown built-in source {self.name!r}: built-ins are "
-                              f"{', '.join(BUILTIN_SOURCES)} (or give path, url or hf)")
+            raise AbcgptError(unknown_builtin(self.name))
         hf_keys = ("hf_config", "hf_data_files", "split", "heldout_split", "text_field")
         hf_only = [f.name for f in fields(self) if f.name in hf_keys and getattr(self, f.name) != f.default]
         if self.hf is None and hf_only:
@@ -146,6 +184,37 @@ class SourceSpec:
         """The name and every field that differs from its default (JSON-serialisable)."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name == "name" or getattr(self, f.name) != f.default}
+
+
+def alone_steps(steps: int, weights: list[float], i: int) -> int:
+    """The steps a dial model trained for `steps` spends on source i, its sources drawn in proportion to `weights`:
+    what the equal-compute baseline `alone_<s>` trains for (at least 1)."""
+    return max(1, round(steps * weights[i] / sum(weights)))
+
+
+def unknown_builtin(name: str) -> str:
+    """The error for a source with neither path, url nor hf whose name is no built-in: the closest names first,
+    then every built-in (one line, even with the 32 of them)."""
+    close = difflib.get_close_matches(name, BUILTIN_SOURCES, n=3, cutoff=0.6)
+    guess = f" (did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}?)" if close else ""
+    voices = [n for n in BUILTIN_SOURCES if n in VOICES]
+    others = [n for n in BUILTIN_SOURCES if n not in VOICES]
+    return (f"unknown built-in source {name!r}{guess}: built-ins are {', '.join(others)}, and the "
+            f"voices {', '.join(voices)} (`abcgpt sources` describes them); or give path, url or hf")
+
+
+def builtin_location(name: str) -> str:
+    """Where a built-in's training file would be read from now, without reading it: for `abcgpt sources`."""
+    b = BUILTIN_SOURCES[name]
+    rel = f"{b.folder or name}/{b.file}"
+    d = data_dir()
+    if d is not None and (d / rel).is_file():
+        return "$ABCGPT_DATA_DIR"
+    if (cache_dir() / rel).is_file():
+        return "cache"
+    if os.environ.get("ABCGPT_MIRROR"):
+        return "mirror"
+    return "download" if b.url else "not found"
 
 
 @dataclass
@@ -197,7 +266,7 @@ def _read_train(spec: SourceSpec, progress: bool) -> tuple[bytes, str]:
     if spec.hf is not None:
         return _read_hf(spec, spec.split, spec.max_bytes, progress)
     b = BUILTIN_SOURCES[spec.name]
-    return _builtin_file(spec.name, b.file, b.url, spec.max_bytes, progress)
+    return _builtin_file(b.folder or spec.name, b.file, b.url, spec.max_bytes, progress, spec.name)
 
 
 def _read_heldout(spec: SourceSpec, progress: bool) -> tuple[bytes, str] | None:
@@ -210,7 +279,7 @@ def _read_heldout(spec: SourceSpec, progress: bool) -> tuple[bytes, str] | None:
     if spec.path is None and spec.url is None and spec.hf is None:
         b = BUILTIN_SOURCES[spec.name]
         if b.heldout_file:
-            return _builtin_file(spec.name, b.heldout_file, b.heldout_url, None, progress)
+            return _builtin_file(b.folder or spec.name, b.heldout_file, b.heldout_url, None, progress, spec.name)
     return None
 
 
@@ -283,19 +352,20 @@ def _read_path(p: Path, max_bytes: int | None, name: str) -> tuple[bytes, str]:
 # ----------------------------------------------------------------------------- downloads
 
 
-def _builtin_file(name: str, file: str, url: str | None, max_bytes: int | None,
-                  progress: bool) -> tuple[bytes, str]:
+def _builtin_file(folder: str, file: str, url: str | None, max_bytes: int | None, progress: bool,
+                  name: str) -> tuple[bytes, str]:
+    """A built-in's file <folder>/<file>: from the data dir, the cache, a mirror or its URL."""
     d = data_dir()
-    if d is not None and (d / name / file).is_file():
-        return _read_bytes(d / name / file, max_bytes), f"$ABCGPT_DATA_DIR/{name}/{file}"
-    dest = cache_dir() / name / file
+    if d is not None and (d / folder / file).is_file():
+        return _read_bytes(d / folder / file, max_bytes), f"$ABCGPT_DATA_DIR/{folder}/{file}"
+    dest = cache_dir() / folder / file
     mirror = os.environ.get("ABCGPT_MIRROR")
     if mirror:
-        url = f"{mirror.rstrip('/')}/{name}/{file}"
+        url = f"{mirror.rstrip('/')}/{folder}/{file}"
     if url is None and _from_cache(dest, max_bytes) is None:
-        looked = f"{d / name / file} and {dest}" if d is not None else f"{dest} ($ABCGPT_DATA_DIR is not set)"
-        raise AbcgptError(f"built-in source {name!r} has no download URL and {name}/{file} was not found "
-                          f"(looked in {looked}): set $ABCGPT_DATA_DIR to a folder that holds {name}/{file}")
+        looked = f"{d / folder / file} and {dest}" if d is not None else f"{dest} ($ABCGPT_DATA_DIR is not set)"
+        raise AbcgptError(f"built-in source {name!r} has no download URL and {folder}/{file} was not found "
+                          f"(looked in {looked}): set $ABCGPT_DATA_DIR to a folder that holds {folder}/{file}")
     return _fetch(url, dest, max_bytes, progress)
 
 

@@ -5,6 +5,7 @@ A StyleClassifier is trained on held-out text of each source (never on model sam
     within_sample   per-line classification, to tell a blend (every sample mixes styles) from a coin flip
                     (each sample wholly one style, in the right proportion): both give the same mean share
     calibration_error, is_monotone   summaries of a style curve
+    morph_error     per dial position, how far each sample's own style sits from where the dial is
     fit_calibration, apply_calibration   invert a measured curve: the dial position that gives a wanted share
 For two sources the "share" of a style curve is the share of the second source (sources[1]), matching the
 scalar dial, where a = 0 is the first source.
@@ -132,23 +133,61 @@ def within_sample(clf: StyleClassifier, samples: list[str], min_chars: int = 30)
     """Tell a blend from a coin flip: classify each segment of each sample, and measure how mixed samples are.
     mixing = mean over samples of (1 - max_k share_k) * N / (N - 1), share_k the length-weighted share of
     segments classified as source k: 0 when every sample is wholly one style, 1 when each is an even mix.
-    Samples with no segment of min_chars are not used; with none used the two means are None."""
+    line_proba: per sample used, the mean over its segments of the classifier's probability of each source (the
+    sample's own style, for morph_error). Samples with no segment of min_chars are not used; with none used the
+    two means are None and line_proba is empty."""
     n = len(clf.sources)
     segs = [_segments(s, min_chars) for s in samples]
     used = [g for g in segs if g]
     if not used:
-        return {"segment_share": None, "mixing": None, "samples_used": 0, "segments": 0}
+        return {"segment_share": None, "mixing": None, "line_proba": [], "samples_used": 0, "segments": 0}
     flat = [x for g in used for x in g]
-    pred = clf.predict_proba(flat).argmax(axis=1)
-    shares, i = [], 0
+    proba = np.asarray(clf.predict_proba(flat), dtype=float)
+    pred = proba.argmax(axis=1)
+    shares, line_proba, i = [], [], 0
     for g in used:
         w = np.array([len(x) for x in g], dtype=float)
         shares.append(np.bincount(pred[i:i + len(g)], weights=w, minlength=n) / w.sum())
+        line_proba.append(proba[i:i + len(g)].mean(axis=0).tolist())
         i += len(g)
     shares = np.array(shares)
     mixing = (1.0 - shares.max(axis=1)) * n / (n - 1)
-    return {"segment_share": shares.mean(axis=0).tolist(), "mixing": float(mixing.mean()),
+    return {"segment_share": shares.mean(axis=0).tolist(), "mixing": float(mixing.mean()), "line_proba": line_proba,
             "samples_used": len(used), "segments": len(flat)}
+
+
+def corner_scale(styles: Sequence[Sequence[float]]) -> tuple[float | None, float | None]:
+    """The mean style of the first position's samples and of the last's (the two corners of an edge); None for a
+    corner with no sample."""
+    return tuple(float(np.mean(x)) if len(x) else None for x in (styles[0], styles[-1]))
+
+
+def morph_error(ts: Sequence[float], styles: Sequence[Sequence[float]]) -> list[float | None] | None:
+    """DESIGN.md §3's morph error along an edge, at each position t of ts (0 = the first corner, 1 = the second).
+    styles[i]: each of position i's samples' own style (the mean over its lines of the classifier's probability of
+    the edge's second source). A style is put on the corners' scale, 0 = the mean style of the first position's
+    samples, 1 = the last's, and clipped to [0, 1]; the morph error at t is the mean over samples of |style - t|.
+    A coin flip between the corners scores 2t(1 - t); samples that all sit where the dial is score 0.
+    None (undefined) when a corner has no sample or the two corner means are equal; None at a position with no
+    sample."""
+    t = np.asarray(ts, dtype=float)
+    if t.ndim != 1 or len(t) < 2 or len(t) != len(styles):
+        raise AbcgptError(f"morph error needs >= 2 positions and one list of styles per position, got {len(t)} "
+                          f"positions and {len(styles)} lists")
+    lo, hi = corner_scale(styles)
+    if lo is None or hi is None or abs(hi - lo) < 1e-12:
+        return None
+    out = []
+    for ti, x in zip(t, styles):
+        x = np.asarray(x, dtype=float)
+        out.append(float(np.abs(np.clip((x - lo) / (hi - lo), 0.0, 1.0) - ti).mean()) if x.size else None)
+    return out
+
+
+def coin_flip_morph(ts: Sequence[float]) -> list[float]:
+    """The morph error of a coin flip between the corners (each sample wholly one corner's style, with the dial's
+    odds), for reference: 2t(1 - t)."""
+    return [2.0 * t * (1.0 - t) for t in ts]
 
 
 def _curve(dials: Sequence[float], shares: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from abcgpt.bank import CornerBank
 from abcgpt.checkpoint import load_checkpoint, read_meta, restore_training_state, save_checkpoint
 from abcgpt.common import (
     AbcgptError,
@@ -37,8 +38,8 @@ from abcgpt.common import (
 )
 from abcgpt.config import Recipe
 from abcgpt.data import Batcher, prepared_data
-from abcgpt.evaluate import format_table, loss_curve, loss_table, plot_loss_curve
-from abcgpt.model import GPT
+from abcgpt.evaluate import FULL_TABLE, format_table, loss_curve, loss_table, plot_loss_curve
+from abcgpt.model import build_model
 
 
 def lr_at(step: int, t) -> float:
@@ -135,7 +136,7 @@ class Trainer:
         self.autocast = autocast_for(self.device, t.dtype)
 
         torch.manual_seed(t.seed)
-        self.model = GPT(model).to(self.device)
+        self.model = build_model(model).to(self.device)
         self.fsdp = t.fsdp and self.world > 1
         self.batcher = Batcher.from_recipe(self.recipe, self.data, self.device, self.rank, self.world)
         self.step, self.best, self.table = 0, math.inf, None
@@ -152,7 +153,9 @@ class Trainer:
             state = (_restore_sharded(ckpt, self.model, self.optimizer) if self.fsdp
                      else restore_training_state(ckpt, self.optimizer))
             self.load_state_dict(state | {"step": ckpt.meta["step"]})
-        self.ddp = DDP(self.model) if self.world > 1 and not self.fsdp else None
+        # a bank's sources absent from a batch take no part in it
+        self.ddp = (DDP(self.model, find_unused_parameters=not self.model.has_interior)
+                    if self.world > 1 and not self.fsdp else None)
         self.step_model = self.ddp or self.model
         if t.compile:
             self.step_model = torch.compile(self.step_model)
@@ -241,8 +244,9 @@ class Trainer:
                         _log(log, {"type": "eval", "step": step, "heldout": table, "corner_own": own,
                                    "tokens_per_cell": t.batch_size * t.eval_batches * self.cfg.block_size})
                         if self.master:
-                            bar.write(f"step {step}: held-out loss, each source at its own corner: "
-                                      + ", ".join(f"{s} {table[s][s]:.3f}" for s in data.sources))
+                            bar.write(f"step {step}: held-out loss, each source at its own corner: " + (
+                                ", ".join(f"{s} {table[s][s]:.3f}" for s in data.sources)
+                                if len(data.sources) <= FULL_TABLE else f"mean {own:.3f} over {len(trained)}"))
                         if own < self.best:
                             self.best = own
                             self.save("best", {"heldout": table, "corner_own": own})
@@ -272,16 +276,18 @@ class Trainer:
             if not self.master:
                 return {}
         table = self.table or loss_table(model, data, t.batch_size, t.eval_batches, self.autocast)
-        curve = loss_curve(model, data, t.batch_size, max(1, t.eval_batches // 2), autocast=self.autocast)
-        atomic_write_text(out / "loss_vs_dial.json", json.dumps(curve, indent=2))
-        plot_loss_curve(curve, out / "loss_vs_dial.png", f"{self.recipe.name}: held-out loss across the dial, "
-                                                          f"{self.step} steps")
+        if model.has_interior:  # (a bank of corners has no network between them to score: `abcgpt eval` mixes them)
+            curve = loss_curve(model, data, t.batch_size, max(1, t.eval_batches // 2), autocast=self.autocast)
+            atomic_write_text(out / "loss_vs_dial.json", json.dumps(curve, indent=2))
+            plot_loss_curve(curve, out / "loss_vs_dial.png", f"{self.recipe.name}: held-out loss across the dial, "
+                                                              f"{self.step} steps")
         if self.progress:
             cells = t.batch_size * t.eval_batches * self.cfg.block_size
             print(f"\nheld-out loss (nats/token) after {self.step} steps, {cells:,} tokens per cell "
                   f"(* = best position for that source):")
             print(format_table(table, data.sources))
-            print(f"checkpoints in {out}/best and {out}/last; loss across the dial: {out}/loss_vs_dial.png")
+            print(f"checkpoints in {out}/best and {out}/last"
+                  + (f"; loss across the dial: {out}/loss_vs_dial.png" if model.has_interior else ""))
         return table
 
 
@@ -293,7 +299,9 @@ class Speedometer:
         self.tokens_per_step = t.batch_size * t.grad_accum * c.block_size
         self.peak = peak_flops(trainer.device, t.peak_tflops)
         self.world = trainer.world
-        self.token_flops = 6 * trainer.model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size  # PaLM, app. B
+        # PaLM, app. B; a token of a bank of corners runs one corner
+        params = trainer.model.corner_params() if isinstance(trainer.model, CornerBank) else trainer.model.num_params()
+        self.token_flops = 6 * params + 12 * c.n_layer * c.n_embd * c.block_size
         self.t0, self.step0, self.pause = time.time(), trainer.step, 0.0
 
     def measure(self, step: int) -> tuple[float, float | None]:
@@ -319,7 +327,7 @@ def _gather_sharded(model, optimizer, cfg, t, master: bool):
     osd = get_optimizer_state_dict(model, optimizer, options=full)
     if not master:
         return None, None
-    whole = GPT(cfg)
+    whole = build_model(cfg)
     whole.load_state_dict(msd)
     whole_opt = whole.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), "cpu")
     set_optimizer_state_dict(whole, whole_opt, osd)
@@ -408,19 +416,28 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def train_baselines(recipe: Recipe, out: Path, progress: bool = True) -> list[Path]:
-    """The ungated comparison models of DESIGN §3, with the dial model's recipe, steps and data: `joint` (every
-    source) and `without_<s>` for each source s. Runs that are complete are skipped, unfinished ones resumed."""
-    names = [s.name for s in recipe.data.sources]
-    runs = {"joint": []} | {f"without_{s}": [x for x in names if x != s] for s in names}
+    """The ungated comparison models of DESIGN §3, with the dial model's recipe and data: `joint` (every source) and
+    `without_<s>` (every source but s) for the dial model's steps, and `alone_<s>` (s alone) for the steps the dial
+    model spent on s, max(1, round(steps * w_s / sum(w))) with w the sources' weights: the same compute on s (its
+    warm-up cut to its steps if longer). Runs that are complete are skipped, unfinished ones resumed."""
+    from abcgpt.sources import alone_steps
+
+    names, t = [s.name for s in recipe.data.sources], recipe.train
+    weights = [s.weight for s in recipe.data.sources]
+    runs = ({"joint": ([], t.steps)} | {f"without_{s}": ([x for x in names if x != s], t.steps) for s in names}
+            | {f"alone_{s}": ([s], alone_steps(t.steps, weights, i)) for i, s in enumerate(names)})
     paths = []
-    for run, only in runs.items():
+    for run, (only, steps) in runs.items():
+        alone = run.startswith("alone_")
+        warmup = min(t.warmup_steps, steps) if alone else t.warmup_steps
         r = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, gates="none", routing="soft"),
-                                train=dataclasses.replace(recipe.train, only_sources=only))
+                                train=dataclasses.replace(t, only_sources=only, steps=steps, warmup_steps=warmup))
         path = Path(out) / run
         last = existing_dir(path / "last")
         done = read_meta(last)["step"] if (last / "config.json").is_file() else None
         if progress:
-            print(f"== baseline {run}: ungated, trained on {', '.join(only or names)}")
+            print(f"== baseline {run}: ungated, trained on {', '.join(only or names)} for {r.train.steps} steps"
+                  + (" (the dial model's steps on it: equal compute)" if alone else ""))
         if done is None:
             train(r, path, progress=progress)
         elif done < r.train.steps:

@@ -16,6 +16,7 @@ const state = {
   info: null,
   sources: [],
   dial: 0.5,        // a number with two sources, {name: weight} with more
+  picks: null,      // four or more sources: [{name, weight}] picked by name; [] = every source equally
   gen: null,        // {ctrl, n, t0} of the streaming generation in flight
   sweep: null,      // AbortController of the sweep in flight
   timer: null,      // debounce timer of the dial
@@ -58,12 +59,22 @@ function weightsOf(dial) {
   return Object.fromEntries(s.map((k) => [k, Math.max(0, dial[k] || 0) / total]));
 }
 
-// "tinystories 0.70 · shakespeare 0.30"; compact: without the sources at 0.
+// "tinystories 0.70 · shakespeare 0.30"; compact: without the sources at 0, and with many sources a summary
+// ("uniform over 100 sources", or the largest weights and "+ 12 more").
+const COMPACT_MAX = 6;
 function describe(w, compact = false) {
   if (!w) return "";
   if (typeof w === "number") w = weightsOf(w);
-  return Object.entries(w).filter(([, v]) => !compact || v >= 0.005)
-    .map(([k, v]) => `${k} ${fmt(v)}`).join(" · ");
+  let items = Object.entries(w).filter(([, v]) => !compact || v >= 0.005);
+  if (compact && items.length > COMPACT_MAX) {
+    const vs = items.map(([, v]) => v);
+    if (Math.max(...vs) - Math.min(...vs) < 0.0005) return `uniform over ${items.length} sources, ${fmt(vs[0])} each`;
+    items = items.sort((a, b) => b[1] - a[1]);
+    const more = items.length - (COMPACT_MAX - 1);
+    items = items.slice(0, COMPACT_MAX - 1);
+    return items.map(([k, v]) => `${k} ${fmt(v)}`).join(" · ") + ` · + ${more} more`;
+  }
+  return items.map(([k, v]) => `${k} ${fmt(v)}`).join(" · ");
 }
 
 // ---------------------------------------------------------------- dial controls
@@ -74,7 +85,7 @@ function buildDial() {
   const s = state.sources;
   if (s.length === 2) buildSlider(box, s);
   else if (s.length === 3) buildTriangle(box, s);
-  else buildWeights(box, s);
+  else buildPicker(box, s);
   updateReadout();
 }
 
@@ -91,7 +102,19 @@ function updateReadout() {
   out.textContent = "";
   if (!w) out.textContent = "all weights are 0: raise at least one";
   else if (typeof state.dial === "number") out.append(el("strong", "", fmt(state.dial)), ` → ${describe(w)}`);
-  else out.textContent = describe(w);
+  else if (state.picks && !state.picks.length) {
+    out.textContent = `uniform: all ${state.sources.length} sources equally (add sources to mix only those)`;
+  } else if (state.picks) {  // in the order they were picked
+    out.textContent = describe(Object.fromEntries(state.picks.map((p) => [p.name, w[p.name]])), true);
+  } else out.textContent = describe(w);
+}
+
+// The dial a request sends: the slider's number and the triangle's point as they are; with four or more sources
+// the normalised weights of the sources in the mix ({name: w}, summing to 1; every source when none is picked).
+function dialToSend() {
+  if (!state.picks) return state.dial;
+  const w = weightsOf(state.dial);  // every weight 0: sent as it is, for the server to say so
+  return w ? Object.fromEntries(Object.entries(w).filter(([, v]) => v > 0)) : state.dial;
 }
 
 function buildSlider(box, [a, b]) {
@@ -221,34 +244,155 @@ function buildTriangle(box, names) {
   place(centre, false);
 }
 
-function buildWeights(box, names) {
+// Four or more sources (up to hundreds): the user picks sources by name (a filter box with the matching names as
+// buttons, Enter takes the first), gives each a weight (a slider; the share beside it is the normalised weight)
+// and removes it with ×. No source picked means every source equally. Presets: uniform, or one source's corner.
+const ALL_AS_ROWS = 8;   // up to this many sources, "uniform" lists every source as a row (as the page always did)
+const MATCHES_SHOWN = 12;
+const NEW_WEIGHT = 0.5;  // a newly picked source's slider: the middle, so it can go either way
+
+function buildPicker(box, names) {
   box.classList.add("many");
-  state.dial = Object.fromEntries(names.map((n) => [n, 0.5]));
+  const color = (name) => COLORS[names.indexOf(name) % COLORS.length];
+  const uniformPicks = () => (names.length <= ALL_AS_ROWS ? names.map((name) => ({ name, weight: NEW_WEIGHT })) : []);
+
+  const tools = el("div", "pick-tools");
+  const filter = el("input");
+  Object.assign(filter, { type: "search", id: "source-filter", autocomplete: "off", spellcheck: false,
+    placeholder: `add a source: search ${names.length}…` });
+  filter.setAttribute("aria-label", `add a source to the mix: type part of its name (${names.length} sources)`);
+  filter.setAttribute("aria-controls", "source-matches");
+  const preset = el("select");
+  preset.id = "dial-preset";
+  preset.setAttribute("aria-label", "dial preset");
+  preset.append(new Option("presets…", ""), new Option(`uniform (all ${names.length})`, "uniform"));
+  const corners = el("optgroup");
+  corners.label = "one source (its corner)";
+  for (const n of names) corners.append(new Option(n, `corner:${n}`));
+  preset.append(corners);
+  tools.append(filter, preset);
+
+  const matches = el("div", "pick-matches");
+  matches.id = "source-matches";
+  matches.setAttribute("aria-live", "polite");
+  const head = el("p", "pick-head");
+  const list = el("div", "pick-list");
+  list.id = "dial-picks";
+  list.setAttribute("role", "group");
+  list.setAttribute("aria-label", "sources in the mix and their weights");
+  box.append(tools, matches, head, list);
+
   const shares = {};
-  const refresh = () => {
+  const picked = (name) => state.picks.some((p) => p.name === name);
+  const sync = () => {  // state.dial from the picks; the shares beside the sliders
+    state.dial = state.picks.length ? Object.fromEntries(state.picks.map((p) => [p.name, p.weight]))
+      : Object.fromEntries(names.map((n) => [n, 1]));
     const w = weightsOf(state.dial);
-    for (const n of names) shares[n].textContent = w ? fmt(w[n]) : "–";
+    for (const p of state.picks) shares[p.name].textContent = w ? fmt(w[p.name]) : "–";
   };
-  names.forEach((name, i) => {
-    const row = el("div", "weight-row");
-    const label = el("label", "weight-name", name);
-    label.htmlFor = `w-${name}`;
-    label.style.color = COLORS[i % COLORS.length];
-    const input = el("input");
-    Object.assign(input, { type: "range", id: `w-${name}`, min: "0", max: "1", step: "0.01", value: "0.5" });
-    input.style.setProperty("--a", COLORS[i % COLORS.length]);
-    input.classList.add("single");
-    shares[name] = el("output", "share");
-    shares[name].htmlFor = `w-${name}`;
-    input.addEventListener("input", () => {
-      state.dial = { ...state.dial, [name]: Number(input.value) };
-      refresh();
-      dialMoved();
-    });
-    row.append(label, input, shares[name]);
-    box.append(row);
+  const renderHead = () => {
+    head.textContent = state.picks.length
+      ? `in the mix: ${state.picks.length} of ${names.length} sources`
+      : `no source picked: all ${names.length} equally`;
+  };
+  const renderRows = () => {
+    list.textContent = "";
+    for (const key of Object.keys(shares)) delete shares[key];
+    for (const p of state.picks) {
+      const row = el("div", "weight-row");
+      row.dataset.source = p.name;
+      const label = el("label", "weight-name", p.name);
+      label.htmlFor = `w-${p.name}`;
+      label.style.color = color(p.name);
+      label.title = p.name;
+      const input = el("input");
+      Object.assign(input, { type: "range", id: `w-${p.name}`, min: "0", max: "1", step: "0.01",
+        value: String(p.weight) });
+      input.style.setProperty("--a", color(p.name));
+      input.classList.add("single");
+      input.setAttribute("aria-label", `weight of ${p.name}`);
+      shares[p.name] = el("output", "share");
+      shares[p.name].htmlFor = `w-${p.name}`;
+      shares[p.name].title = "share of the mix (the weights, normalised)";
+      input.addEventListener("input", () => {
+        p.weight = Number(input.value);
+        sync();
+        dialMoved();
+      });
+      const remove = el("button", "pick-remove", "×");
+      remove.type = "button";
+      remove.setAttribute("aria-label", `remove ${p.name}`);
+      remove.title = `remove ${p.name} from the mix`;
+      remove.addEventListener("click", () => {
+        state.picks = state.picks.filter((q) => q !== p);
+        changed();
+        filter.focus();
+      });
+      row.append(label, input, shares[p.name], remove);
+      list.append(row);
+    }
+  };
+  const renderMatches = () => {
+    matches.textContent = "";
+    const q = filter.value.trim().toLowerCase();
+    if (!q) return;
+    const found = names.filter((n) => n.toLowerCase().includes(q));
+    const free = found.filter((n) => !picked(n));
+    for (const n of free.slice(0, MATCHES_SHOWN)) {
+      const b = el("button", "pick-match", `+ ${n}`);
+      b.type = "button";
+      b.dataset.source = n;
+      b.style.setProperty("--c", color(n));
+      b.setAttribute("aria-label", `add ${n}`);
+      b.addEventListener("click", () => add(n));
+      matches.append(b);
+    }
+    if (free.length > MATCHES_SHOWN) {
+      matches.append(el("span", "pick-note", `+ ${free.length - MATCHES_SHOWN} more: keep typing`));
+    } else if (!free.length) {
+      const why = found.length ? `${found.length === 1 ? found[0] : "every match"} is in the mix already`
+        : `no source matches “${filter.value.trim()}”`;
+      matches.append(el("span", "pick-note", why));
+    }
+  };
+  const changed = () => {  // the picks changed: redraw, and regenerate like a moved dial
+    renderRows();
+    renderHead();
+    renderMatches();
+    sync();
+    dialMoved();
+  };
+  const add = (name) => {
+    if (!picked(name)) state.picks = [...state.picks, { name, weight: NEW_WEIGHT }];
+    filter.value = "";
+    changed();
+    filter.focus();
+  };
+
+  filter.addEventListener("input", renderMatches);
+  filter.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") { filter.value = ""; renderMatches(); return; }
+    if (ev.key !== "Enter") return;
+    ev.preventDefault();
+    const q = filter.value.trim().toLowerCase();
+    if (!q) return;
+    const exact = names.find((n) => n.toLowerCase() === q);
+    const first = names.find((n) => n.toLowerCase().includes(q) && !picked(n));
+    if (exact || first) add(exact || first);
   });
-  refresh();
+  preset.addEventListener("change", () => {
+    const v = preset.value;
+    preset.value = "";
+    if (v === "uniform") state.picks = uniformPicks();
+    else if (v.startsWith("corner:")) state.picks = [{ name: v.slice(7), weight: 1 }];
+    else return;
+    changed();
+  });
+
+  state.picks = uniformPicks();
+  renderRows();
+  renderHead();
+  sync();
 }
 
 // ---------------------------------------------------------------- mode
@@ -331,7 +475,7 @@ function request(stream) {
   markInvalid([]);
   return {
     prompt: $("prompt").value,
-    dial: state.dial,
+    dial: dialToSend(),
     ...numberFields(),
     calibrated: !$("calibrated-row").hidden && !$("calibrated").disabled && $("calibrated").checked,
     mode: $("mode").value || undefined,  // undefined (left out): the server's default
@@ -484,14 +628,19 @@ function stop() {
 
 // ---------------------------------------------------------------- sweep
 
-// Two sources: five points along the slider. More: every source's corner, then the uniform middle.
+// Two sources: five points along the slider. More: every source's corner, then the uniform middle; with sources
+// picked by name, the corners of those (weight > 0), then their mix (unless it is the uniform middle), then uniform.
 function sweepPositions() {
   const s = state.sources;
   if (s.length === 2) return [0, 0.25, 0.5, 0.75, 1].map((d) => ({ label: fmt(d), dial: d }));
-  const corners = s.map((name) => ({
-    label: name, dial: Object.fromEntries(s.map((k) => [k, k === name ? 1 : 0])),
-  }));
-  return [...corners, { label: "uniform", dial: Object.fromEntries(s.map((k) => [k, 1])) }];
+  const cornerOf = (name) => ({ label: name, dial: Object.fromEntries(s.map((k) => [k, k === name ? 1 : 0])) });
+  const uniform = { label: "uniform", dial: Object.fromEntries(s.map((k) => [k, 1])) };
+  const picks = (state.picks || []).filter((p) => p.weight > 0);
+  if (!picks.length) return [...s.map(cornerOf), uniform];
+  const mix = dialToSend();
+  const isUniform = picks.length === s.length && picks.every((p) => p.weight === picks[0].weight);
+  const mixed = picks.length > 1 && !isUniform ? [{ label: "mix", dial: mix }] : [];
+  return [...picks.map((p) => cornerOf(p.name)), ...mixed, uniform];
 }
 
 async function sweep() {
@@ -515,8 +664,10 @@ async function sweep() {
   grid.textContent = "";
   const cols = positions.map((p, i) => {
     const col = el("article", "sweep-col");
+    const k = state.sources.indexOf(p.label);  // a corner: its source's colour
     col.style.setProperty("--col", typeof p.dial === "number"
-      ? `color-mix(in srgb, ${COLORS[1]} ${Math.round(p.dial * 100)}%, ${COLORS[0]})` : COLORS[i % COLORS.length]);
+      ? `color-mix(in srgb, ${COLORS[1]} ${Math.round(p.dial * 100)}%, ${COLORS[0]})`
+      : COLORS[(k >= 0 ? k : i) % COLORS.length]);
     const head = el("header", "sweep-head");
     head.append(el("strong", "", p.label), el("span", "sweep-weights", describe(p.dial, true)));
     const pre = el("pre", "sweep-text");
@@ -592,13 +743,15 @@ async function init() {
     m.params && `${humanCount(m.params)} params`,
     m.step !== undefined && `step ${Number(m.step).toLocaleString("en-US")}`,
     m.tokenizer && `${m.tokenizer} tokenizer`,
-    `sources: ${state.sources.join(", ")}`,
+    state.sources.length <= COMPACT_MAX ? `sources: ${state.sources.join(", ")}`
+      : `${state.sources.length} sources: ${state.sources.slice(0, 3).join(", ")}, …, ${state.sources.at(-1)}`,
   ].filter(Boolean);
   $("model-info").textContent = bits.join(" · ");
+  const more = state.sources.length > COMPACT_MAX ? `\nsources: ${state.sources.join(", ")}` : "";
   if (m.n_layer) {
     $("model-info").title = `${m.n_layer} layers × ${m.n_embd} wide, ${m.n_head} heads, context ${m.block_size}, ` +
-      `vocabulary ${m.vocab_size}`;
-  }
+      `vocabulary ${m.vocab_size}${more}`;
+  } else if (more) $("model-info").title = more.trim();
   const lim = info.limits || {};
   if (lim.max_prompt_chars) $("prompt").maxLength = lim.max_prompt_chars;
   if (lim.max_new_tokens) {

@@ -1,0 +1,165 @@
+"""model.width = "corner": each source its own network of the recipe's size, plus shared units (bank.py)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import noisy, source_tables, synthetic_text, write_recipe
+
+from abcgpt.bank import CornerBank, corner_config, shared_counts
+from abcgpt.checkpoint import load_checkpoint
+from abcgpt.common import AbcgptError
+from abcgpt.config import load_recipe
+from abcgpt.dial import corner, sample_dials
+from abcgpt.engine import Engine
+from abcgpt.model import GPT, GPTConfig, build_model
+from abcgpt.train import train
+
+
+def bank(n=3, shared=0.25, bias=True, seed=0) -> CornerBank:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=23, n_sources=n, block_size=12, n_layer=2, n_head=4, n_embd=16, width="corner",
+                    shared_fraction=shared, bias=bias)
+    return noisy(build_model(cfg))
+
+
+def as_gpt(model: CornerBank, k: int) -> GPT:
+    """An ordinary ungated GPT of one corner's size holding corner k's weights."""
+    g = GPT(corner_config(model.config))
+    w = {n: t.detach() for n, t in model.corner_weights(k).items()}
+    g.load_state_dict(w | {"lm_head.weight": w["transformer.wte.weight"]})
+    return g
+
+
+@pytest.mark.parametrize("shared", [0.0, 0.25, 0.5])
+def test_a_corner_is_an_ordinary_gpt_of_the_recipes_size(shared):
+    m = bank(shared=shared)
+    x = torch.randint(0, 23, (5, 12))
+    for k in range(3):
+        logits, loss = m(x, corner(k, 3), x)
+        ref, ref_loss = as_gpt(m, k)(x, None, x)
+        assert torch.allclose(logits, ref, atol=1e-5) and torch.allclose(loss, ref_loss, atol=1e-6)
+    # the parameters: one shared block, and N own sets; a corner's count does not depend on N
+    one = sum(p.numel() for p in GPT(corner_config(m.config)).parameters())
+    assert m.corner_params() == one
+    for n in (2, 5):
+        other = bank(n=n, shared=shared)
+        assert other.corner_params() == one
+        assert other.num_params() == sum(p.numel() for p in other.shared.parameters()) + n * sum(
+            p.numel() for p in other.own[0].parameters())
+
+
+def test_corners_share_exactly_the_shared_block():
+    """Corner weights agree on the entries whose every axis is a shared unit, and differ elsewhere."""
+    m = bank(shared=0.5)
+    c = shared_counts(m.config)
+    a, b = m.corner_weights(0), m.corner_weights(1)
+    fc = "transformer.h.1.mlp.c_fc.weight"  # (MLP units, channels)
+    assert torch.equal(a[fc][:c["unit"], :c["res"]], b[fc][:c["unit"], :c["res"]])
+    assert not torch.equal(a[fc][c["unit"]:], b[fc][c["unit"]:])
+    assert not torch.equal(a[fc][:c["unit"], c["res"]:], b[fc][:c["unit"], c["res"]:])
+    q = "transformer.h.0.attn.c_attn.weight"  # q, k, v rows of the shared heads, over the shared channels
+    for part in range(3):
+        rows = slice(part * 16, part * 16 + c["head"])
+        assert torch.equal(a[q][rows, :c["res"]], b[q][rows, :c["res"]])
+    assert c == {"res": 8, "head": 8, "unit": 32}
+
+
+def test_a_batch_trains_only_its_sources_and_the_shared_units():
+    m = bank(n=4, shared=0.25)
+    x = torch.randint(0, 23, (6, 12))
+    dials = torch.stack([corner(k, 4) for k in (1, 3, 1, 1, 3, 3)])
+    _, loss = m(x, dials, x)
+    loss.backward()
+    touched = [k for k in range(4) if any(p.grad is not None for p in m.own[k].parameters())]
+    assert touched == [1, 3]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.shared.parameters())
+
+
+def test_without_shared_units_training_one_source_leaves_every_other_corner_bit_for_bit():
+    """The optimizer skips an absent source: its weights and its AdamW moments do not move (no decay either)."""
+    m = bank(n=3, shared=0.0)
+    opt = m.configure_optimizer(0.1, 1e-2, (0.9, 0.99), "cpu")
+    x = torch.randint(0, 23, (4, 12))
+    for k in (0, 2, 0):  # sources 0 and 2 train, 1 never
+        _, loss = m(x, corner(k, 3), x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    before = {n: t.clone() for n, t in m.corner_weights(1).items()}
+    moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in m.own[0].parameters()}
+    _, loss = m(x, corner(2, 3), x)
+    loss.backward()
+    opt.step()
+    after = m.corner_weights(1)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(len(opt.state[p]) == 0 for p in m.own[1].parameters())  # never stepped
+    for p in m.own[0].parameters():  # source 0 was absent from the last step: its moments and step count stay
+        assert all(torch.equal(moments[id(p)][k], v) for k, v in opt.state[p].items())
+
+
+def test_a_dial_between_corners_is_refused_with_one_line():
+    m = bank()
+    with pytest.raises(AbcgptError, match="between corners"):
+        m(torch.zeros(1, 4, dtype=torch.long), torch.tensor([0.5, 0.5, 0.0]))
+
+
+def test_recipe_checks():
+    base = ["model.width=corner"]
+    with pytest.raises(AbcgptError, match="model.method"):
+        load_recipe("tiny", base, "reference")
+    with pytest.raises(AbcgptError, match="train.corner_fraction"):
+        load_recipe("tiny", base + ["train.corner_fraction=0.5"])
+    with pytest.raises(AbcgptError, match="corner_fraction = 1"):
+        load_recipe("tiny", ["train.sources_per_batch=2", "train.corner_fraction=0.5"])
+    load_recipe("tiny", base + ["model.gates=none"])  # a baseline of one corner's size: the keys are the same
+
+
+def test_sources_per_batch_keeps_each_sources_share():
+    rng, w = np.random.default_rng(0), [1.0, 2.0, 3.0, 4.0, 10.0]
+    counts, per_batch = np.zeros(5), []
+    for _ in range(4000):
+        dials, sources = sample_dials(rng, 16, 5, 0.5, 1.0, weights=w, sources_per_batch=2)
+        assert np.array_equal(dials, np.eye(5, dtype=np.float32)[sources])
+        counts += np.bincount(sources, minlength=5)
+        per_batch.append(len(set(sources.tolist())))
+    assert max(per_batch) == 2
+    assert np.allclose(counts / counts.sum(), np.array(w) / sum(w), atol=0.01)
+
+
+def test_a_bank_trains_resumes_samples_and_mixes(tmp_path, capsys):
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["model.width=corner", "model.shared_fraction=0.5",
+                                                       "train.steps=20"])
+    train(recipe, tmp_path / "run", progress=False)
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["model.width=corner", "model.shared_fraction=0.5",
+                                                       "train.steps=30"])
+    train(recipe, tmp_path / "run", resume=True, progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last")
+    assert isinstance(ckpt.model, CornerBank) and ckpt.meta["step"] == 30
+    assert set(ckpt.meta["metrics"]["heldout"]) == {"alpha", "omega"}  # corners only: nothing in between
+    engine = Engine(ckpt)
+    assert engine.default_mode == "mixture"
+    texts = engine.generate("a", dial=0.5, n=4, max_new_tokens=8, seed=0)
+    assert len(texts) == 4
+    with pytest.raises(AbcgptError, match="between corners"):
+        engine.generate("a", dial=0.5, mode="gates", max_new_tokens=4)
+    table = ckpt.meta["metrics"]["heldout"]
+    assert table["alpha"]["alpha"] < table["omega"]["alpha"] and table["omega"]["omega"] < table["alpha"]["omega"]
+
+
+def test_a_hundred_sources_train_and_sample(tmp_path):
+    symbols = [chr(c) for c in range(0x100, 0x100 + 300)]
+    paths = {}
+    for i in range(100):
+        p = tmp_path / f"s{i}.txt"
+        p.write_text(synthetic_text("".join(symbols[3 * i:3 * i + 3]), 2_000, i))
+        paths[f"s{i}"] = p
+    recipe_path = write_recipe(tmp_path, sources=source_tables(**paths))
+    recipe = load_recipe(str(recipe_path), ["model.width=corner", "model.n_embd=8", "model.n_head=2",
+                                            "train.sources_per_batch=2", "train.steps=10", "train.eval_every=10"])
+    train(recipe, tmp_path / "run", progress=False)
+    engine = Engine(load_checkpoint(tmp_path / "run" / "last"))
+    one = sum(p.numel() for p in GPT(corner_config(engine.model.config)).parameters())
+    assert engine.model.corner_params() == one
+    assert engine.model.num_params() == 100 * one  # no shared units: N corners, nothing that grows with N^2
+    text = engine.generate("", dial="s7", max_new_tokens=20, seed=0, temperature=0.0)[0]
+    assert text
