@@ -38,6 +38,7 @@ def headline(report: dict) -> dict:
     row = {
         "corner": {s: corner[s]["mean"] for s in sources},
         "vs_joint": {s: corner[s].get("vs_joint") for s in sources},
+        "vs_alone": {s: corner[s].get("vs_alone") for s in sources},
         "contrast": report["contrast"],
         "isolation": ({s: min(v.values()) for s, v in report["isolation"].items()} if report["isolation"] else None),
         "middle_vs_joint": {s: report["middle"][s].get("vs_joint") for s in sources},
@@ -128,10 +129,11 @@ def results_by_name(root: Path) -> dict[str, list[dict]]:
 
 
 def cmd_table(args) -> None:
-    print("| setting · mode | `--set` (on today's defaults) | seeds | corner − joint | contrast | isolation "
+    print("| setting · mode | `--set` (on today's defaults) | seeds | corner − joint | corner − alone | contrast "
+          "| isolation "
           "| isolation at 0.1 | max regret | middle − joint | fluency gap | calib. error (calibrated) | monotone "
           "| share at 0.5 | mixing at 0.5 | morph error at 0.5 (coin flip 0.50) |")
-    print("|---" * 15 + "|")
+    print("|---" * 16 + "|")
     for name, rs in results_by_name(Path(args.root)).items():
         sources = list(rs[0]["corner"])
 
@@ -145,7 +147,8 @@ def cmd_table(args) -> None:
         calib = _agg([r["calibration_error"] for r in rs])
         if any(c is not None for c in calibrated):
             calib += f" ({_agg(calibrated)})"
-        print(f"| {name} | {sets} | {len(rs)} | {per_source('vs_joint')} | {per_source('contrast')} | "
+        print(f"| {name} | {sets} | {len(rs)} | {per_source('vs_joint')} | {per_source('vs_alone')} | "
+              f"{per_source('contrast')} | "
               f"{per_source('isolation')} | {per_source('isolation_near')} | "
               f"{_agg([r.get('regret_max') for r in rs], signed=True)} | {per_source('middle_vs_joint')} | "
               f"{_agg([r.get('fluency_gap') for r in rs], signed=True)} | "

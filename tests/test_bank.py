@@ -1,5 +1,7 @@
 """model.width = "corner": each source its own network of the recipe's size, plus shared units (bank.py)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,11 @@ from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
 from abcgpt.dial import corner, sample_dials
 from abcgpt.engine import Engine
+from abcgpt.export import export_gpt2
 from abcgpt.model import GPT, GPTConfig, build_model
+from abcgpt.report import Settings, build_report
+from abcgpt.report_metrics import edges
+from abcgpt.report_render import to_markdown
 from abcgpt.train import train
 
 
@@ -163,3 +169,37 @@ def test_a_hundred_sources_train_and_sample(tmp_path):
     assert engine.model.num_params() == 100 * one  # no shared units: N corners, nothing that grows with N^2
     text = engine.generate("", dial="s7", max_new_tokens=20, seed=0, temperature=0.0)[0]
     assert text
+
+
+def test_the_report_samples_edges_at_many_sources(tmp_path):
+    """Past Settings.max_edges the report looks along a fixed random sample of edges (style curve, regret grid,
+    near-corner points), says so, and still scores every source at every corner."""
+    alphabets = ("abcd", "efgh", "ijkl", "mnop", "qrst", "uvwx")
+    for i, a in enumerate(alphabets):
+        (tmp_path / f"s{i}.txt").write_text(synthetic_text(a, 20_000, i))
+    sources = source_tables(**{f"s{i}": tmp_path / f"s{i}.txt" for i in range(6)})
+    recipe = load_recipe(str(write_recipe(tmp_path, sources=sources)), ["model.width=corner", "train.steps=10"])
+    train(recipe, tmp_path / "run", progress=False)
+    settings = dataclasses.replace(Settings.quick(samples=2), max_edges=3, new_tokens=8, prompt=" ")
+    report, _ = build_report(tmp_path / "run", None, quick=True, settings=settings, progress=False)
+    picked = [(e.source_from, e.source_to) for e in report.style.edges]
+    assert len(picked) == 3 and picked == [(f"s{i}", f"s{j}") for i, j in edges(6, settings)]
+    assert len([p for p in report.regret.positions if p.dial != "uniform"]) == 3 * (settings.edge_points - 2)
+    assert all(len(row) == 6 for row in report.corners.table.values())  # the corner table is whole
+    assert "3 of the simplex's 15 edges" in to_markdown(report)
+
+
+def test_a_banks_corner_exports_as_a_gpt2_of_the_recipes_size(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["model.width=corner", "model.shared_fraction=0.5",
+                                                       "train.steps=10"])
+    train(recipe, tmp_path / "run", progress=False)
+    export_gpt2(tmp_path / "run", "omega", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (hf.config.n_embd, hf.config.n_head) == (16, 2)  # the recipe's size, not N times it
+    ckpt = load_checkpoint(tmp_path / "run" / "last")
+    x = torch.randint(0, ckpt.tokenizer.vocab_size, (2, 16))
+    ours, _ = ckpt.model.eval()(x, corner(1, 2), x)
+    with torch.no_grad():
+        theirs = hf(x).logits[..., :ours.size(-1)]
+    assert torch.allclose(ours, theirs, atol=1e-4)

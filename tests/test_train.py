@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, write_recipe
+from conftest import REPO, synthetic_text, write_recipe
 from safetensors.torch import load_file
 
 import abcgpt.train
@@ -20,7 +20,7 @@ from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
 from abcgpt.data import Batcher, load_data, prepare, prepared_data
 from abcgpt.evaluate import heldout_loss
-from abcgpt.model import GPT
+from abcgpt.model import build_model
 from abcgpt.train import train
 
 
@@ -209,13 +209,18 @@ def test_interrupted_checkpoint_swap_is_recovered(tmp_path):
     assert Path(load_checkpoint(last).path).name == "last.old"
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_torchrun_two_processes_match_one(tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp, width", [(False, "total"), (True, "total"), (False, "corner")])
+def test_torchrun_two_processes_match_one(tmp_path, fsdp, width):
     """torchrun with 2 CPU processes (gloo) trains the same model as one process with the same global batch:
     each process takes its half of the same drawn batch; DDP averages the gradients, FSDP reduce-scatters
-    them into each process's shard and gathers the whole model for checkpoints."""
-    recipe = str(write_recipe(tmp_path))
-    args = ["train", "--config", recipe, "--steps", "20", "--set", "train.grad_accum=2", "--set", "train.threads=1"]
+    them into each process's shard and gathers the whole model for checkpoints. A bank of corners (width corner,
+    4 sources, 2 a batch) leaves the sources absent from the whole batch untouched under DDP too."""
+    sources = "".join(f'[[data.sources]]\nname = "s{i}"\npath = "{tmp_path / f"s{i}.txt"}"\n\n' for i in range(4))
+    for i, alphabet in enumerate(("abcd", "efgh", "ijkl", "mnop")):
+        (tmp_path / f"s{i}.txt").write_text(synthetic_text(alphabet, 20_000, i))
+    recipe = str(write_recipe(tmp_path, sources=sources if width == "corner" else None))
+    args = ["train", "--config", recipe, "--steps", "20", "--set", "train.grad_accum=2", "--set", "train.threads=1",
+            "--set", f"model.width={width}", "--set", f"train.sources_per_batch={2 if width == 'corner' else 0}"]
     one = _cli(*args, "--out", str(tmp_path / "one"))
     _, err = one.communicate(timeout=300)
     assert one.returncode == 0, err
@@ -231,8 +236,9 @@ def test_torchrun_two_processes_match_one(tmp_path, fsdp):
     # and they moved away from the initial weights: the comparison is not vacuous
     init = load_checkpoint(tmp_path / "one" / "last").model
     torch.manual_seed(0)  # train.seed: the initial weights
-    fresh = GPT(init.config).state_dict()
-    assert not torch.allclose(fresh["transformer.h.0.mlp.c_fc.weight"], a["transformer.h.0.mlp.c_fc.weight"])
+    fresh = build_model(init.config).state_dict()
+    k = "transformer.h.0.mlp.c_fc.weight" if width == "total" else "own.0.transformer_h_0_mlp_c_fc_weight_0"
+    assert not torch.allclose(fresh[k], a[k])
 
 
 def test_fsdp_run_resumes_exactly(tmp_path):

@@ -47,6 +47,7 @@ class Settings:
     classifier_chunks: int = Field(1500, ge=10, le=10**6)
     seed: int = Field(1234, ge=0, le=MAX_SEED)
     prompt: str = "\n"  # the same prompt at every position; a newline is common to most corpora
+    max_edges: int = Field(12, ge=1, le=10**6)  # edges of the simplex sampled (regret, style, near corners) past it
 
     @classmethod
     def quick(cls, samples: int = 4) -> "Settings":
@@ -75,16 +76,25 @@ def edge_ts(n_sources: int, s: Settings) -> list[float]:
     return even(s.style_points if n_sources == 2 else s.edge_points)
 
 
+def edges(n_sources: int, s: Settings) -> list[tuple[int, int]]:
+    """The edges (i, j) of the simplex the report looks along: every one, or past s.max_edges (N = 100 has 4,950) a
+    fixed sample of s.max_edges of them, drawn uniformly without replacement with s.seed."""
+    every = [(i, j) for i in range(n_sources) for j in range(i + 1, n_sources)]
+    if len(every) <= s.max_edges:
+        return every
+    pick = np.random.default_rng(s.seed).choice(len(every), size=s.max_edges, replace=False)
+    return [every[k] for k in sorted(pick)]
+
+
 def regret_grid(n_sources: int, s: Settings) -> list[tuple[str, torch.Tensor]]:
     """The report's grid of dial positions: for two sources the loss curve's points; for more, the inner points of
-    every edge of the simplex, and the centroid."""
+    every edge of the simplex (of the sampled ones, see edges), and the centroid."""
     if n_sources == 2:
         ts = even(s.loss_points)
         return [(f"{t:.2f}", d) for t, d in zip(ts, dial_path(2, ts))]
     grid, ts = [], even(s.edge_points)[1:-1]
-    for i in range(n_sources):
-        for j in range(i + 1, n_sources):
-            grid += [(f"{i}-{j}@{t:.2f}", d) for t, d in zip(ts, dial_path(n_sources, ts, i, j))]
+    for i, j in edges(n_sources, s):
+        grid += [(f"{i}-{j}@{t:.2f}", d) for t, d in zip(ts, dial_path(n_sources, ts, i, j))]
     return grid + [("uniform", torch.full((n_sources,), 1.0 / n_sources))]
 
 
@@ -114,8 +124,8 @@ def loss_positions(sources: list[str], s: Settings) -> LossPositions:
     reported), for these sources and settings."""
     n = len(sources)
     t = even(s.loss_points)
-    near = {(src, other): dial_path(n, [0.1], j, i)[0] for i, src in enumerate(sources)
-            for j, other in enumerate(sources) if i != j}
+    pairs = [p for i, j in edges(n, s) for p in ((i, j), (j, i))]
+    near = {(sources[i], sources[j]): dial_path(n, [0.1], j, i)[0] for i, j in pairs}
     return LossPositions(corners=[corner(i, n) for i in range(n)], middle=uniform(n), t=t,
                          path=dial_path(n, t), grid=regret_grid(n, s), near=near)
 
@@ -281,7 +291,8 @@ def isolation(losses: HeldoutLosses, pos: LossPositions, base: dict[str, dict[st
 
     corners = dict(zip(sources, pos.corners))
     return Isolation(corner={src: {t: iso(corners[t], src) for t in sources if t != src} for src in sources},
-                     near={src: {t: iso(pos.near[src, t], src) for t in sources if t != src} for src in sources})
+                     near={src: {t: iso(pos.near[src, t], src) for t in sources if (src, t) in pos.near}
+                           for src in sources})
 
 
 # ----------------------------------------------------------------------------- style
@@ -365,35 +376,34 @@ class StyleCurve:
 
 def style_curve(engine: Engine, clf: StyleClassifier, mode: str, s: Settings, judge: Engine | None = None
                 ) -> StyleCurve:
-    """Samples along every edge of the simplex, read by the classifier, and (given a judge) their fluency against
-    the dial-weighted mean of the two corners' samples."""
+    """Samples along every edge of the simplex (the sampled ones past Settings.max_edges), read by the classifier,
+    and (given a judge) their fluency against the dial-weighted mean of the two corners' samples."""
     sources, n, ts = engine.sources, len(engine.sources), edge_ts(len(engine.sources), s)
-    edges = []
-    for i in range(n):
-        for j in range(i + 1, n):
-            dials = dial_path(n, ts, i, j)
-            st = sample_style(engine, clf, dials, mode, s, judge)
-            share_to = [row[j] for row in st.share]
-            styles = [[p[j] for p in at] for at in st.line_proba]  # each sample's own style: P(source_to)
-            morph = morph_error(ts, styles)
-            e = StyleEdge(**(vars(st) | {"line_proba": None}), samples_per_point=s.samples,
-                          new_tokens=s.new_tokens, temperature=s.temperature, top_k=s.top_k, source_from=sources[i],
-                          source_to=sources[j], t=ts, dial=[format_dial(d, sources) for d in dials],
-                          share_to=share_to, calibration_error=calibration_error(ts, share_to),
-                          monotone=is_monotone(share_to, tol=0.05), sample_style=styles,
-                          style_scale=list(corner_scale(styles)), morph_error=morph or [None] * len(ts),
-                          morph_samples=[len(x) for x in styles], coin_flip=coin_flip_morph(ts))
-            if st.fluency:
-                f = st.fluency
-                e.fluency_target = [(1 - t) * f[0] + t * f[-1] for t in ts]
-                e.fluency_gap = [a - b for a, b in zip(f, e.fluency_target)]
-            edges.append(e)
+    out = []
+    for i, j in edges(n, s):
+        dials = dial_path(n, ts, i, j)
+        st = sample_style(engine, clf, dials, mode, s, judge)
+        share_to = [row[j] for row in st.share]
+        styles = [[p[j] for p in at] for at in st.line_proba]  # each sample's own style: P(source_to)
+        morph = morph_error(ts, styles)
+        e = StyleEdge(**(vars(st) | {"line_proba": None}), samples_per_point=s.samples,
+                      new_tokens=s.new_tokens, temperature=s.temperature, top_k=s.top_k, source_from=sources[i],
+                      source_to=sources[j], t=ts, dial=[format_dial(d, sources) for d in dials],
+                      share_to=share_to, calibration_error=calibration_error(ts, share_to),
+                      monotone=is_monotone(share_to, tol=0.05), sample_style=styles,
+                      style_scale=list(corner_scale(styles)), morph_error=morph or [None] * len(ts),
+                      morph_samples=[len(x) for x in styles], coin_flip=coin_flip_morph(ts))
+        if st.fluency:
+            f = st.fluency
+            e.fluency_target = [(1 - t) * f[0] + t * f[-1] for t in ts]
+            e.fluency_gap = [a - b for a, b in zip(f, e.fluency_target)]
+        out.append(e)
     mid = len(ts) // 2
-    morphed = [e for e in edges if e.morph_error[mid] is not None]
-    return StyleCurve(edges, s.samples, s.new_tokens, s.prompt,
-                      calibration_error=float(np.mean([e.calibration_error for e in edges])),
-                      monotone=all(e.monotone for e in edges),
-                      mixing_mid=float(np.mean([e.mixing[mid] or 0.0 for e in edges])),
+    morphed = [e for e in out if e.morph_error[mid] is not None]
+    return StyleCurve(out, s.samples, s.new_tokens, s.prompt,
+                      calibration_error=float(np.mean([e.calibration_error for e in out])),
+                      monotone=all(e.monotone for e in out),
+                      mixing_mid=float(np.mean([e.mixing[mid] or 0.0 for e in out])),
                       morph_mid=float(np.mean([e.morph_error[mid] for e in morphed])) if morphed else None,
                       morph_mid_edges=len(morphed), morph_mid_samples=sum(e.morph_samples[mid] for e in morphed),
                       coin_flip_mid=coin_flip_morph([ts[mid]])[0])

@@ -217,6 +217,11 @@ def to_markdown(r: Report) -> str:
     st = r.style
     lines += ["", f"## Style curve ({st.samples_per_point} samples of {st.new_tokens} tokens per position, "
               f"classifier accuracy {r.classifier['accuracy']:.3f} on {r.classifier['n_test']} held-out chunks)"]
+    every = len(sources) * (len(sources) - 1) // 2
+    if len(st.edges) < every:
+        lines += ["", f"{len(st.edges)} of the simplex's {every:,} edges, drawn at random (seed {r.settings.seed}, "
+                  f"`max_edges` = {r.settings.max_edges}); the regret grid and the near-corner isolation use the same "
+                  "edges, and the corner table is complete."]
     for e in st.edges:
         lo, hi = e.style_scale
         if lo is None or hi is None:
