@@ -78,12 +78,13 @@ def finished(run: Path, steps: int) -> bool:
     return cfg.is_file() and read_meta(run / "last")["step"] >= steps
 
 
-def jobs_for(root: Path, n: int, shared: list[float], seeds: list[int], steps: int) -> list[tuple[Path, list[str]]]:
+def jobs_for(root: Path, n: int, shared: list[float], seeds: list[int], steps: int, sets: list[str], tag: str
+             ) -> list[tuple[Path, list[str]]]:
     """(run folder, `abcgpt train` overrides) of every run one N needs."""
     recipe = write_recipe(root, n, steps)
     names = VOICES[:n]
-    jobs = [(root / f"n{n}" / f"shared{f:g}" / f"s{seed}",
-             [f"model.shared_fraction={f}", f"train.seed={seed}"]) for f in shared for seed in seeds]
+    jobs = [(root / f"n{n}" / f"shared{f:g}{tag}" / f"s{seed}",
+             [f"model.shared_fraction={f}", f"train.seed={seed}", *sets]) for f in shared for seed in seeds]
     base = ["model.gates=none", "model.routing=soft"]
     jobs.append((root / f"n{n}" / "joint", base))
     for i, s in enumerate(names):
@@ -102,7 +103,8 @@ def cmd_run(args) -> None:
     root = Path(args.root)
     todo = []
     for n in args.n:
-        for run, (recipe, *overrides) in jobs_for(root, n, args.shared, args.seeds, args.steps):
+        for run, (recipe, *overrides) in jobs_for(root, n, args.shared, args.seeds, args.steps, args.set,
+                                                  f"-{args.tag}" if args.tag else ""):
             steps = next((int(o.split("=")[1]) for o in overrides if o.startswith("train.steps=")), args.steps)
             if not finished(run, steps):
                 todo.append((run, recipe, overrides, steps))
@@ -160,7 +162,9 @@ def score_run(run: Path, base: dict[str, Path], batch: int, batches: int) -> dic
         model = load_checkpoint(path / "last").model.eval()
         wanted = names if key == "joint" else [key.split("_", 1)[1]]
         bl[key] = {s: -float(token_logprobs(model, held[s], block, batch, batches).mean()) for s in wanted}
-    row = {"run": str(run), "n": n, "shared": ckpt.recipe.model.shared_fraction, "seed": ckpt.recipe.train.seed,
+    tag = run.parent.name.partition("-")[2]  # shared0.25-TAG: a variant of the same setting (scaling.py run --tag)
+    row = {"run": str(run), "n": n, "shared": ckpt.recipe.model.shared_fraction, "tag": tag,
+           "seed": ckpt.recipe.train.seed,
            "steps": ckpt.meta["step"], "sources": names, "params": ckpt.model.num_params(),
            "corner_params": ckpt.model.corner_params(), "tokens_per_cell": batch * batches * block,
            "corner": {s: L[s][i] for i, s in enumerate(names)},
@@ -198,14 +202,14 @@ def cmd_score(args) -> None:
 def summarise(rows: list[dict]) -> list[dict]:
     """One line per (N, shared): means over sources (and seeds), the smallest source apart."""
     out = []
-    for key in sorted({(r["n"], r["shared"]) for r in rows}):
-        rs = [r for r in rows if (r["n"], r["shared"]) == key]
+    for key in sorted({(r["n"], r["shared"], r.get("tag", "")) for r in rows}):
+        rs = [r for r in rows if (r["n"], r["shared"], r.get("tag", "")) == key]
         small = [s for s in SMALL if s in rs[0]["sources"]]
 
         def mean(f, rs=rs):
             return float(np.mean([f(r) for r in rs]))
         out.append({
-            "n": key[0], "shared": key[1], "seeds": len(rs), "params": rs[0]["params"],
+            "n": key[0], "shared": key[1], "tag": key[2], "seeds": len(rs), "params": rs[0]["params"],
             "corner_params": rs[0]["corner_params"],
             "vs_alone": mean(lambda r: np.mean([r["corner"][s] - r["alone"][s] for s in r["alone"]])),
             "vs_joint": mean(lambda r: np.mean([r["corner"][s] - r["joint"][s] for s in r["sources"]])),
@@ -232,12 +236,13 @@ def cmd_report(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for t in table:
         small = "–" if t["small_vs_alone"] is None else f"{t['small_vs_alone']:+.3f}"
-        print(f"| {t['n']} | {t['shared']:g} | {t['seeds']} | {t['params'] / 1e6:.2f} | {t['vs_alone']:+.3f} | "
+        setting = f"{t['shared']:g}" + (f" ({t['tag']})" if t["tag"] else "")
+        print(f"| {t['n']} | {setting} | {t['seeds']} | {t['params'] / 1e6:.2f} | {t['vs_alone']:+.3f} | "
               f"{t['vs_joint']:+.3f} / {t['vs_joint_max']:+.3f} | {small} | {t['isolation_mean']:.2f} / "
               f"{t['isolation_min']:.2f} ({t['isolated_sources']}) | {t['regret']:.3f} |")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for n in sorted({t["n"] for t in table}):
-        ts = [t for t in table if t["n"] == n]
+        ts = [t for t in table if t["n"] == n and not t["tag"]]  # the frontier: the plain runs
         for ax, key, label in ((axes[0], "vs_alone", "corner − alone"), (axes[1], "vs_joint", "corner − joint")):
             ax.plot([t[key] for t in ts], [t["isolation_mean"] for t in ts], marker="o", label=f"N = {n}")
             for t in ts:
@@ -267,6 +272,8 @@ def main() -> None:
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
     r.add_argument("--steps", type=int, default=1000)
     r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides of the dial runs")
+    r.add_argument("--tag", default="", help="their variant's name: runs go to nN/sharedF-TAG/")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("score")
     s.add_argument("--batch", type=int, default=32)

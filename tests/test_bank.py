@@ -203,3 +203,23 @@ def test_a_banks_corner_exports_as_a_gpt2_of_the_recipes_size(tmp_path):
     with torch.no_grad():
         theirs = hf(x).logits[..., :ours.size(-1)]
     assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_absent_sources_step_gives_plain_adamw(tmp_path):
+    """train.absent_sources = "step": every source's parameters step each time (zero gradient when absent), so an
+    absent source's weights decay; with "skip" (the default) they stay bit for bit."""
+    own = {}
+    for mode in ("skip", "step"):
+        recipe = load_recipe(str(write_recipe(tmp_path)), [
+            "model.width=corner", "train.steps=1", "train.warmup_steps=0", "train.sources_per_batch=1",
+            f"train.absent_sources={mode}", "train.weight_decay=0.5"])
+        train(recipe, tmp_path / mode, progress=False)
+        ckpt = load_checkpoint(tmp_path / mode / "last")
+        torch.manual_seed(0)  # train.seed: the initial weights
+        init = build_model(ckpt.model.config)
+        own[mode] = [[torch.equal(a, b) for a, b in zip(init.own[k].parameters(), ckpt.model.own[k].parameters())
+                      if a.numel() and a.dim() >= 2] for k in range(2)]
+    # one step, one source: under skip the other source is untouched; under step every matrix of it moved (weight
+    # decay; a zero gradient leaves Adam's moments at 0, so vectors without decay stay)
+    assert sorted(all(same) for same in own["skip"]) == [False, True]
+    assert not any(any(same) for same in own["step"])

@@ -51,6 +51,9 @@ class TrainConfig:
     # every draw at a corner: the sources of one batch are drawn from this many (0: each sequence its own); fewer
     # sources in a batch, fewer small forwards at many sources, the same share of each source
     sources_per_batch: int = Field(0, ge=0, le=2**20, json_schema_extra=DIAL_KEY)
+    # model.width = "corner": AdamW "skip"s the parameters of sources absent from a batch (no gradient: moments and
+    # weights stay, the step costs the batch's sources), or "step"s them all with a zero gradient (plain AdamW)
+    absent_sources: Literal["skip", "step"] = "skip"
     # ungated baselines: train on these sources only ([] = all)
     only_sources: list[str] = Field(default_factory=list, json_schema_extra=DIAL_KEY)
     seed: int = Field(0, ge=0, le=2**63 - 1, json_schema_extra=RUN_KEY)

@@ -181,6 +181,10 @@ class Trainer:
                 with self.autocast():
                     _, loss = self.step_model(x, dials, y, sources)
                 (loss / t.grad_accum).backward()
+        if t.absent_sources == "step":  # plain AdamW semantics: every parameter steps, absent sources with grad 0
+            for p in self.model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
