@@ -223,3 +223,19 @@ def test_absent_sources_step_gives_plain_adamw(tmp_path):
     # decay; a zero gradient leaves Adam's moments at 0, so vectors without decay stay)
     assert sorted(all(same) for same in own["skip"]) == [False, True]
     assert not any(any(same) for same in own["step"])
+
+
+def test_shared_units_from_the_first_source_only():
+    """model.shared_from = "first": the other sources read the shared units but never change them, so every source
+    but the first is isolated from the others exactly (the anchor's knowledge is the one that is shared)."""
+    m = bank(n=3, shared=0.5)
+    m.config.shared_from = "first"
+    x = torch.randint(0, 23, (4, 12))
+    _, loss = m(x, corner(2, 3), x)
+    loss.backward()
+    assert all(p.grad is None for p in m.shared.parameters())
+    _, loss = m(x, corner(0, 3), x)
+    loss.backward()
+    assert all(p.grad is not None for p in m.shared.parameters())
+    with pytest.raises(AbcgptError, match="shared_from"):
+        load_recipe("tiny", ["model.shared_from=first"])

@@ -127,9 +127,12 @@ class CornerBank(nn.Module):
         """Source k's network as an ordinary GPT's weights (named as GPT's), built from the shared block and k's own
         pieces; differentiable."""
         own, w = self.own[k], {}
+        learns = self.config.shared_from == "all" or k == 0  # shared_from = "first": only source 0 writes them
         for piece in self.pieces:
             key = _key(piece.name)
-            shared = self.shared[key] if key in self.shared else None
+            shared = None
+            if key in self.shared:
+                shared = self.shared[key] if learns else self.shared[key].detach()
             pieces = [own[f"{key}_{i}"] for i in range(sum(c < v for c, v in zip(piece.counts, piece.view)))]
             if shared is None:  # no shared unit in this weight: an empty block of the right shape
                 ref = pieces[0]

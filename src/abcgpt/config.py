@@ -179,6 +179,9 @@ def validate(r: Recipe) -> None:
             if have != want:
                 raise AbcgptError(f'model.width = "corner" (each source its own network, nothing between the corners) '
                                   f"needs {key} = {want!r}, got {have!r}")
+    if m.shared_from != "all" and (m.width != "corner" or not m.shared_fraction):
+        raise AbcgptError(f'model.shared_from = "{m.shared_from}" is for a bank of corners with shared units: it needs '
+                          'model.width = "corner" and model.shared_fraction > 0')
     if t.sources_per_batch and (t.corner_fraction != 1.0 or t.dial_sampling != "per_sequence"):
         raise AbcgptError("train.sources_per_batch draws corners: it needs train.corner_fraction = 1 and "
                           'train.dial_sampling = "per_sequence"')

@@ -59,6 +59,9 @@ class GPTConfig:
     # "corner": each source its own network of that size (shared_fraction of it shared), parameters growing with N
     # (bank.py)
     width: Literal["total", "corner"] = Field("total", json_schema_extra=DIAL_KEY)
+    # width = "corner": the shared units learn from every source ("all"), or from the first source's sequences only
+    # ("first": a designated general source, FlexOlmo's public anchor; the others read them and never write them)
+    shared_from: Literal["all", "first"] = Field("all", json_schema_extra=DIAL_KEY)
 
 
 class KVCache:
