@@ -41,7 +41,7 @@ VOICES = ["fortunes_en", "devils_dictionary", "bible_kjv", "python_stdlib", "man
           "gnu_standards", "fortunes_it"]
 SMALL = {"devils_dictionary": 100_000}
 MAX_BYTES = 1_000_000
-ISOLATION_SOURCES = 6  # past 8 sources, without_<s> baselines for this many (the first ones, the small one among them)
+ISOLATION_SOURCES = 4  # without_<s> baselines for this many sources (the first, the small one among them); 6 past 8
 MODEL = """
 [model]
 n_layer = 4
@@ -92,7 +92,7 @@ def jobs_for(root: Path, n: int, shared: list[float], seeds: list[int], steps: i
         jobs.append((root / f"n{n}" / f"alone_{s}",
                      base + [f"train.only_sources=['{s}']", f"train.steps={a}", f"train.warmup_steps={min(50, a)}",
                              f"train.eval_every={a}"]))
-    isolated = names if n <= 8 else names[:ISOLATION_SOURCES]
+    isolated = names[:min(n, ISOLATION_SOURCES if n <= 8 else 6)]
     for s in isolated:
         rest = ",".join(f"'{x}'" for x in names if x != s)
         jobs.append((root / f"n{n}" / f"without_{s}", base + [f"train.only_sources=[{rest}]"]))

@@ -239,3 +239,19 @@ def test_shared_units_from_the_first_source_only():
     assert all(p.grad is not None for p in m.shared.parameters())
     with pytest.raises(AbcgptError, match="shared_from"):
         load_recipe("tiny", ["model.shared_from=first"])
+
+
+def test_the_server_serves_a_bank(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from abcgpt.serve import create_app
+
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["model.width=corner", "train.steps=5"])
+    train(recipe, tmp_path / "run", progress=False)
+    client = TestClient(create_app(tmp_path / "run", max_concurrent=1, max_new_tokens=50, max_prompt_chars=50))
+    info = client.get("/api/info").json()
+    assert info["model"]["width"] == "corner" and info["mode"] == "mixture"
+    ok = client.post("/api/generate", json={"prompt": "a", "dial": 0.5, "max_new_tokens": 5, "seed": 0})
+    assert ok.status_code == 200, ok.text
+    refused = client.post("/api/generate", json={"prompt": "a", "dial": 0.5, "mode": "gates", "max_new_tokens": 5})
+    assert refused.status_code in (400, 422) and "between corners" in refused.text

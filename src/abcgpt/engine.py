@@ -193,6 +193,8 @@ class Engine:
             d, note = parse_dial(spec, self.sources)
             if note and notes is not None:
                 notes.append(note)
+            if self.gated and not self.model.has_interior and self.mode(mode) == "gates" and int((d > 0).sum()) > 1:
+                self.model.corners_of(d)  # a bank of corners: its one-line refusal, before any work
             return d
         cal, mode = self.calibration, self.mode(mode)
         if cal is None:
