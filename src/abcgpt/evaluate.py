@@ -45,7 +45,8 @@ def heldout_loss(model: GPT, tokens, dial: torch.Tensor, batch_size: int, n_batc
     return float(batch_losses(model, tokens, dial, batch_size, n_batches, autocast).mean())
 
 
-FULL_TABLE = 8  # up to this many sources the table scores every source at every corner
+FULL_TABLE = 16  # up to this many sources the table scores every source at every corner
+WIDE_TABLE = 8  # past this many sources the table prints one line per source
 
 
 def dial_positions(sources: list[str], interior: bool = True) -> dict[str, torch.Tensor]:
@@ -78,14 +79,16 @@ def loss_table(model: GPT, data: PreparedData, batch_size: int, n_batches: int,
 
 
 def format_table(table: dict[str, dict[str, float]], sources: list[str]) -> str:
-    """The loss table as aligned text; a star marks the best dial position for each source. Past FULL_TABLE sources,
-    one line per source: its own corner, and the other corners scored."""
-    if len(sources) > FULL_TABLE:
+    """The loss table as aligned text; a star marks the best dial position for each source. Past WIDE_TABLE sources,
+    one line per source: its own corner, and the mean and the lowest of the other corners scored."""
+    if len(sources) > WIDE_TABLE:
         w = max(map(len, sources)) + 2
-        lines = ["source".ljust(w) + "own corner".rjust(12) + "   other corners (scored)"]
+        lines = ["source".ljust(w) + "own corner".rjust(12) + "   other corners scored: mean, lowest"]
         for s in sources:
-            others = ", ".join(f"{d} {row[s]:.3f}" for d, row in table.items() if d != s and s in row)
-            lines.append(s.ljust(w) + f"{table[s][s]:.3f}".rjust(12) + "   " + others)
+            others = {d: row[s] for d, row in table.items() if d not in (s, "middle") and s in row}
+            low = min(others, key=others.get) if others else None
+            tail = f"{sum(others.values()) / len(others):.3f}, {others[low]:.3f} ({low})" if others else "–"
+            lines.append(s.ljust(w) + f"{table[s][s]:.3f}".rjust(12) + f"   {len(others)}: {tail}")
         return "\n".join(lines)
     best = {s: min(table, key=lambda d: table[d][s]) for s in sources}
     labels = {d: d if d == "middle" else f"{d} corner" for d in table}

@@ -38,7 +38,7 @@ from abcgpt.common import (
 )
 from abcgpt.config import Recipe
 from abcgpt.data import Batcher, prepared_data
-from abcgpt.evaluate import FULL_TABLE, format_table, loss_curve, loss_table, plot_loss_curve
+from abcgpt.evaluate import WIDE_TABLE, format_table, loss_curve, loss_table, plot_loss_curve
 from abcgpt.model import build_model
 
 
@@ -250,7 +250,7 @@ class Trainer:
                         if self.master:
                             bar.write(f"step {step}: held-out loss, each source at its own corner: " + (
                                 ", ".join(f"{s} {table[s][s]:.3f}" for s in data.sources)
-                                if len(data.sources) <= FULL_TABLE else f"mean {own:.3f} over {len(trained)}"))
+                                if len(data.sources) <= WIDE_TABLE else f"mean {own:.3f} over {len(trained)}"))
                         if own < self.best:
                             self.best = own
                             self.save("best", {"heldout": table, "corner_own": own})
