@@ -69,10 +69,14 @@ def scored_at(position: str, sources: list[str]) -> list[str]:
 
 def loss_table(model: GPT, data: PreparedData, batch_size: int, n_batches: int,
                autocast=nullcontext) -> dict[str, dict[str, float]]:
-    """{dial position: {source: held-out loss}} at every corner and the middle (see scored_at)."""
+    """{dial position: {source: held-out loss}} at every corner and the middle (see scored_at). An ungated model has
+    no dial: each source is scored once and its loss stands at every position."""
     tokens = dict(zip(data.sources, data.heldout))
+    gated = model.config.gates != "none"
+    once = {} if gated else {s: heldout_loss(model, tokens[s], None, batch_size, n_batches, autocast)
+                             for s in data.sources}
     return {
-        name: {s: heldout_loss(model, tokens[s], dial, batch_size, n_batches, autocast)
+        name: {s: heldout_loss(model, tokens[s], dial, batch_size, n_batches, autocast) if gated else once[s]
                for s in scored_at(name, data.sources)}
         for name, dial in dial_positions(data.sources, model.has_interior).items()
     }

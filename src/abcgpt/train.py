@@ -280,7 +280,9 @@ class Trainer:
             if not self.master:
                 return {}
         table = self.table or loss_table(model, data, t.batch_size, t.eval_batches, self.autocast)
-        if model.has_interior:  # (a bank of corners has no network between them to score: `abcgpt eval` mixes them)
+        # the loss across the dial: none for an ungated baseline (it has no dial), nor for a bank of corners (no
+        # network between them: `abcgpt eval` mixes them)
+        if model.has_interior and model.config.gates == "abc":
             curve = loss_curve(model, data, t.batch_size, max(1, t.eval_batches // 2), autocast=self.autocast)
             atomic_write_text(out / "loss_vs_dial.json", json.dumps(curve, indent=2))
             plot_loss_curve(curve, out / "loss_vs_dial.png", f"{self.recipe.name}: held-out loss across the dial, "
@@ -291,7 +293,7 @@ class Trainer:
                   f"(* = best position for that source):")
             print(format_table(table, data.sources))
             print(f"checkpoints in {out}/best and {out}/last"
-                  + (f"; loss across the dial: {out}/loss_vs_dial.png" if model.has_interior else ""))
+                  + (f"; loss across the dial: {out}/loss_vs_dial.png" if (out / "loss_vs_dial.png").is_file() else ""))
         return table
 
 
