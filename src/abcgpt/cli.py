@@ -67,7 +67,8 @@ def cmd_sample(args) -> None:
               mode=mode)
     if args.n == 1 and not (args.sweep or args.json):  # one sample: stream it to the terminal
         pieces = engine.stream(args.prompt, dials[0], **kw)  # every argument checked here, before the header
-        weights = ", ".join(f"{s} {w:.2f}" for s, w in zip(sources, dials[0].tolist()))
+        weights = ", ".join(f"{s} {w:.2f}" for s, w in zip(sources, dials[0].tolist())
+                            if w > 0 or len(sources) <= 8)  # (with many sources, the ones in the mix)
         print(f"--- dial {format_dial(dials[0], sources)} ({weights}), mode {mode}")
         sys.stdout.write(args.prompt)
         for piece in pieces:

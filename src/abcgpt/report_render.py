@@ -212,8 +212,12 @@ def to_markdown(r: Report) -> str:
               "Regret at a dial a = sum_s a_s (L(a, s) − L(corner s, s)): how much worse the dial predicts the text it "
               f"asks for than the corners do ({rg.tokens_per_point:,} held-out tokens per position).", "",
               "| dial | " + " | ".join(sources) + " | regret |", "|---" * (len(sources) + 2) + "|"]
+    if len(sources) > 8:  # a column per source is unreadable: the weights that are not 0, by name
+        lines[-2:] = ["| dial | weights | regret |", "|---|---|---|"]
     for pos in rg.positions:
-        lines.append(f"| {pos.dial} | " + " | ".join(f"{w:.2f}" for w in pos.weights) + f" | {pos.regret:+.3f} |")
+        weights = (" | ".join(f"{w:.2f}" for w in pos.weights) if len(sources) <= 8 else
+                   ", ".join(f"{s} {w:.2f}" for s, w in zip(sources, pos.weights) if w > 0))
+        lines.append(f"| {pos.dial} | {weights} | {pos.regret:+.3f} |")
     st = r.style
     lines += ["", f"## Style curve ({st.samples_per_point} samples of {st.new_tokens} tokens per position, "
               f"classifier accuracy {r.classifier['accuracy']:.3f} on {r.classifier['n_test']} held-out chunks)"]
