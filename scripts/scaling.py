@@ -30,10 +30,9 @@ import torch
 
 from abcgpt.checkpoint import load_checkpoint, read_meta, read_recipe
 from abcgpt.config import load_recipe
-from abcgpt.data import heldout_batches, prepared_data
+from abcgpt.data import alone_steps, heldout_batches, prepared_data
 from abcgpt.dial import combine_scores, corner
 from abcgpt.engine import Engine
-from abcgpt.sources import alone_steps
 
 # Real voices in the order sources are added; the second is cut to 100 KB: a small source beside ~1 MB ones
 VOICES = ["fortunes_en", "devils_dictionary", "bible_kjv", "python_stdlib", "man_en", "fortunes_de", "jargon_file",

@@ -1,5 +1,6 @@
 import os
 import random
+import shutil
 import socket
 import threading
 import time
@@ -9,6 +10,25 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's, driven by Playwright (no browser download)
+LAUNCH = {"executable_path": CHROMIUM, "args": ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]}
+
+
+def need_chromium() -> None:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium (apt-get install chromium) for the browser test")
+        pytest.skip("chromium is not installed")
+
+
+@pytest.fixture
+def page():
+    """A headless Chromium page, 1280 x 900 (the browser tests)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(**LAUNCH)
+        yield browser.new_page(viewport={"width": 1280, "height": 900})
+        browser.close()
 
 
 def shared_data() -> Path:

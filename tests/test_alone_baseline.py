@@ -14,11 +14,10 @@ from conftest import write_recipe
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
-from abcgpt.data import heldout_batches, prepared_data
+from abcgpt.data import alone_steps, heldout_batches, prepared_data
 from abcgpt.report import Settings, build_report, check_baseline
 from abcgpt.report_metrics import ALONE_EQUAL, ALONE_NEVER, HeldoutLosses, corner_losses, dial_key, loss_positions
 from abcgpt.report_render import to_markdown
-from abcgpt.sources import alone_steps
 from abcgpt.train import train, train_baselines
 
 # weights 1 and 3 over 40 steps: the dial model draws alpha a quarter of the time (10 steps), omega 30;

@@ -4,26 +4,14 @@ server's default, a bad value gets a message naming its box, and the sweep cover
 chromium."""
 
 import os
-import shutil
 import time
-from pathlib import Path
 
 import pytest
-from conftest import live_server, source_tables, synthetic_text, write_recipe
+from conftest import LAUNCH, live_server, need_chromium, source_tables, synthetic_text, write_recipe
 
 from abcgpt.config import load_recipe
 from abcgpt.serve import create_app
 from abcgpt.train import train
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-LAUNCH = {"executable_path": CHROMIUM, "args": ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]}
-
-
-def need_chromium() -> None:
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("CI must install chromium (apt-get install chromium) for the browser test")
-        pytest.skip("chromium is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +37,6 @@ def server6(tmp_path_factory):
     train(load_recipe(str(recipe), ["train.steps=5", "train.eval_every=5"]), tmp / "run", progress=False)
     with live_server(create_app(tmp / "run", max_concurrent=2, max_new_tokens=400)) as base:
         yield base
-
-
-@pytest.fixture
-def page():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(**LAUNCH)
-        yield browser.new_page(viewport={"width": 1280, "height": 900})
-        browser.close()
 
 
 def letters(text: str, alphabet: str) -> int:

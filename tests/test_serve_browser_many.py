@@ -5,8 +5,8 @@ and can be removed, presets give the uniform middle and each corner, and what is
 import os
 
 import pytest
-from conftest import live_server, source_tables, synthetic_text, write_recipe
-from test_serve_browser import LAUNCH, generate_requests, need_chromium, settled
+from conftest import live_server, need_chromium, source_tables, synthetic_text, write_recipe
+from test_serve_browser import generate_requests, settled
 
 from abcgpt.config import load_recipe
 from abcgpt.serve import create_app
@@ -32,15 +32,6 @@ def server100(tmp_path_factory):
                                     "model.n_embd=200", "train.checkpoint_every=5"]), tmp / "run", progress=False)
     with live_server(create_app(tmp / "run", max_concurrent=2, max_new_tokens=400)) as base:
         yield base
-
-
-@pytest.fixture
-def page():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(**LAUNCH)
-        yield browser.new_page(viewport={"width": 1280, "height": 900})
-        browser.close()
 
 
 def picked(page) -> list[str]:

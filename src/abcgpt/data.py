@@ -166,6 +166,12 @@ def dial_draw(recipe: Recipe) -> dict:
                 sources_per_batch=t.sources_per_batch)
 
 
+def alone_steps(steps: int, weights: list[float], i: int) -> int:
+    """The steps a dial model trained for `steps` spends on source i, its sources drawn in proportion to `weights`:
+    what the equal-compute baseline `alone_<s>` trains for (at least 1)."""
+    return max(1, round(steps * weights[i] / sum(weights)))
+
+
 class Batcher:
     """Training batches: per sequence a dial ~ Beta/Dirichlet (or, a corner_fraction of the time, a corner), a
     source ~ Categorical(dial), a random window.

@@ -14,7 +14,7 @@ import torch
 from abcgpt.checkpoint import Checkpoint, load_checkpoint
 from abcgpt.common import AbcgptError, atomic_dir, existing_dir
 from abcgpt.config import keys_a_baseline_may_change
-from abcgpt.data import PreparedData, prepared_data
+from abcgpt.data import PreparedData, alone_steps, prepared_data
 from abcgpt.engine import Engine
 from abcgpt.report_metrics import (
     Report,
@@ -35,7 +35,6 @@ from abcgpt.report_metrics import (
 )
 from abcgpt.report_render import figures as render_figures
 from abcgpt.report_render import to_html, to_markdown
-from abcgpt.sources import alone_steps
 
 # DESIGN.md §2: the original implementation at the reference recipe (one H100, held-out data), sources in the
 # reference's order (tinystories = dial 0, shakespeare = dial 1).

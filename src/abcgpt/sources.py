@@ -186,12 +186,6 @@ class SourceSpec:
                 if f.name == "name" or getattr(self, f.name) != f.default}
 
 
-def alone_steps(steps: int, weights: list[float], i: int) -> int:
-    """The steps a dial model trained for `steps` spends on source i, its sources drawn in proportion to `weights`:
-    what the equal-compute baseline `alone_<s>` trains for (at least 1)."""
-    return max(1, round(steps * weights[i] / sum(weights)))
-
-
 def unknown_builtin(name: str) -> str:
     """The error for a source with neither path, url nor hf whose name is no built-in: the closest names first,
     then every built-in (one line, even with the 32 of them)."""

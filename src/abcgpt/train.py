@@ -37,7 +37,7 @@ from abcgpt.common import (
     write_error,
 )
 from abcgpt.config import Recipe
-from abcgpt.data import Batcher, prepared_data
+from abcgpt.data import Batcher, alone_steps, prepared_data
 from abcgpt.evaluate import WIDE_TABLE, format_table, loss_curve, loss_table, plot_loss_curve
 from abcgpt.model import build_model
 
@@ -426,8 +426,6 @@ def train_baselines(recipe: Recipe, out: Path, progress: bool = True) -> list[Pa
     `without_<s>` (every source but s) for the dial model's steps, and `alone_<s>` (s alone) for the steps the dial
     model spent on s, max(1, round(steps * w_s / sum(w))) with w the sources' weights: the same compute on s (its
     warm-up cut to its steps if longer). Runs that are complete are skipped, unfinished ones resumed."""
-    from abcgpt.sources import alone_steps
-
     names, t = [s.name for s in recipe.data.sources], recipe.train
     weights = [s.weight for s in recipe.data.sources]
     runs = ({"joint": ([], t.steps)} | {f"without_{s}": ([x for x in names if x != s], t.steps) for s in names}
