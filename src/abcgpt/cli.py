@@ -96,7 +96,8 @@ def cmd_baselines(args) -> None:
     from abcgpt.train import train_baselines
 
     overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
-    paths = train_baselines(load_recipe(args.config, overrides, args.method), Path(args.out))
+    only = [p for p in args.only.split(",") if p] if args.only is not None else None
+    paths = train_baselines(load_recipe(args.config, overrides, args.method), Path(args.out), only=only)
     print("baselines: " + ", ".join(str(p) for p in paths))
 
 
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="folder for the baseline runs")
     sp.add_argument("--steps", type=int, help="overrides train.steps (must match the dial model's; alone_<s> trains "
                     "for its share of them)")
+    sp.add_argument("--only", metavar="PATTERNS", help="train only the runs matching these comma-separated shell "
+                    "patterns, e.g. 'joint,alone_*,without_bible_kjv'")
     sp.set_defaults(func=cmd_baselines)
 
     sp = sub.add_parser("eval", help="the dial report: losses, contrast, isolation, style curve, neuron view")

@@ -4,6 +4,7 @@ A run directory holds `last/` and `best/` checkpoints, `metrics.jsonl` (one JSON
 and at the end `loss_vs_dial.json` / `.png`."""
 
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -421,15 +422,22 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def train_baselines(recipe: Recipe, out: Path, progress: bool = True) -> list[Path]:
+def train_baselines(recipe: Recipe, out: Path, progress: bool = True, only: list[str] | None = None) -> list[Path]:
     """The ungated comparison models of DESIGN §3, with the dial model's recipe and data: `joint` (every source) and
     `without_<s>` (every source but s) for the dial model's steps, and `alone_<s>` (s alone) for the steps the dial
     model spent on s, max(1, round(steps * w_s / sum(w))) with w the sources' weights: the same compute on s (its
-    warm-up cut to its steps if longer). Runs that are complete are skipped, unfinished ones resumed."""
+    warm-up cut to its steps if longer). `only` keeps the runs whose names match one of its shell patterns (with
+    100 sources, 100 `without_<s>` runs are rarely wanted). Runs that are complete are skipped, unfinished ones
+    resumed."""
     names, t = [s.name for s in recipe.data.sources], recipe.train
     weights = [s.weight for s in recipe.data.sources]
     runs = ({"joint": ([], t.steps)} | {f"without_{s}": ([x for x in names if x != s], t.steps) for s in names}
             | {f"alone_{s}": ([s], alone_steps(t.steps, weights, i)) for i, s in enumerate(names)})
+    if only:
+        runs = {k: v for k, v in runs.items() if any(fnmatch.fnmatchcase(k, p) for p in only)}
+        if not runs:
+            raise AbcgptError(f"--only {','.join(only)} matches no baseline; the runs are joint, without_<source> "
+                              "and alone_<source>")
     paths = []
     for run, (only, steps) in runs.items():
         alone = run.startswith("alone_")
