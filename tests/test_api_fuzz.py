@@ -53,7 +53,7 @@ from abcgpt.serve import CompletionRequest, GenerateRequest, create_app
 from abcgpt.train import train
 
 MAX_NEW_TOKENS, MAX_PROMPT_CHARS = 20, 50
-OPERATIONS = {"GET /api/info", "POST /api/generate", "POST /v1/completions"}
+OPERATIONS = {"GET /api/info", "GET /v1/models", "POST /api/generate", "POST /v1/completions"}
 MODELS = {"/api/generate": GenerateRequest, "/v1/completions": CompletionRequest}
 
 
@@ -195,7 +195,7 @@ def test_a_failing_stream_gives_its_slot_back(app, monkeypatch):
         yield torch.tensor([1])
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("abcgpt.engine.Engine.tokens", broken)
+    monkeypatch.setattr("abcgpt.engine.Engine._tokens", broken)
     for _ in range(3):  # more than max_concurrent
         with TestClient(app, raise_server_exceptions=False) as client:
             try:

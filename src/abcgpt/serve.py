@@ -4,10 +4,13 @@
     GET  /api/info         sources, model, calibration, limits
     POST /api/generate     prompt + dial -> text, streamed as server-sent events (or whole with stream=false)
     POST /v1/completions   OpenAI-compatible completions, with the dial as an extra field
+    GET  /v1/models        OpenAI's model list: the one model, under the name /v1/completions reports
     GET  /openapi.json     the schema (and /docs)
 
 Requests never name files: the only files served are the page's own. Generations run one token at a time in
-worker threads, at most `max_concurrent` at once (more get 429), and stop when their client goes away."""
+worker threads, at most `max_concurrent` at once (more get 429), and stop when their client goes away. A request
+body over `max_body_bytes` gets 413 before it is read whole; a request's batch is bounded by what it costs (its
+distinct dial positions, and new tokens x rows), not only by its counts; a 422 echoes at most a few KB."""
 
 import asyncio
 import json
@@ -36,6 +39,9 @@ Dial = float | str | dict[str, float]
 
 
 SEED = Field(None, ge=0, le=MAX_SEED)
+MAX_N = 16  # completions per /v1/completions request
+ECHO_CHARS = 300  # a value a 422 echoes (or a key in its loc) is cut to this: the field's name says what was wrong
+ECHO_BYTES = 4096  # a 422 lists errors until its detail reaches this size
 DIAL = "a number in [0, 1] (two sources), a source name, 'uniform', 'name=w,name=w', or {source: weight}"
 
 
@@ -65,7 +71,7 @@ class CompletionRequest(Body):
     max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS, description="capped lower by the server's limit")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="extra: 0 disables")
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     seed: int | None = SEED
     dial: Dial = Field(0.5, description=f"extra: {DIAL}")
@@ -95,6 +101,27 @@ def json_safe(x: object, depth: int = 0) -> object:
     return x
 
 
+def cut(x: object, chars: int = ECHO_CHARS) -> object:
+    """x, or the start of its JSON text when that is longer than `chars`: a 24 MB field was echoed whole (72 MB)."""
+    if isinstance(x, str):
+        return x if len(x) <= chars else x[:chars] + "..."
+    text = json.dumps(x, default=str)
+    return x if len(text) <= chars else text[:chars] + "..."
+
+
+def short_errors(errors: list[dict]) -> list[dict]:
+    """Validation errors as a 422 echoes them: every value and loc key cut short (see json_safe), and no more
+    errors than fit in ECHO_BYTES (a dial dict of 10,000 bad weights is 10,000 errors); the first always."""
+    out, size = [], 0
+    for err in errors:
+        err = {k: [cut(p) for p in v] if k == "loc" else cut(json_safe(v)) for k, v in err.items()}
+        size += len(json.dumps(err, default=str))
+        if out and size > ECHO_BYTES:
+            break
+        out.append(err)
+    return out
+
+
 class SafeJSON(JSONResponse):
     """JSON in ASCII: a lone surrogate a request sent ("\\ud800" is valid JSON) and we echo goes out escaped
     instead of failing to encode as UTF-8."""
@@ -119,31 +146,93 @@ class SlotStream(StreamingResponse):
             self.release()
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before the app sees it. A Content-Length over
+    the limit is refused without reading anything; a body without one (chunked) is counted as it arrives and
+    refused at the first chunk past the limit, so no more than the limit is ever held. (A 24 MB body held the
+    event loop for a minute.) The body is read here, then handed to the app as one message."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and (len(length) > 18 or int(length) > self.limit):  # int() of 5,000 digits fails
+            return await self.refuse(scope, receive, send)
+        body, size, message = [], 0, {"type": "http.request", "more_body": True}
+        while message["type"] == "http.request" and message.get("more_body", False):
+            message = await receive()
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self.refuse(scope, receive, send)
+            body.append(message.get("body", b""))
+        # the body whole, or the client's goodbye if it left halfway; then the connection's own messages
+        first = [message if message["type"] != "http.request" else
+                 {"type": "http.request", "body": b"".join(body), "more_body": False}]
+
+        async def replay():
+            return first.pop() if first else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, scope, receive, send) -> None:
+        msg = f"request body over {self.limit} bytes (the server's max_body_bytes)"
+        await SafeJSON({"detail": msg}, status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+
 def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurrent: int = 2,
-               max_new_tokens: int = 1000, max_prompt_chars: int = 4000, mode: str | None = None) -> FastAPI:
+               max_new_tokens: int = 1000, max_prompt_chars: int = 4000, mode: str | None = None,
+               max_body_bytes: int | None = None, max_dial_positions: int | None = None,
+               max_batch_tokens: int | None = None) -> FastAPI:
+    """The server's app. Limits: generations at once; new tokens and prompt characters per request; request body
+    size (None: room for the longest prompt, every character JSON-escaped as a surrogate pair, 12 bytes, plus
+    64 KiB for the other fields); distinct dial positions a request's batch runs (each a network of its own;
+    None: MAX_N);
+    new tokens x rows of a batch (None: MAX_N x max_new_tokens, the largest batch of single-network samples
+    the other caps allow)."""
     check_integer("max_concurrent", max_concurrent, 1)  # below 1 the server would refuse every generation
     check_integer("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     check_integer("max_prompt_chars", max_prompt_chars, 1)
+    max_body_bytes = 12 * max_prompt_chars + 65536 if max_body_bytes is None else max_body_bytes
+    check_integer("max_body_bytes", max_body_bytes, 1)
+    max_dial_positions = MAX_N if max_dial_positions is None else max_dial_positions
+    check_integer("max_dial_positions", max_dial_positions, 1)
+    max_batch_tokens = MAX_N * max_new_tokens if max_batch_tokens is None else max_batch_tokens
+    check_integer("max_batch_tokens", max_batch_tokens, 1)
     engine = Engine(load_checkpoint(ckpt_path, device))
     sources, default_mode = engine.sources, engine.mode(mode)
     app = FastAPI(title="abcgpt", version="0.1.0", default_response_class=SafeJSON,
                   description=f"A GPT with a dial over its training sources: {', '.join(sources)}.")
     app.state.active = 0  # generations running; the event loop is the only writer
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    created = int((engine.path / "config.json").stat().st_mtime)  # /v1/models' "created": when it was saved
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
-        return SafeJSON({"detail": jsonable_encoder(json_safe(e.errors()))}, status_code=422)
+        return SafeJSON({"detail": jsonable_encoder(short_errors(e.errors()))}, status_code=422)
 
     @app.exception_handler(InputError)
     async def input_error(_: Request, e: InputError):
         if e.status == 429:
             return SafeJSON({"detail": e.msg}, status_code=429)
-        return SafeJSON({"detail": [{"loc": ["body", e.field], "msg": e.msg, "type": "value_error"}]},
+        # cut: an engine message may quote the request (a 60 KB dial string as an unknown source name)
+        return SafeJSON({"detail": [{"loc": ["body", e.field], "msg": cut(e.msg, 1000), "type": "value_error"}]},
                         status_code=e.status)
 
-    def checked(req, tokens_field: str, n_new: int) -> tuple[str, torch.Tensor, int]:
-        """The request's mode, dial and prompt length in tokens, after the engine's checks (each failure names
-        its field)."""
+    def batch_size(dial: torch.Tensor, mode: str, n: int) -> tuple[int, int]:
+        """(distinct dial positions, rows) of n samples at this dial, as Engine._tokens runs them: a corner, mode
+        gates or an ungated model is one network on n rows; mixture draws a corner for each sample (at most n of
+        the dial's k corners); switch, tokens and product run all k corners for every sample (n x k rows)."""
+        k = int((dial > 0).sum())
+        if not engine.gated or mode == "gates" or k == 1:
+            return 1, n
+        return (min(n, k), n) if mode == "mixture" else (k, n * k)
+
+    def checked(req, tokens_field: str, n_new: int, n: int = 1) -> tuple[str, torch.Tensor, int]:
+        """The request's mode, dial and prompt length in tokens, after the engine's checks and the cost limits
+        (each failure names its field)."""
         try:
             req_mode = engine.mode(req.mode or default_mode)
         except AbcgptError as e:
@@ -162,6 +251,18 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
             raise InputError("prompt", str(e)) from None
         if n_new > max_new_tokens:
             raise InputError(tokens_field, f"{tokens_field} is {n_new}; at most {max_new_tokens}")
+        # what the batch costs, not only its counts: each dial position is a network run at every token, each row
+        # a sequence with its KV cache. The prompt is left out: it is cropped to the context and read in one pass.
+        positions, rows = batch_size(dial, req_mode, n)
+        if positions > max_dial_positions:
+            raise InputError("dial", f"in mode {req_mode} this dial runs {positions} dial positions (corner "
+                                     f"networks) at once; at most {max_dial_positions} per request (the server's "
+                                     f"max_dial_positions): give fewer sources weight, or "
+                                     f"{'lower n' if req_mode == 'mixture' else 'use mode mixture'}")
+        if n_new * rows > max_batch_tokens:
+            raise InputError(tokens_field, f"{tokens_field} x rows is {n_new} x {rows} = {n_new * rows} tokens; at "
+                                           f"most {max_batch_tokens} per request (the server's max_batch_tokens; "
+                                           f"rows: n x the corners mode {req_mode} runs for each)")
         return req_mode, dial, n_prompt
 
     def take_slot():
@@ -234,9 +335,15 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
 
         return SlotStream(events(), release)
 
+    @app.get("/v1/models")
+    async def models():
+        """OpenAI's model list (clients ask it first): the one model, under the name /v1/completions gives it."""
+        return {"object": "list", "data": [{"id": engine.recipe.name, "object": "model", "created": created,
+                                            "owned_by": "abcgpt"}]}
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        mode, dial, n_prompt = checked(req, "max_tokens", req.max_tokens)
+        mode, dial, n_prompt = checked(req, "max_tokens", req.max_tokens, req.n)
         if req.stream and req.n > 1:
             raise InputError("n", "streaming returns one completion: n must be 1 with stream=true")
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
@@ -274,6 +381,11 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
     return app
 
 
+def address(host: str, port: int) -> str:
+    """host:port as a URL writes it: an IPv6 address in brackets (http://[::1]:8000/)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", **limits) -> None:
     import socket
 
@@ -283,9 +395,9 @@ def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, device: str = "
     try:  # the address first: a host that does not resolve, or a port in use, is one line before any loading
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as e:
-        raise AbcgptError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise AbcgptError(f"cannot listen on {address(host, port)}: {e.strerror or e}") from None
     app = create_app(ckpt, device, **limits)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: listening on {host}, reachable from other machines; the API has no authentication")
-    print(f"abcgpt serving {ckpt} at http://{host}:{sock.getsockname()[1]}/  (API schema: /docs)")
+    print(f"abcgpt serving {ckpt} at http://{address(host, sock.getsockname()[1])}/  (API schema: /docs)")
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
