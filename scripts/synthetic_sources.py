@@ -38,7 +38,7 @@ def main() -> None:
             (tmp / f"s{k}.txt").write_text(synthetic_text(SYMBOLS[4 * k:4 * k + 4], 12_000, k))
             tables.append(f'[[data.sources]]\nname = "s{k}"\npath = "{tmp / f"s{k}.txt"}"\n')
         overrides = [f"train.steps={args.steps}", "train.eval_every=100000", "model.n_embd=32",
-                     "train.batch_size=16", *args.set]
+                     f"model.n_head={args.n if 32 % args.n == 0 else 1}", "train.batch_size=16", *args.set]
         recipe = load_recipe(str(write_recipe(tmp, sources="\n".join(tables))), overrides)
         train(recipe, tmp / "run", progress=False)
         t = loss_table(load_checkpoint(tmp / "run" / "last").model, prepared_data(recipe, progress=False), 8, 2)

@@ -189,21 +189,59 @@ def test_file_outside_the_checkpoint_is_never_read(ckpt, tmp_path):
 
 def test_older_checkpoints_still_load(ckpt):
     """What an older abcgpt wrote: the model config stored beside the recipe (whose model table lacked the
-    vocabulary and the number of sources), keys it did not know (from the method's preset), a calibration
+    vocabulary and the number of sources), no model.method (read from the stored specialties), a calibration
     without its mode (gates), and no metrics, calibration or trainer at all."""
     meta = json.loads((ckpt / "config.json").read_text())
     old = copy.deepcopy(meta)
     old["model"] = {k: old["recipe"]["model"].pop(k) for k in ("vocab_size", "n_sources")}
-    old["recipe"]["model"].pop("gate_norms")
+    del old["recipe"]["model"]["method"]
     del old["calibration"]["mode"], old["calibration"]["curve"]
     write_meta(ckpt, old)
     loaded = load_checkpoint(ckpt)
-    assert loaded.model.config.gate_norms is True and "mode" not in loaded.meta["calibration"]
+    assert loaded.model.config.method == "partition" and "mode" not in loaded.meta["calibration"]
     assert loaded.model.config.n_sources == 2 and "model" not in loaded.meta
     for key in ("metrics", "calibration", "trainer"):
         del meta[key]
     write_meta(ckpt, meta)
     assert load_checkpoint(ckpt).meta["step"] == 6
+
+
+def _sample(ckpt: Path, capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["sample", "--ckpt", str(ckpt), "--seed", "0", "--max-new-tokens", "20", *args])
+    out, err = capsys.readouterr()
+    return code, out, err.strip()
+
+
+@pytest.mark.parametrize("method", ["partition", "reference"])
+def test_a_deleted_key_is_derived_or_refused_never_guessed(tmp_path, capsys, method):
+    """Delete each key of a real config.json, one at a time: the checkpoint then samples the same text for a fixed
+    seed as before (the key was derived from what is stored, or is not needed), or is refused in one line naming
+    it. Deleting model.method from a partition run made it load as the original method and print noise."""
+    tmp = tmp_path / "w"
+    tmp.mkdir()
+    train(load_recipe(str(write_recipe(tmp)), ["train.steps=6", "train.checkpoint_every=3"], method), tmp / "run",
+          progress=False)
+    ckpt, _ = tmp / "run" / "last", capsys.readouterr()
+    meta = json.loads((ckpt / "config.json").read_text())
+    write_meta(ckpt, meta | {"calibration": CALIBRATION | {"mode": "switch"}})
+    meta = json.loads((ckpt / "config.json").read_text())
+    cases = [["--dial", "0.5"], ["--dial", "0.5", "--mode", "switch", "--calibrated"], ["--dial", "0.3", "--mode",
+                                                                                           "gates"]]
+    before = [_sample(ckpt, capsys, *c) for c in cases]
+    assert all(code == 0 for code, _, _ in before)
+    keys = [p for p in _paths(meta) if p[0] not in ("files", "metrics", "trainer") and not isinstance(p[-1], int)]
+    assert len(keys) > 60 and ("recipe", "model", "method") in keys
+    derived = []
+    for key in keys:
+        edit(*key, delete=True)(edited := copy.deepcopy(meta))
+        write_meta(ckpt, edited)
+        for (_, out0, _), case in zip(before, cases):
+            code, out, err = _sample(ckpt, capsys, *case)
+            assert (code == 0 and out == out0) or (code == 2 and len(err.splitlines()) == 1), (key, case, err)
+        if key == ("recipe", "model", "method"):
+            derived.append(code == 0)
+    assert derived == [True]  # read from the specialties, not refused
+    write_meta(ckpt, meta)
 
 
 def _paths(value, prefix=()) -> list[tuple]:

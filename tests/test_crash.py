@@ -1,8 +1,8 @@
 """Crash consistency and hostile checkpoint files.
 
 1. One training run is SIGKILLed again and again, at random moments and at moments when a checkpoint is being
-   written (last.tmp on disk), and resumed each time: a loadable, verified checkpoint always exists, its step
-   never goes back, a half-written last.tmp is never taken for a checkpoint, and the run finally ends with the
+   written (last.*.tmp on disk), and resumed each time: a loadable, verified checkpoint always exists, its step
+   never goes back, a half-written last.*.tmp is never taken for a checkpoint, and the run finally ends with the
    same weights and logged losses as a run that was never interrupted.
 2. Checkpoints with truncated, tampered or malicious files are refused with one clear line (exit code 2), and
    nothing in them is ever unpickled.
@@ -62,6 +62,11 @@ def _on_disk_step(run: Path) -> int | None:
     return None
 
 
+def _writing(run: Path) -> Path | None:
+    """The temporary folder a checkpoint is being written into (last.XXXXXXXX.tmp), if there is one."""
+    return next(run.glob("last.*.tmp"), None)
+
+
 def _wait_for_checkpoint_after(proc: subprocess.Popen, run: Path, step: int, log: Path) -> int:
     """Wait until the process has imported everything and written a checkpoint past `step`."""
     deadline = time.time() + 90
@@ -98,7 +103,7 @@ def test_repeated_sigkill_keeps_a_verified_checkpoint_and_resumes_exactly(tmp_pa
     run = tmp_path / "killed"
     log = tmp_path / "killed.0.log"
     proc = _start(["train", "--config", str(recipe), "--out", str(run), *RUN_ARGS], log)
-    steps, hits = [0], {"last.tmp (files being written)": 0, "last.old, no last (between the renames)": 0,
+    steps, hits = [0], {"last.*.tmp (files being written)": 0, "last.old, no last (between the renames)": 0,
                         "last.old beside last (old copy being removed)": 0}
     try:
         for i in range(KILLS):
@@ -107,10 +112,10 @@ def test_repeated_sigkill_keeps_a_verified_checkpoint_and_resumes_exactly(tmp_pa
                 until = time.time() + rng.uniform(0.05, 0.6)
                 while time.time() < until and (_on_disk_step(run) or 0) < ready_at + MAX_STEPS_PER_KILL:
                     time.sleep(0.002)
-            else:  # hunt for a checkpoint write: kill the moment last.tmp shows up
+            else:  # hunt for a checkpoint write: kill the moment last.*.tmp shows up
                 time.sleep(rng.uniform(0.0, 0.15))
                 deadline = time.time() + 10
-                while not (run / "last.tmp").exists() and time.time() < deadline:
+                while not _writing(run) and time.time() < deadline:
                     time.sleep(0.0002)
             _kill(proc)
 
@@ -118,18 +123,18 @@ def test_repeated_sigkill_keeps_a_verified_checkpoint_and_resumes_exactly(tmp_pa
             if "last.old" in names:
                 hits["last.old beside last (old copy being removed)" if "last" in names
                      else "last.old, no last (between the renames)"] += 1
-            elif "last.tmp" in names:
-                hits["last.tmp (files being written)"] += 1
+            elif _writing(run):
+                hits["last.*.tmp (files being written)"] += 1
             ckpt = load_checkpoint(run / "last")  # verifies every file against its recorded sha256
-            assert ckpt.path.name in ("last", "last.old"), ckpt.path  # never last.tmp
+            assert ckpt.path.name in ("last", "last.old"), ckpt.path  # never last.*.tmp
             assert resolve(run).name in ("last", "last.old")  # nor when resolving the run directory
             step = ckpt.meta["step"]
             assert step >= ready_at > steps[-1], (step, ready_at, steps)  # never backwards
             assert step < STEPS
-            try:  # a last.tmp that got as far as its config.json holds the next step, the write cut short
-                assert json.loads((run / "last.tmp" / "config.json").read_text())["step"] == step + 1
-            except (OSError, ValueError):
-                pass  # no last.tmp, or its config.json only half written
+            try:  # a last.*.tmp that got as far as its config.json holds the next step, the write cut short
+                assert json.loads((_writing(run) / "config.json").read_text())["step"] == step + 1
+            except (OSError, ValueError, TypeError):
+                pass  # no last.*.tmp, or its config.json only half written
             restore_training_state(ckpt, ckpt.model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu"))
             steps.append(step)
             log = tmp_path / f"killed.{i + 1}.log"
@@ -146,7 +151,7 @@ def test_repeated_sigkill_keeps_a_verified_checkpoint_and_resumes_exactly(tmp_pa
     during_write = sum(hits.values())
     print(f"\n{KILLS} kills at steps {steps[1:]}; {during_write} during a checkpoint write: {hits}")
     assert during_write >= 1, "no kill landed during a checkpoint write"
-    assert not (run / "last.tmp").exists() and not (run / "last.old").exists()
+    assert not _writing(run) and not (run / "last.old").exists()
     assert load_checkpoint(run / "last").meta["step"] == STEPS
     a = load_file(str(run / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
@@ -159,14 +164,14 @@ def test_repeated_sigkill_keeps_a_verified_checkpoint_and_resumes_exactly(tmp_pa
 
 
 def test_crash_while_replacing_a_recovered_checkpoint_keeps_one(tmp_path, monkeypatch):
-    """A crash between the two renames of a swap leaves only last.old (and a finished last.tmp). The next save
+    """A crash between the two renames of a swap leaves only last.old (and a finished last.*.tmp). The next save
     must keep a loadable checkpoint at every moment; a crash just before its tmp -> last rename must not leave
     the run with none."""
     recipe = load_recipe(str(write_recipe(tmp_path)), ["train.steps=4", "train.checkpoint_every=2"])
     run = tmp_path / "run"
     train(recipe, run, progress=False)
     shutil.rmtree(run / "best")
-    shutil.copytree(run / "last", run / "last.tmp")  # the finished new checkpoint ...
+    shutil.copytree(run / "last", run / "last.a1b2c3d4.tmp")  # the finished new checkpoint ...
     (run / "last").rename(run / "last.old")  # ... that a crash kept from being renamed into place
     ckpt = load_checkpoint(run / "last")
     assert ckpt.path.name == "last.old"
@@ -190,7 +195,7 @@ def test_crash_while_replacing_a_recovered_checkpoint_keeps_one(tmp_path, monkey
 
 def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     """A write that fails midway (here: the disk fills up while the optimizer state is written) is one line naming
-    the checkpoint; the half-written last.tmp is removed and the checkpoint that was there is untouched."""
+    the checkpoint; the half-written last.*.tmp is removed and the checkpoint that was there is untouched."""
     recipe = load_recipe(str(write_recipe(tmp_path)), ["train.steps=4", "train.checkpoint_every=2"])
     train(recipe, tmp_path / "run", progress=False)
     last = tmp_path / "run" / "last"
@@ -203,7 +208,7 @@ def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     optimizer = ckpt.model.configure_optimizer(0.1, 1e-3, (0.9, 0.99), "cpu")
     with pytest.raises(AbcgptError, match=f"cannot write {last}: No space left on device"):
         save_checkpoint(last, ckpt.model, ckpt.recipe, ckpt.tokenizer, ckpt.sources, 5, optimizer=optimizer)
-    assert not (tmp_path / "run" / "last.tmp").exists()
+    assert not _writing(tmp_path / "run")
     assert load_checkpoint(last).meta["step"] == 4
 
 

@@ -437,7 +437,7 @@ def test_export_between_corners_needs_gates(run, tmp_path, capsys, monkeypatch):
     assert "\n" not in err and err.startswith("abcgpt: error:"), err
     assert "mode mixture" in err and "corner" in err and "mode gates" in err
     assert captured.out == ""
-    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+    assert not out.exists() and not list(out.parent.glob(out.name + ".*.tmp"))
 
     assert main(["export", "--ckpt", str(run), "--dial", "omega", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())

@@ -120,7 +120,7 @@ def test_config_card_and_files(char_run, tmp_path):
     out = export_gpt2(char_run, "alpha=1,omega=3", tmp_path / "hf", mode="gates")
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md"} <= files
-    assert not (tmp_path / "hf.tmp").exists()
+    assert not list(tmp_path.glob("hf.*.tmp"))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "gpt2" and cfg["activation_function"] == "gelu"
     assert cfg["n_positions"] == 64 and cfg["layer_norm_epsilon"] == 1e-5
@@ -156,16 +156,14 @@ def test_bad_input(char_run, tmp_path):
         export_gpt2(char_run, "shakespeare=1", out)
     with pytest.raises(AbcgptError, match="outside"):
         export_gpt2(char_run, "1.5", out)
-    assert not out.exists() and not (tmp_path / "hf.tmp").exists()
+    assert not out.exists() and not list(tmp_path.glob("hf.*.tmp"))
     with pytest.raises(AbcgptError, match="does not exist"):
         export_gpt2(tmp_path / "nowhere", "0.5", out)
 
     export_gpt2(char_run, "alpha", out)
-    (out / "stale.txt").write_text("old")
     with pytest.raises(AbcgptError, match=r"exists; use --force to overwrite") as e:
         export_gpt2(char_run, "omega", out)
     assert "\n" not in str(e.value)
-    assert (out / "stale.txt").exists()
-    export_gpt2(char_run, "omega", out, force=True)
-    assert not (out / "stale.txt").exists() and not (tmp_path / "hf.tmp").exists()
+    export_gpt2(char_run, "omega", out, force=True)  # its own earlier export: replaced
+    assert not list(tmp_path.glob("hf.*.tmp"))
     assert json.loads((out / "config.json").read_text())["abcgpt"]["dial"] == {"alpha": 0.0, "omega": 1.0}

@@ -172,16 +172,16 @@ def test_injected_no_space_on_save(run, capsys, monkeypatch, failure):
 
 
 def test_a_run_waits_for_another_preparing_its_data_then_reads_it(tmp_path):
-    """Two runs started on the same data: the second waits while the first prepares the folder (folder_lock),
+    """Two runs started on the same data: the second waits while the first prepares the folder (output_lock),
     then reads what it wrote instead of writing it again (it used to fail with `cannot write data/...`)."""
-    from abcgpt.common import folder_lock
+    from abcgpt.common import output_lock
     from abcgpt.data import _prepare
 
     path = write_recipe(tmp_path)
     recipe = load_recipe(str(path))
     code = f"from abcgpt.config import load_recipe; from abcgpt.data import prepared_data; " \
            f"recipe = load_recipe({str(path)!r}); print('ready', flush=True); print(prepared_data(recipe, False).dir)"
-    with folder_lock(recipe.data_dir):  # the first run, preparing
+    with output_lock(recipe.data_dir):  # the first run, preparing
         second = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src")))
         assert second.stdout.readline().strip() == "ready"  # imports done: it asks for the data now
@@ -254,6 +254,50 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_it(run, tmp_path, monkeypatc
     assert load_checkpoint(tmp_path / "ckpt").meta["step"] == 5 and not temporaries(tmp_path)
 
 
+def test_sigterm_is_taken_as_ctrl_c_with_exit_143(recipe, tmp_path):
+    """SIGTERM (a scheduler, `kill`, a container stopping) killed the run without a word. Now: one line saying at
+    which step the run stopped, exit 143, no temporary left, and the run resumes."""
+    proc = start("train", "--config", recipe, "--out", tmp_path / "run", "--steps", "100000")
+    wait_for(lambda: (tmp_path / "run" / "last").is_dir(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("abcgpt: ")]
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("abcgpt: error: interrupted at step"), lines
+    assert not temporaries(tmp_path / "run")
+    step = load_checkpoint(tmp_path / "run" / "last").meta["step"]
+    assert main(["train", "--resume", str(tmp_path / "run"), "--steps", str(step + 5)]) == 0
+
+    proc = start("sample", "--ckpt", tmp_path / "run", "--max-new-tokens", "100000")
+    proc.stdout.readline()  # generating
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.strip() == "abcgpt: error: interrupted; nothing was left half-written"
+
+
+def test_sigterm_during_a_checkpoint_write_waits_for_it(run, tmp_path, monkeypatch):
+    """As Ctrl-C: the checkpoint is finished first, then the handler the CLI installs for SIGTERM runs."""
+    import abcgpt.checkpoint as cp
+
+    ckpt, real = load_checkpoint(run / "last"), cp.save_model
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-write
+        return real(*args, **kwargs)
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        monkeypatch.setattr(cp, "save_model", terminated)
+        with pytest.raises(KeyboardInterrupt):
+            cp.save_checkpoint(tmp_path / "ckpt", ckpt.model, ckpt.recipe, ckpt.tokenizer, ckpt.sources, 5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert load_checkpoint(tmp_path / "ckpt").meta["step"] == 5 and not temporaries(tmp_path)
+
+
 def test_ctrl_c_in_sample_is_one_line_and_exit_130(run):
     proc = start("sample", "--ckpt", run, "--max-new-tokens", "100000")
     proc.stdout.readline()  # the header: generation has started
@@ -268,7 +312,7 @@ def test_ctrl_c_in_prepare_leaves_no_half_written_data(tmp_path):
     recipe = write_recipe(tmp_path, sources=source_tables(big=tmp_path / "big.txt", other=tmp_path / "b.txt"))
     out = tmp_path / "prepared"
     proc = start("prepare", "--config", recipe, "--out", out)
-    wait_for(lambda: (tmp_path / "prepared.tmp").exists(), proc)  # mid-write
+    wait_for(lambda: list(tmp_path.glob("prepared.*.tmp")), proc)  # mid-write
     code, err = interrupt(proc)
     assert code == 130 and err == ["abcgpt: error: interrupted; nothing was left half-written"], err
     assert not out.exists() and not temporaries(tmp_path)

@@ -3,6 +3,7 @@ Each ends in one line `abcgpt: error: ...` (exit 2) or an AbcgptError from the P
 
 import json
 import math
+import os
 
 import pytest
 from annotated_types import Ge, Gt, Le, Lt
@@ -220,7 +221,7 @@ def outside(info):
 
 def raw_with(section: str, key: str, value) -> dict:
     """A valid recipe but for one key; keys that other keys constrain get partners that allow any value."""
-    raw = {"data": {"sources": ["shakespeare", "tinystories"]}, "model": {}, "train": {}}
+    raw = {"data": {"sources": ["shakespeare", "tinystories"]}, "model": {"method": "reference"}, "train": {}}
     raw[section][key] = value
     partners = {("model", "n_head"): ("model", "n_embd", value), ("model", "n_embd"): ("model", "n_head", 1),
                 ("train", "lr"): ("train", "min_lr", 0.0), ("train", "min_lr"): ("train", "lr", 10.0)}
@@ -248,3 +249,39 @@ def test_recipe_key_outside_its_range_is_refused_naming_it(section, key, info, d
         build_recipe(raw_with(section, key, value), "prop")
     message = str(e.value)
     assert message.startswith(f"{section}.{key} = ") and "is not allowed" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- what a path is, and how much is read
+
+
+def test_special_files_are_named_as_such(tmp_path, capsys):
+    """A FIFO or a device given as a corpus, a recipe or a checkpoint is named for what it is (it was "does not
+    exist" for some), and never opened: a FIFO would block the read forever."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert "is a FIFO (named pipe)" in one_line_error(capsys, "sample", "--ckpt", fifo)
+    os.mkfifo(tmp_path / "recipe.toml")
+    assert "is a FIFO (named pipe)" in one_line_error(capsys, "config", "--config", tmp_path / "recipe.toml")
+    assert "is a character device" in one_line_error(capsys, "sample", "--ckpt", "/dev/null")
+    recipe = write_recipe(tmp_path, sources=source_tables(alpha=fifo, omega=tmp_path / "b.txt"))
+    err = one_line_error(capsys, "prepare", "--config", recipe)
+    assert "source 'alpha'" in err and "is a FIFO (named pipe)" in err
+
+
+def test_a_huge_max_bytes_reads_only_what_the_file_holds(tmp_path):
+    """max_bytes = 100_000_000_000 gave MemoryError: the read reserved the full size before reading."""
+    from abcgpt.sources import _read_bytes
+
+    (tmp_path / "a.txt").write_bytes(b"x" * 3_000_000)
+    assert _read_bytes(tmp_path / "a.txt", 100_000_000_000) == b"x" * 3_000_000
+    assert _read_bytes(tmp_path / "a.txt", 2_500_000) == b"x" * 2_500_000
+    recipe = write_recipe(tmp_path, sources=source_tables(alpha=tmp_path / "a.txt", omega=tmp_path / "a.txt"))
+    text = recipe.read_text().replace('path = "', 'max_bytes = 100_000_000_000\npath = "')
+    recipe.write_text(text)
+    assert main(["prepare", "--config", str(recipe)]) == 0
+
+
+def test_an_empty_sweep_is_refused(run, capsys):
+    """`sample --sweep ''` printed one sample at the default dial, as if no sweep was asked for."""
+    for sweep in ("", ",", "0,,1", " "):
+        assert "has an empty position" in one_line_error(capsys, "sample", "--ckpt", run, "--sweep", sweep)

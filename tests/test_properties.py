@@ -265,7 +265,7 @@ VALID_RAW = st.fixed_dictionaries(
                   "heldout_fraction": st.floats(0.01, 0.5),
                   "dir": st.text(min_size=1, max_size=10).filter(lambda d: "{" not in d and "}" not in d)})},
     optional={
-        "model": st.fixed_dictionaries({"n_head": st.sampled_from([1, 2, 4]), "n_embd": st.sampled_from([8, 64])},
+        "model": st.fixed_dictionaries({"n_head": st.sampled_from([2, 4]), "n_embd": st.sampled_from([8, 64])},
                                        optional={
             "n_layer": st.integers(1, 12),
             "dropout": st.floats(0.0, 0.9), "bias": st.booleans(), "gates": st.sampled_from(["abc", "none"]),

@@ -138,8 +138,8 @@ def test_interrupted_report_keeps_the_complete_one(runs, monkeypatch):
         write_report(dataclasses.replace(report, step=-1), figures, out)
     assert (out / "report.json").read_text() == before
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["report.json", "report.md", "report.html", "loss_vs_dial.png", "corners.png", "style_curve.png",
-         "regret_fluency.png", "neurons.png"])
+        [".abcgpt-output", "report.json", "report.md", "report.html", "loss_vs_dial.png", "corners.png",
+         "style_curve.png", "regret_fluency.png", "neurons.png"])
 
 
 def test_baselines_with_another_recipe_are_refused(runs, tmp_path):

@@ -34,7 +34,8 @@ def server6(tmp_path_factory):
         paths[f"s{k}"] = tmp / f"s{k}.txt"
         paths[f"s{k}"].write_text(synthetic_text("abcdefghijklmnopqrstuvwx"[4 * k:4 * k + 4], 3_000, k))
     recipe = write_recipe(tmp, sources=source_tables(**paths))
-    train(load_recipe(str(recipe), ["train.steps=5", "train.eval_every=5"]), tmp / "run", progress=False)
+    train(load_recipe(str(recipe), ["train.steps=5", "train.eval_every=5", "model.n_head=8"]), tmp / "run",
+          progress=False)
     with live_server(create_app(tmp / "run", max_concurrent=2, max_new_tokens=400)) as base:
         yield base
 

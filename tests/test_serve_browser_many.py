@@ -29,7 +29,8 @@ def server100(tmp_path_factory):
         paths[name].write_text(synthetic_text(LETTERS[k % 20:k % 20 + 6], 2_000, k))
     recipe = write_recipe(tmp, sources=source_tables(**paths))
     train(load_recipe(str(recipe), ["train.steps=5", "train.eval_every=5", "train.eval_batches=1",
-                                    "model.n_embd=200", "train.checkpoint_every=5"]), tmp / "run", progress=False)
+                                    "model.n_embd=200", "model.n_head=100", "train.checkpoint_every=5"]), tmp / "run",
+          progress=False)
     with live_server(create_app(tmp / "run", max_concurrent=2, max_new_tokens=400)) as base:
         yield base
 

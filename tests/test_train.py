@@ -317,12 +317,10 @@ def test_method_presets_are_files_applied_over_the_recipe(tmp_path):
         load_recipe(path, ["model.shared_fraction=1.0"])
 
 
-def test_checkpoint_from_before_methods_loads_as_reference(tmp_path):
-    """A recipe saved before model.method existed was trained with the original method: it must rebuild as
-    such (same specialties), not silently as the new default."""
-
-    # a whole checkpoint, written as an older abcgpt did: the model config beside the recipe, without the keys
-    # added since; it still computes what it computed
+def test_checkpoint_without_its_method_is_read_from_its_specialties(tmp_path):
+    """A config.json without model.method (an older abcgpt's, or edited) is rebuilt with the method its stored
+    specialties show, not the default, and computes what it computed; a key whose value the files cannot tell is
+    refused by name rather than guessed."""
     recipe = load_recipe(str(write_recipe(tmp_path)), ["train.steps=10"], method="reference")
     train(recipe, tmp_path / "old", progress=False)
     x = torch.randint(0, 8, (2, 16))
@@ -330,14 +328,13 @@ def test_checkpoint_from_before_methods_loads_as_reference(tmp_path):
     before = load_checkpoint(tmp_path / "old" / "last").model(x, dial, x)[1]
     meta_path = tmp_path / "old" / "last" / "config.json"
     meta = json.loads(meta_path.read_text())
-    meta["model"] = dict(meta["recipe"]["model"])
-    for table in (meta["model"], meta["recipe"]["model"]):
-        for key in ("method", "gate_norms", "gate_shape", "shared_fraction", "shared_gate"):
-            table.pop(key)
-    for key in ("vocab_size", "n_sources"):
-        meta["recipe"]["model"].pop(key)
-    meta["recipe"]["train"].pop("corner_fraction")
+    meta["model"] = {k: meta["recipe"]["model"].pop(k) for k in ("vocab_size", "n_sources")}  # stored beside
+    del meta["recipe"]["model"]["method"]
     meta_path.write_text(json.dumps(meta))
     old = load_checkpoint(tmp_path / "old" / "last").model
-    assert old.config.method == "reference" and not old.config.gate_norms
+    assert old.config.method == "reference"
     assert torch.equal(old(x, dial, x)[1], before)
+    del meta["recipe"]["model"]["gate_shape"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(AbcgptError, match="recipe.model.gate_shape is missing; abcgpt does not guess it"):
+        load_checkpoint(tmp_path / "old" / "last")

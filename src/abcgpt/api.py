@@ -12,14 +12,18 @@ A dial is a number a in [0, 1] (two sources: 0 is the first source, 1 the second
 "name=w,name=w", a dict {name: weight}, or a sequence of N weights; weights are normalised to sum to 1.
 """
 
+import os
 from pathlib import Path
 
 from abcgpt.checkpoint import load_checkpoint
-from abcgpt.common import pick_device
+from abcgpt.common import AbcgptError, pick_device
 from abcgpt.engine import Engine
 
 
-def load(run_dir: str | Path, device: str = "auto") -> Engine:
+def load(run_dir: str | os.PathLike, device: str = "auto") -> Engine:
     """Load a run directory (its best checkpoint, else its last) or a checkpoint directory.
-    device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps"."""
+    device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps".
+    Every bad argument is an AbcgptError, with the message `abcgpt sample` prints for it."""
+    if not isinstance(run_dir, str | os.PathLike):
+        raise AbcgptError(f"run_dir must be a path (a str or a pathlib.Path), got {type(run_dir).__name__}")
     return Engine(load_checkpoint(Path(run_dir), pick_device(device)))

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from abcgpt.common import AbcgptError
-from abcgpt.dial import method_for
+from abcgpt.dial import method_for, shared_units
 from abcgpt.model import GPT, GPTConfig, KVCache, Sub, run_sub_network
 
 # The unit group of each axis of a corner network's weights; None: an axis no source owns (vocabulary, positions,
@@ -54,7 +54,7 @@ def corner_config(config: GPTConfig) -> GPTConfig:
 def shared_counts(config: GPTConfig) -> dict[str | None, int]:
     """How many leading units of each group of a corner are shared (the rest are the source's own)."""
     C, H, f = config.n_embd, config.n_head, config.shared_fraction
-    return {"res": round(f * C), "head": round(f * H) * (C // H), "unit": round(f * 4 * C)}
+    return {"res": shared_units(C, f), "head": shared_units(H, f) * (C // H), "unit": shared_units(4 * C, f)}
 
 
 class Piece:

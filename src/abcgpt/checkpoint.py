@@ -33,9 +33,10 @@ from abcgpt.common import (
     declared,
     existing_dir,
     interrupts_deferred,
+    not_a_file,
     validation_message,
 )
-from abcgpt.config import DERIVED, Recipe, list_methods, read_method, recipe_from_dict
+from abcgpt.config import DERIVED, SECTIONS, Recipe, declared_keys, recipe_from_dict
 from abcgpt.dial import MODES
 from abcgpt.model import GPT, GPTConfig, build_model
 from abcgpt.sources import check_source_name
@@ -218,8 +219,29 @@ class Meta(BaseModel):
         return self
 
 
+def inside(path: Path, name: str) -> Path:
+    """path/name, refused if it is a link that leads out of the checkpoint folder (a file planted to be read)."""
+    f = path / name
+    if f.is_symlink() and f.resolve().parent != path.resolve():
+        raise AbcgptError(f"checkpoint {path}: {name} is a link to {f.resolve()}, outside the checkpoint folder; "
+                          "abcgpt does not read it")
+    return f
+
+
+def checkpoint_files(folder: Path) -> set[str] | None:
+    """The files of a checkpoint written before outputs were marked: config.json and those it lists."""
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
+        return None
+    return {"config.json", *meta["files"]}
+
+
 def read_meta(path: Path) -> dict:
     """path/config.json, checked against Meta."""
+    inside(path, "config.json")
     try:
         meta = json.loads((path / "config.json").read_text())
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep, an integer of 5000 digits
@@ -230,28 +252,47 @@ def read_meta(path: Path) -> dict:
     if type(version) is not int or version != VERSION:  # (True == 1.0 == 1 in Python)
         raise AbcgptError(f"{path} is checkpoint version {reprlib.repr(version)}; this abcgpt reads {VERSION}")
     try:
-        Meta.model_validate(migrate(meta))
+        Meta.model_validate(migrate(meta, path))
     except ValidationError as e:
         raise _malformed(path, validation_message(e)) from None
     return meta
 
 
-def migrate(meta: dict) -> dict:
-    """config.json as this abcgpt writes it, from any earlier one (in place; nanochat's _patch_missing_config_keys):
+def migrate(meta: dict, path: Path) -> dict:
+    """config.json as this abcgpt writes it (in place; nanochat's _patch_missing_config_keys), never by guessing:
     - the model config was stored twice, beside the recipe: its values join the recipe's model table;
-    - a recipe saved before model.method existed was trained with the original method;
-    - keys an older abcgpt did not write take the values of the run's method preset (configs/methods/)."""
+    - model.method, when missing, is read from the specialties the weights store (the methods' differ);
+    - any other recipe key that is missing is refused by name: a default could change what the model computes
+      (n_head, a gate's shape) or how a resumed run trains (its lr, its seed)."""
     recipe = meta.get("recipe")
-    if not isinstance(recipe, dict) or not all(isinstance(recipe.get(k), dict) for k in ("model", "train")):
+    if not isinstance(recipe, dict) or not all(isinstance(recipe.get(k), dict) for k in SECTIONS):
         return meta  # the schema says what is wrong
     if isinstance(meta.get("model"), dict):
         recipe["model"] = meta.pop("model") | recipe["model"]
-    method = recipe["model"].setdefault("method", "reference")
-    if method in list_methods():
-        preset = read_method(method)
-        for section in ("model", "train"):
-            recipe[section] = preset.get(section, {}) | recipe[section]
+    if "method" not in recipe["model"]:
+        recipe["model"]["method"] = stored_method(path)
+    for section in SECTIONS:
+        missing = [k for k in declared_keys(section) if k not in recipe[section]]
+        if missing:
+            raise _malformed(path, f"recipe.{section}.{missing[0]} is missing; abcgpt does not guess it (add it "
+                                   "with the value the run was trained with)")
     return meta
+
+
+def stored_method(path: Path) -> str:
+    """The dial method whose specialties model.safetensors holds: partition's are one-hot rows (or, for shared
+    units, all 1/N), the original method's are drawn from a Beta (Dirichlet) distribution."""
+    try:
+        with safe_open(str(inside(path, "model.safetensors")), "pt") as f:
+            m = f.get_tensor("specialties") if "specialties" in f.keys() else None
+    except (SafetensorError, OSError) as e:
+        raise _malformed(path, f"recipe.model.method is missing, and model.safetensors cannot tell it ({e})") \
+            from None
+    if m is None or m.dim() != 2 or not m.numel():
+        raise _malformed(path, "recipe.model.method is missing, and model.safetensors holds no specialties to "
+                               "tell it")
+    partition = ((m == 0) | (m == 1) | ((m - 1.0 / m.size(1)).abs() < 1e-6)).all()
+    return "partition" if partition else "reference"
 
 
 def _malformed(path: Path, why: str) -> AbcgptError:
@@ -272,8 +313,9 @@ def sha256(path: Path) -> str:
 def save_checkpoint(path: Path, model: GPT, recipe: Recipe, tokenizer: Tokenizer, sources: list[str],
                     step: int, metrics: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
                     trainer: dict | None = None) -> None:
-    """Write into path.tmp, fsync, then swap it in: a crash at any moment leaves a complete checkpoint."""
-    with interrupts_deferred(), atomic_dir(Path(path)) as tmp:
+    """Write into a temporary beside path, fsync, then swap it in: a crash at any moment leaves a complete checkpoint.
+    The caller holds the run's lock."""
+    with interrupts_deferred(), atomic_dir(Path(path), "checkpoint", checkpoint_files, lock=False) as tmp:
         save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
         tokenizer.save(tmp / "tokenizer.json")
         if optimizer is not None:
@@ -372,9 +414,15 @@ def _load_tensors(f: Path) -> dict:
 
 def resolve(path: Path) -> Path:
     """A checkpoint directory, or a run directory: its best checkpoint, else its last."""
-    path = existing_dir(Path(path))
-    if not path.exists():
+    try:
+        path = existing_dir(Path(path))
+        there = path.exists()
+    except OSError as e:  # a name too long for the system
+        raise AbcgptError(f"checkpoint {reprlib.repr(str(path))}: {e.strerror}") from None
+    if not there:
         raise AbcgptError(f"checkpoint {path} does not exist")
+    if not path.is_dir() and not path.is_file():  # a FIFO, a device: named, never opened
+        raise AbcgptError(f"checkpoint {path} {not_a_file(path)}")
     for candidate in (path, path / "best", path / "last"):
         candidate = existing_dir(candidate)
         if (candidate / "config.json").is_file():
@@ -388,7 +436,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     path = resolve(path)
     meta = read_meta(path)
     for name, digest in meta["files"].items():  # plain file names (checked): nothing outside path is read
-        f = path / name
+        f = inside(path, name)
         if not f.is_file():
             raise AbcgptError(f"checkpoint {path} is incomplete: {name} is missing")
         if sha256(f) != digest:

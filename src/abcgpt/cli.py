@@ -5,8 +5,10 @@ import dataclasses
 import itertools
 import json
 import shutil
+import signal
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 
@@ -53,13 +55,16 @@ def cmd_train(args) -> None:
 
 def cmd_sample(args) -> None:
     from abcgpt.checkpoint import load_checkpoint
-    from abcgpt.common import pick_device
+    from abcgpt.common import AbcgptError, pick_device
     from abcgpt.dial_spec import format_dial
     from abcgpt.engine import Engine
 
+    specs = args.sweep.split(",") if args.sweep is not None else [args.dial]
+    if not all(spec.strip() for spec in specs):
+        raise AbcgptError(f"--sweep {args.sweep!r} has an empty position: give comma-separated dial positions, "
+                          "e.g. 0,0.5,1")
     engine = Engine(load_checkpoint(args.ckpt, pick_device(args.device)))
     sources, mode, notes = engine.sources, engine.mode(args.mode), []
-    specs = args.sweep.split(",") if args.sweep else [args.dial]
     dials = [engine.dial_tensor(spec, args.calibrated, mode, notes) for spec in specs]
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -102,14 +107,15 @@ def cmd_baselines(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from abcgpt.common import check_writable, declared, pick_device
-    from abcgpt.report import Settings, build_report, write_report
+    from abcgpt.common import check_output, check_writable, declared, pick_device
+    from abcgpt.report import Settings, build_report, report_files, write_report
 
     with declared("--"):
         samples = {} if args.samples is None else {"samples": args.samples}
         settings = Settings.quick(**samples) if args.quick else Settings(**samples)
     settings.prompt = args.prompt
-    out = check_writable(Path(args.out) if args.out else Path(args.ckpt) / "report")
+    out = check_writable(check_output(Path(args.out) if args.out else Path(args.ckpt) / "report", "report",
+                                      report_files))  # refused before the work, not after it
     report, figures = build_report(Path(args.ckpt), Path(args.baselines) if args.baselines else None,
                                    args.quick, settings, pick_device(args.device), mode=args.mode)
     write_report(report, figures, out)
@@ -171,7 +177,9 @@ def cmd_serve(args) -> None:
     from abcgpt.serve import serve
 
     serve(Path(args.ckpt), args.host, args.port, pick_device(args.device), max_concurrent=args.max_concurrent,
-          max_new_tokens=args.max_new_tokens, max_prompt_chars=args.max_prompt_chars, mode=args.mode)
+          max_new_tokens=args.max_new_tokens, max_prompt_chars=args.max_prompt_chars, mode=args.mode,
+          max_body_bytes=args.max_body_bytes, max_dial_positions=args.max_dial_positions,
+          max_batch_tokens=args.max_batch_tokens)
 
 
 def print_side_by_side(headers: list[str], texts: list[str], sources: list[str]) -> None:
@@ -319,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-concurrent", type=int, default=2, help="generations at once; more get HTTP 429")
     sp.add_argument("--max-new-tokens", type=int, default=1000, help="cap on new tokens per request")
     sp.add_argument("--max-prompt-chars", type=int, default=4000, help="cap on prompt length")
+    sp.add_argument("--max-body-bytes", type=int, help="cap on a request's body; larger get HTTP 413 (default: room "
+                    "for the longest prompt, 12 x --max-prompt-chars + 64 KiB)")
+    sp.add_argument("--max-dial-positions", type=int, help="distinct dial positions (corner networks) one request "
+                    "may run at once (default: 16)")
+    sp.add_argument("--max-batch-tokens", type=int, help="cap on new tokens x rows per request (default: 16 x "
+                    "--max-new-tokens)")
     sp.add_argument("--device", default="auto")
     mode_arg(sp)
     sp.set_defaults(func=cmd_serve)
@@ -348,16 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every failure a user can cause ends in one line on stderr: exit 2 for an error, 130 for
-    Ctrl-C; what was on disk before stays as it was (every write is atomic)."""
+    Ctrl-C, 143 for SIGTERM, which is taken as Ctrl-C is; what was on disk before stays as it was (every write is
+    atomic)."""
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         from abcgpt.common import AbcgptError, Interrupted  # (imports torch: a Ctrl-C may come meanwhile)
 
         args = build_parser().parse_args(argv)
         args.func(args)
     except KeyboardInterrupt:  # first: when it comes during the import above, the names below are not bound yet
-        return fail("interrupted; nothing was left half-written", 130)
+        return fail("interrupted; nothing was left half-written", 143 if terminated else 130)
     except Interrupted as e:
-        return fail(str(e), 130)
+        return fail(str(e), 143 if terminated else 130)
     except AbcgptError as e:
         return fail(str(e))
     except BrokenPipeError:  # `abcgpt sample ... | head`

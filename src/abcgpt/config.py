@@ -4,6 +4,7 @@ A recipe is a name (a file in abcgpt/configs/) or a path. Every key is declared 
 model.GPTConfig) with its type, its range and its default; unknown keys, wrong types and values out of range are
 errors that name the key, the value and what is allowed, before any work starts."""
 
+import bisect
 import dataclasses
 import tomllib
 import typing
@@ -13,7 +14,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from abcgpt.common import DECLARED, DEVICE, DIAL_KEY, RUN_KEY, AbcgptError, declared
+from abcgpt.common import DECLARED, DEVICE, DIAL_KEY, RUN_KEY, AbcgptError, declared, not_a_file
+from abcgpt.dial import fewest_own_units
 from abcgpt.model import GPTConfig
 from abcgpt.sources import SourceSpec
 
@@ -187,6 +189,8 @@ def validate(r: Recipe) -> None:
                           'train.dial_sampling = "per_sequence"')
     if m.n_embd % m.n_head:
         raise AbcgptError(f"model.n_embd ({m.n_embd}) must be a multiple of model.n_head ({m.n_head})")
+    if m.gates == "abc" and m.method == "partition":  # (the reference's units each serve every source)
+        check_units(r.name, len(names), m)
     if t.min_lr > t.lr:
         raise AbcgptError(f"train.min_lr ({t.min_lr}) must not be above train.lr ({t.lr})")
     try:
@@ -194,6 +198,39 @@ def validate(r: Recipe) -> None:
     except (KeyError, IndexError, ValueError, AttributeError):
         raise AbcgptError(f"data.dir = {r.data.dir!r} is not allowed: the only placeholder it may hold is "
                           "{recipe} (write {{ and }} for braces)") from None
+
+
+def check_units(recipe: str, n_sources: int, m: GPTConfig) -> None:
+    """The partition method gives each unit to one source (or, model.shared_fraction of them, to all) and trains it
+    on that source only: a source that owns no unit of a kind has a corner without it, whatever it trains on (with no
+    residual channel it predicts uniformly, forever). So every source must own a residual channel, an attention head
+    in each layer and an MLP unit. With model.width = "corner" each source has a network of its own, so each needs
+    one of each that is not shared."""
+    per = n_sources if m.width == "total" else 1
+
+    def owned(size: int) -> bool:
+        return fewest_own_units(size, per, m.shared_fraction) >= 1
+
+    kinds = {"attention head in a layer": m.n_head, "residual channel": m.n_embd, "MLP unit": 4 * m.n_embd}
+    lacking = [kind for kind, size in kinds.items() if not owned(size)]
+    if not lacking:
+        return
+    # The smallest sizes that work, by bisection: a group's own units never shrink as it grows (its shared ones
+    # grow by at most one per unit), and from `enough` on there are always enough. n_embd is a multiple of n_head.
+    enough = int((per + 1) / (1 - m.shared_fraction)) + 2
+    heads = 1 + bisect.bisect_left(range(1, enough), True, key=owned)
+    embd = heads * (1 + bisect.bisect_left(range(1, enough), True,
+                                           key=lambda k: owned(k * heads) and owned(4 * k * heads)))
+    setting = f"{n_sources} sources, model.n_head = {m.n_head}, model.n_embd = {m.n_embd}"
+    setting += f", model.shared_fraction = {m.shared_fraction}" if m.shared_fraction else ""
+    setting += ', model.width = "corner"' if m.width == "corner" else ""
+    most = next(x.le for x in GPTConfig.__pydantic_fields__["n_head"].metadata if getattr(x, "le", None))
+    fixes = ["lower model.shared_fraction"] * bool(m.shared_fraction) + ['use model.width = "corner"'] * (per > 1)
+    beyond = f", more than model.n_head's largest ({most}): {' or '.join(fixes)}" if heads > most else ""
+    none = ", no ".join(lacking[:-1]) + " and no " * (len(lacking) > 1) + lacking[-1]
+    raise AbcgptError(f"recipe {recipe} leaves some source no {none} of its own ({setting}): the partition method "
+                      f"gives each unit to one source, and every source needs one of each kind: use model.n_head >= "
+                      f"{heads} and model.n_embd >= {embd} ({4 * embd} MLP units){beyond}")
 
 
 def parse_override(item: str) -> tuple[str, str, object]:
@@ -259,7 +296,7 @@ def _toml_path(name: str, folder: Path, what: str, known: list[str]) -> Path:
         if not path.is_file():
             raise AbcgptError(f"unknown {what} {name!r}; built-in: {', '.join(known)}, or give a path to a .toml file")
     if not path.is_file():
-        raise AbcgptError(f"{what} file {path} does not exist")
+        raise AbcgptError(f"{what} file {path} {not_a_file(path)}")
     return path
 
 

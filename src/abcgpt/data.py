@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from abcgpt.common import AbcgptError, atomic_dir, check_writable, existing_dir, folder_lock
+from abcgpt.common import AbcgptError, atomic_dir, check_output, check_writable, existing_dir, output_lock
 from abcgpt.config import Recipe
 from abcgpt.dial import sample_dials
 from abcgpt.sources import load_source
@@ -36,10 +36,11 @@ def data_key(recipe: Recipe) -> dict:
 
 def prepare(recipe: Recipe, out: Path | None = None, progress: bool = True, if_missing: bool = False) -> Path:
     """Load every source, train the tokenizer, write the shards and the manifest (atomically, as one folder).
-    One process at a time per folder: another waits (folder_lock). if_missing: a folder that holds prepared data by
-    then (perhaps another process's, written while this one waited) is left as it is."""
-    out = check_writable(Path(out or recipe.data_dir))
-    with folder_lock(out):
+    One process at a time per folder: another waits (output_lock). if_missing: a folder that holds prepared data by
+    then (perhaps another process's, written while this one waited) is left as it is. A folder that holds anything
+    but prepared data is never replaced."""
+    out = check_writable(check_output(Path(out or recipe.data_dir), "data", prepared_files))
+    with output_lock(out):
         if not (if_missing and (out / "manifest.json").is_file()):
             _prepare(recipe, out, progress)
     return out
@@ -52,7 +53,7 @@ def _prepare(recipe: Recipe, out: Path, progress: bool) -> None:
         tok = train_tokenizer("char", {t.name: t.train + t.heldout for t in texts})
     else:  # BPE merges are learnt from training text only
         tok = train_tokenizer("bpe", {t.name: t.train for t in texts}, recipe.data.vocab_size)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "data", prepared_files, lock=False) as tmp:
         tok.save(tmp / "tokenizer.json")
         entries = []
         for t in texts:
@@ -77,6 +78,17 @@ def _prepare(recipe: Recipe, out: Path, progress: bool) -> None:
     if progress:
         print(f"prepared {out} in {time.time() - t0:.1f}s: {recipe.data.tokenizer} tokenizer, "
               f"vocab {tok.vocab_size}")
+
+
+def prepared_files(folder: Path) -> set[str] | None:
+    """The files of data prepared before outputs were marked: those its manifest.json names."""
+    try:
+        sources = json.loads((folder / "manifest.json").read_text())["sources"]
+        names = [s["name"] for s in sources]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"manifest.json", "tokenizer.json"} | {f"{n}.{split}.bin" for n in names if isinstance(n, str)
+                                                 for split in ("train", "heldout")}
 
 
 def token_dtype(vocab_size: int) -> type:

@@ -46,6 +46,17 @@ def draw_specialties(n_units: int, n_sources: int, seed: int, concentration: flo
     return torch.from_numpy(m).float()
 
 
+def shared_units(size: int, shared_fraction: float) -> int:
+    """How many units of a group of `size` every source shares (the partition method; bank.py's corners alike)."""
+    return int(round(shared_fraction * size))
+
+
+def fewest_own_units(size: int, n_sources: int, shared_fraction: float) -> int:
+    """The fewest units of a group of `size` that one source owns: partition_specialties deals the units that are
+    not shared round-robin, so each source gets this many or one more."""
+    return (size - shared_units(size, shared_fraction)) // n_sources
+
+
 def partition_specialties(group_sizes: list[int], n_sources: int, seed: int, shared_fraction: float = 0.0
                            ) -> torch.Tensor:
     """(sum(group_sizes), n_sources) quantised specialties: in every group (residual channels, one layer's heads,
@@ -54,7 +65,7 @@ def partition_specialties(group_sizes: list[int], n_sources: int, seed: int, sha
     rng = np.random.default_rng(seed)
     eye, rows = np.eye(n_sources), []
     for size in group_sizes:
-        shared = int(round(shared_fraction * size))
+        shared = shared_units(size, shared_fraction)
         owner = rng.permutation(n_sources)[np.arange(size - shared) % n_sources]  # the odd units to random sources
         m = np.concatenate([eye[owner], np.full((shared, n_sources), 1.0 / n_sources)])
         rows.append(m[rng.permutation(size)])

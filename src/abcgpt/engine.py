@@ -22,7 +22,7 @@ README, Speed and scale).
 
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from numbers import Integral, Real
 
 import torch
@@ -40,6 +40,7 @@ from abcgpt.dial import (
     update_weights,
 )
 from abcgpt.dial_spec import DialSpec, parse_dial
+from abcgpt.memory import generation_parts, require_memory
 from abcgpt.model import GPT, KVCache, SubNetwork
 from abcgpt.style import apply_calibration
 from abcgpt.tokenizer import Tokenizer
@@ -153,6 +154,9 @@ class Engine:
     """A trained dial model, ready to generate and score text at any dial position and mode."""
 
     def __init__(self, ckpt: Checkpoint):
+        if not isinstance(ckpt, Checkpoint):
+            raise AbcgptError(f"Engine takes a Checkpoint (checkpoint.load_checkpoint), got {type(ckpt).__name__}; "
+                              "abcgpt.load(path) gives an Engine")
         self.checkpoint = ckpt
         self.model: GPT = ckpt.model.eval()
         self.tokenizer: Tokenizer = ckpt.tokenizer
@@ -180,7 +184,7 @@ class Engine:
     def mode(self, mode: str | None) -> str:
         if mode is None:
             return self.default_mode
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise AbcgptError(f"unknown dial mode {mode!r}; choose from {', '.join(MODES)}")
         return mode
 
@@ -189,14 +193,19 @@ class Engine:
         """(N,) weights of a dial spec (a note is appended to `notes` when weights were normalised).
         calibrated=True reads a number as the wanted share of the last source's style and maps it through the
         stored calibration, which must have been measured in the same mode."""
+        mode = self.mode(mode)
+        if not isinstance(calibrated, bool):
+            raise AbcgptError(f"calibrated must be True or False, got {calibrated!r}")
+        if notes is not None and not isinstance(notes, list):
+            raise AbcgptError(f"notes must be None or a list (the notes are appended to it), got {notes!r}")
         if not calibrated:
             d, note = parse_dial(spec, self.sources)
             if note and notes is not None:
                 notes.append(note)
-            if self.gated and not self.model.has_interior and self.mode(mode) == "gates" and int((d > 0).sum()) > 1:
+            if self.gated and not self.model.has_interior and mode == "gates" and int((d > 0).sum()) > 1:
                 self.model.corners_of(d)  # a bank of corners: its one-line refusal, before any work
             return d
-        cal, mode = self.calibration, self.mode(mode)
+        cal = self.calibration
         if cal is None:
             raise AbcgptError(f"{self.path} has no calibration: run `abcgpt calibrate --ckpt {self.path}` first")
         if len(self.sources) != 2:
@@ -219,7 +228,14 @@ class Engine:
         """The normalised weight of each source (rounded to 6 decimals: the dial is float32)."""
         return {s: round(w, 6) for s, w in zip(self.sources, self.dial_tensor(spec, calibrated, mode).tolist())}
 
-    def at(self, dial: torch.Tensor) -> GPT | SubNetwork:
+    def _dial_tensors(self, dials: Sequence[DialSpec], calibrated: bool = False, mode: str | None = None
+                      ) -> list[torch.Tensor]:
+        """dial_tensor of each of a list of dial positions (a sweep's, a scoring's)."""
+        if isinstance(dials, str) or not isinstance(dials, Sequence) or not dials:
+            raise AbcgptError(f"dials must be a list of one or more dial positions, got {dials!r}")
+        return [self.dial_tensor(d, calibrated, mode) for d in dials]
+
+    def _at(self, dial: torch.Tensor) -> GPT | SubNetwork:
         """The ordinary network that computes the gated model at one dial, at its own width (cached: corners are
         asked for often); an ungated model is its own."""
         if not self.gated:
@@ -231,12 +247,13 @@ class Engine:
             self._networks[key] = SubNetwork(self.model, dial.to(self.device))
         return self._networks[key]
 
-    def network(self, dial: torch.Tensor, mode: str | None = None) -> GPT | SubNetwork:
+    def network(self, dial: DialSpec, mode: str | None = None) -> GPT | SubNetwork:
         """The one ordinary network that computes this dial in this mode: a corner in any mode, any dial in gates.
         Between corners the other modes combine several corner networks at every token: no single one does."""
         mode = self.mode(mode)
+        dial = self.dial_tensor(dial, mode=mode)
         if mode == "gates" or not self.gated or int((dial > 0).sum()) == 1:
-            return self.at(dial)
+            return self._at(dial)
         shown = ",".join(f"{s}={w:.3g}" for s, w in zip(self.sources, dial.tolist()) if w > 0)
         raise AbcgptError(f"dial {shown} in mode {mode} combines {int((dial > 0).sum())} corner networks at "
                           f"generation time and is not one GPT-2: give a corner, or mode gates to fold the network's "
@@ -276,6 +293,7 @@ class Engine:
                        seed: int | None = None, positions: int = 1) -> None:
         """Every sampling argument in its range, before any work: an AbcgptError naming the argument otherwise."""
         check_integer("n", n, 1, MAX_ROWS)
+        check_integer("dial positions", positions, 1, MAX_ROWS)
         if n * positions > MAX_ROWS:
             raise AbcgptError(f"n x dial positions is {n} x {positions} = {n * positions} sequences; at most "
                               f"{MAX_ROWS} in one call")
@@ -312,12 +330,15 @@ class Engine:
               mode: str | None = None, stop: threading.Event | None = None) -> list[list[str]]:
         """n samples at each of several dial positions, all in one batch: a list of n texts per position.
         Setting `stop` (from another thread) ends the batch after the current token: the texts are then shorter."""
-        self.check_sampling(max_new_tokens, temperature, top_k, n, seed, len(dials))
+        rows = self._dial_tensors(dials, calibrated, mode)
+        self.check_sampling(max_new_tokens, temperature, top_k, n, seed, len(rows))
+        if stop is not None and not isinstance(stop, threading.Event):
+            raise AbcgptError(f"stop must be None or a threading.Event, got {type(stop).__name__}")
         mode = self.mode(mode)
-        rows = torch.stack([self.dial_tensor(d, calibrated, mode) for d in dials]).repeat_interleave(n, dim=0)
+        rows = torch.stack(rows).repeat_interleave(n, dim=0)
         ids = torch.tensor([self.prompt_ids(prompt)]).expand(rows.size(0), -1)
         tokens = []
-        for t in self.tokens(ids, rows, mode, max_new_tokens, temperature, top_k, self._generator(seed), n):
+        for t in self._tokens(ids, rows, mode, max_new_tokens, temperature, top_k, self._generator(seed), n):
             tokens.append(t)
             if stop is not None and stop.is_set():
                 break
@@ -333,17 +354,20 @@ class Engine:
         mode = self.mode(mode)
         d = self.dial_tensor(dial, calibrated, mode)
         ids = torch.tensor([self.prompt_ids(prompt)])
-        return stream_text(self.tokenizer, self.tokens(ids, d[None], mode, max_new_tokens, temperature, top_k,
-                                                       self._generator(seed), 1))
+        return stream_text(self.tokenizer, self._tokens(ids, d[None], mode, max_new_tokens, temperature, top_k,
+                                                        self._generator(seed), 1))
 
-    def tokens(self, ids: torch.Tensor, dials: torch.Tensor, mode: str, max_new_tokens: int, temperature: float,
-               top_k: int | None, gen: torch.Generator, group: int = 1, use_cache: bool = True
-               ) -> Iterator[torch.Tensor]:
+    def _tokens(self, ids: torch.Tensor, dials: torch.Tensor, mode: str, max_new_tokens: int, temperature: float,
+                top_k: int | None, gen: torch.Generator, group: int = 1, use_cache: bool = True
+                ) -> Iterator[torch.Tensor]:
         """Yield (B,) new tokens for prompts ids (B, T0) at dials (B, N). Rows come in groups of `group` that share
         a prompt and a dial (mixture draws their corners together, by systematic sampling)."""
         top_k = top_k or None
         ids, dials = ids.to(self.device), dials.to(self.device)
         ids = ids[:, -self.model.config.block_size:]
+        parts = generation_parts(self.model.config, ids.size(0), ids.size(1), max_new_tokens, dials, mode,
+                                 device=self.device)
+        require_memory(sum(parts.values()), "generation", self.device, "n or the number of dial positions", parts)
 
         corners_only = bool(((dials > 0).sum(dim=1) == 1).all())
         if not self.gated or mode == "gates" or corners_only:  # one network per row: every mode agrees at a corner
@@ -370,8 +394,8 @@ class Engine:
             return self.model
         uniq, inverse = torch.unique(dials, dim=0, return_inverse=True)
         if uniq.size(0) == 1:
-            return self.at(dials[0])
-        return RowGroups([((inverse == j).nonzero().flatten(), self.at(d)) for j, d in enumerate(uniq)],
+            return self._at(dials[0])
+        return RowGroups([((inverse == j).nonzero().flatten(), self._at(d)) for j, d in enumerate(uniq)],
                          self.model.config)
 
     def _decode_combined(self, ids, dials, mode, max_new_tokens, temperature, top_k, gen, use_cache):
@@ -422,27 +446,42 @@ class Engine:
     def _corner_logprobs(self, x: torch.Tensor, y: torch.Tensor, corners) -> torch.Tensor:
         """(B, K, T): each corner's log-prob of every target token, one corner's sub-network at a time."""
         n = len(self.sources)
-        return torch.stack([_target_logprobs(self.at(corner(int(k), n)), x, y) for k in corners], dim=1)
+        return torch.stack([_target_logprobs(self._at(corner(int(k), n)), x, y) for k in corners], dim=1)
+
+    def _check_tokens(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """x and y: (B, T) tensors of token ids (torch.long) of one shape, 1 <= T <= block_size, every id in the
+        model's vocabulary."""
+        V, block = self.model.config.vocab_size, self.model.config.block_size
+        for name, t in (("x", x), ("y", y)):
+            if not (isinstance(t, torch.Tensor) and t.dtype == torch.long and t.dim() == 2 and t.size(0) >= 1
+                    and 1 <= t.size(1) <= block and 0 <= int(t.min()) and int(t.max()) < V):
+                got = f"shape {tuple(t.shape)}, {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise AbcgptError(f"{name} must be a (batch, tokens) tensor of torch.long token ids in [0, {V}), "
+                                  f"1 to {block} tokens a row; got {got}")
+        if x.shape != y.shape:
+            raise AbcgptError(f"x and y must have one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
 
     @torch.no_grad()
-    def logprobs(self, x: torch.Tensor, y: torch.Tensor, dials: list[torch.Tensor], mode: str | None = None
+    def logprobs(self, x: torch.Tensor, y: torch.Tensor, dials: Sequence[DialSpec], mode: str | None = None
                  ) -> list[torch.Tensor]:
         """(B, T) log-probs of the targets y given x (B, T <= block_size) at each dial, in one mode. The corners'
         log-probs are computed once and shared by every dial of a combining mode. A dial scored once in mode gates
-        runs the gated model as it is: a sub-network pays only for a dial that is used again (corners, generation)."""
+        runs the gated model as it is: a sub-network pays only for a dial that is used again (corners, generation).
+        A dial is any dial spec (a tensor of weights too)."""
         mode = self.mode(mode)
+        self._check_tokens(x, y)
         x, y = x.to(self.device), y.to(self.device)
         cached, out = None, []
-        for d in dials:
+        for d in self._dial_tensors(dials, mode=mode):
             d = d.to(self.device)
             if not self.gated or int((d > 0).sum()) == 1:
-                out.append(_target_logprobs(self.at(d), x, y))
+                out.append(_target_logprobs(self._at(d), x, y))
             elif mode == "gates":
                 out.append(_target_logprobs(self.model, x, y, d))
             elif mode == "product":
                 acc = 0.0
                 for k in (d > 0).nonzero().flatten().tolist():
-                    logits, _ = self.at(corner(k, len(self.sources)))(x, targets=y)
+                    logits, _ = self._at(corner(k, len(self.sources)))(x, targets=y)
                     acc = acc + d[k] * torch.log_softmax(logits.float(), dim=-1)
                 out.append(torch.log_softmax(acc, dim=-1).gather(-1, y[..., None]).squeeze(-1))
             else:

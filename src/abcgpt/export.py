@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from abcgpt.checkpoint import Checkpoint, load_checkpoint
-from abcgpt.common import AbcgptError, atomic_dir, check_writable
+from abcgpt.common import AbcgptError, atomic_dir, check_output, check_writable
 from abcgpt.dial_spec import format_dial
 from abcgpt.engine import Engine
 from abcgpt.model import GPT, SubNetwork
@@ -38,6 +38,17 @@ def _transformers():
     return transformers
 
 
+def exported_files(folder: Path) -> set[str] | None:
+    """The files of an export written before outputs were marked (its config.json says it is ours)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        ours = isinstance(config, dict) and "abcgpt" in config
+    except (OSError, ValueError, TypeError):
+        return None
+    return {"config.json", "generation_config.json", "model.safetensors", "README.md", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"} if ours else None
+
+
 def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode: str | None = None,
                 notes: list[str] | None = None) -> Path:
     """Write a transformers GPT-2 folder for the checkpoint's model folded at `dial` (a dial spec as users type
@@ -48,11 +59,9 @@ def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode
     mode gates. Between corners, the combining modes (the default mixture among them) run several corner networks
     at generation time; that is refused with a one-line error, before anything is written. Where the dial's own
     width is not a standard GPT-2, the full-width network is written and `notes` gets a line saying why."""
-    out = Path(out)
+    out = check_output(out, "export", exported_files)  # never a folder it did not write, even with force
     if out.exists() and not force:
         raise AbcgptError(f"{out} exists; use --force to overwrite")
-    if out.exists() and not out.is_dir():
-        raise AbcgptError(f"{out} exists and is not a folder; not overwriting it")
     check_writable(out.parent)
     tf = _transformers()
     ckpt = load_checkpoint(Path(ckpt_path), "cpu")
@@ -72,7 +81,7 @@ def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode
         if why:
             raise AbcgptError(f"cannot export dial {format_dial(weights, ckpt.sources)} as a GPT-2: {why}")
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "export", exported_files) as tmp:
         hf_tok, special = _hf_tokenizer(ckpt, tf)
         hf_model = _hf_model(plain, ckpt, dial, weights, special, tf)
         hf_model.save_pretrained(tmp, safe_serialization=True)

@@ -203,10 +203,17 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
     return report, figures
 
 
+def report_files(folder: Path) -> set[str] | None:
+    """The files of a report written before outputs were marked: the report itself and its figures."""
+    if not (folder / "report.json").is_file():
+        return None
+    return {"report.json", "report.md", "report.html"} | {p.name for p in folder.glob("*.png")}
+
+
 def write_report(report: Report, figures: dict[str, bytes], out: Path) -> None:
     """All files at once: an interrupted report never replaces a complete one."""
     md = to_markdown(report)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "report", report_files) as tmp:
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
         (tmp / "report.md").write_text(md)
         (tmp / "report.html").write_text(to_html(report, md, figures))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from abcgpt.common import AbcgptError, cache_dir, data_dir
+from abcgpt.common import AbcgptError, cache_dir, data_dir, not_a_file
 
 TIMEOUT = 30  # seconds without data before a download gives up
 NORMALIZE = ("none", "reference")
@@ -313,9 +313,16 @@ def _split_tail(text: str, fraction: float, where: str) -> tuple[str, str]:
 
 
 def _read_bytes(p: Path, max_bytes: int | None) -> bytes:
+    """The file, or its first max_bytes, read in chunks: f.read(n) would reserve n bytes, whatever the file holds."""
     try:
         with open(p, "rb") as f:
-            return f.read() if max_bytes is None else f.read(max_bytes)
+            if max_bytes is None:
+                return f.read()
+            chunks, left = [], max_bytes
+            while left > 0 and (chunk := f.read(min(left, 1 << 24))):
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks)
     except OSError as e:
         raise AbcgptError(f"cannot read {p}: {e.strerror}") from None
 
@@ -325,7 +332,9 @@ def _read_path(p: Path, max_bytes: int | None, name: str) -> tuple[bytes, str]:
     if p.is_file():
         return _read_bytes(p, max_bytes), str(p)
     if not p.is_dir():
-        raise AbcgptError(f"source {name!r}: no such file or folder: {p.absolute()}")
+        why = not_a_file(p)
+        raise AbcgptError(f"source {name!r}: no such file or folder: {p.absolute()}" if why == "does not exist" else
+                          f"source {name!r}: {p.absolute()} {why}")
     files = sorted(f for f in p.rglob("*.txt") if f.is_file()
                    and not any(part.startswith(".") for part in f.relative_to(p).parts))
     if not files:

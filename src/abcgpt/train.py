@@ -33,13 +33,16 @@ from abcgpt.common import (
     atomic_write_text,
     check_writable,
     existing_dir,
+    open_append,
     pick_device,
+    refuse_link,
     run_lock,
     write_error,
 )
 from abcgpt.config import Recipe
 from abcgpt.data import Batcher, alone_steps, prepared_data
 from abcgpt.evaluate import WIDE_TABLE, format_table, loss_curve, loss_table, plot_loss_curve
+from abcgpt.memory import require_memory, training_parts
 from abcgpt.model import build_model
 
 
@@ -97,9 +100,17 @@ def train(recipe: Recipe, out: Path, resume: bool = False, progress: bool = True
     the gradients), so a run follows the same trajectory on any number of processes. The run folder is locked
     while rank 0 trains in it: a second trainer there is refused."""
     out = check_writable(Path(out))
+    if out.is_dir() and any(out.iterdir()) and not is_run(out):
+        raise AbcgptError(f"{out} holds files that are not an abcgpt run: a run is written into a new or empty "
+                          "folder, so choose another --out")
     pick_device(recipe.train.device)  # a device this machine lacks is refused before the run folder is made
     with run_lock(out) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
         return Trainer(recipe, out, resume, progress).train()
+
+
+def is_run(folder: Path) -> bool:
+    """A folder a trainer has started in: its lock, its recipe or a checkpoint are there."""
+    return any((folder / name).exists() for name in (".lock", "recipe.json", "last", "last.old"))
 
 
 class Trainer:
@@ -135,6 +146,11 @@ class Trainer:
         self.recipe = dataclasses.replace(recipe, model=model)
         self.t, self.cfg = t, model
         self.autocast = autocast_for(self.device, t.dtype)
+        # a size that cannot fit is one line before anything is allocated, not the allocator's traceback
+        parts = training_parts(model, t, self.device, self.world)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.device.type == "cpu" else 1  # ranks share RAM
+        require_memory(sum(parts.values()) * local, "training", self.device,
+                       "train.batch_size, model.n_embd, model.n_layer or model.block_size", parts)
 
         torch.manual_seed(t.seed)
         self.model = build_model(model).to(self.device)
@@ -212,9 +228,8 @@ class Trainer:
 
     def train(self) -> dict:
         t, out, data = self.t, self.out, self.data
-        if self.master:
-            if self.step:
-                _truncate_log(out / "metrics.jsonl", self.step)
+        if self.master:  # a fresh start drops what a run killed before its first checkpoint logged
+            _truncate_log(out / "metrics.jsonl", self.step if self.step else -1)
             atomic_write_text(out / "recipe.json", json.dumps(self.recipe.to_dict(), indent=2))
         if self.step >= t.steps:
             print(f"{out} is already at step {self.step} of {t.steps}: nothing to do (raise it with --steps)")
@@ -363,7 +378,7 @@ class RunLog:
     """metrics.jsonl, and TensorBoard / Weights & Biases when train.log_to names them (rank 0 only)."""
 
     def __init__(self, out: Path, recipe: Recipe, sinks: list[str]):
-        self.file = open(out / "metrics.jsonl", "a")
+        self.file = open_append(out / "metrics.jsonl")
         self.tb = self.wandb = None
         try:
             if "tensorboard" in sinks:
@@ -410,6 +425,7 @@ def _log(log: RunLog | None, record: dict) -> None:
 
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
+    refuse_link(path)
     if not path.exists():
         return
     keep = []
