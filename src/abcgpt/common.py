@@ -12,11 +12,13 @@ import signal
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from numbers import Integral
 from pathlib import Path
 
+import psutil
 import torch
 from pydantic import ConfigDict, ValidationError
 from safetensors import SafetensorError
@@ -74,6 +76,30 @@ def check_integer(name: str, value: object, low: int, high: int | None = None) -
     if isinstance(value, bool) or not isinstance(value, Integral) or value < low or (high is not None and value > high):
         allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
         raise AbcgptError(f"{name} must be {allowed}, got {value!r}")
+
+
+class CoreShare:
+    """Torch's CPU threads, fitted to the cores other processes leave idle. On a machine whose cores are all in use,
+    two threads that wait for each other at every operation spend most of their time waiting for the one that
+    shares its core (10x slower beside one busy process on 2 cores); one thread fewer is then faster. fit() reads
+    how busy the machine was since the last call (psutil) and sets the threads: at most `most` (torch's default,
+    one per core), at least one."""
+
+    def __init__(self, most: int | None = None):
+        self.most = most or torch.get_num_threads()
+        self.process = psutil.Process()
+        psutil.cpu_percent(None), self.process.cpu_percent(None)  # start both counters now
+        self.since = time.monotonic()
+
+    def fit(self) -> int:
+        time.sleep(max(0.0, self.since + 0.05 - time.monotonic()))  # a shorter interval reads as idle
+        self.since = time.monotonic()
+        cores = psutil.cpu_count() or 1
+        others = psutil.cpu_percent(None) / 100 * cores - self.process.cpu_percent(None) / 100
+        n = max(1, min(self.most, round(cores - max(0.0, others))))
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        return n
 
 
 def data_dir() -> Path | None:
