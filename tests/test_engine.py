@@ -415,7 +415,7 @@ def test_calibration_of_another_mode_is_refused(engine, monkeypatch):
         engine.dial_tensor(0.5, calibrated=True, mode="mixture")
     assert "gates" in str(e.value) and "mixture" in str(e.value)
     with pytest.raises(AbcgptError, match="gates"):
-        engine.dial_tensor(0.5, calibrated=True)  # the default mode of a partition model is mixture
+        engine.dial_tensor(0.5, calibrated=True)  # the default mode of a partition model is switch
     torch.testing.assert_close(engine.dial_tensor(0.5, calibrated=True, mode="gates"), torch.tensor([0.6, 0.4]))
     # a calibration stored before modes existed was measured in gates
     monkeypatch.setitem(engine.meta, "calibration", {"share": [0.0, 1.0], "dial": [0.0, 1.0]})
@@ -425,7 +425,7 @@ def test_calibration_of_another_mode_is_refused(engine, monkeypatch):
 
 
 def test_export_between_corners_needs_gates(run, tmp_path, capsys, monkeypatch):
-    """Between the corners the default mode (mixture) runs two networks at generation time: no single GPT-2 to
+    """Between the corners the default mode (switch) runs two networks at generation time: no single GPT-2 to
     export. That is a one-line error before anything is written, suggesting a corner or mode gates; a corner
     exports."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -435,7 +435,7 @@ def test_export_between_corners_needs_gates(run, tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert "\n" not in err and err.startswith("abcgpt: error:"), err
-    assert "mode mixture" in err and "corner" in err and "mode gates" in err
+    assert "mode switch" in err and "corner" in err and "mode gates" in err
     assert captured.out == ""
     assert not out.exists() and not list(out.parent.glob(out.name + ".*.tmp"))
 
@@ -488,3 +488,45 @@ def test_switch_blends_inside_a_sample_where_mixture_does_not(engine):
 
     assert both("switch") >= 6
     assert both("mixture") <= 1
+
+
+# ----------------------------------------------------------------------------- one seed, one direction (issue 24)
+
+
+def omega_share(text: str) -> float:
+    """The share of a text's letters from omega's alphabet (the synthetic sources' styles are their alphabets)."""
+    a, b = sum(c in "abcdefg" for c in text), sum(c in "tuvwxyz" for c in text)
+    return b / max(1, a + b)
+
+
+@pytest.mark.parametrize("mode", ["mixture", "switch", "tokens", "product", "gates"])
+def test_a_dial_position_draws_the_same_random_numbers_alone_or_in_a_sweep(engine, mode):
+    """Common random numbers: a sample's randomness depends on the seed and its place among the n samples, not on
+    its row in the batch nor on the other dial positions, so a sweep shows what generate shows at each position."""
+    dials = [0.0, 0.3, 0.5, 0.9]
+    swept = engine.sweep("\n", dials, max_new_tokens=40, seed=7, n=2, mode=mode)
+    alone = [engine.generate("\n", d, max_new_tokens=40, seed=7, n=2, mode=mode) for d in dials]
+    assert swept == alone
+
+
+def test_a_coin_flip_mode_switches_voice_once_along_the_dial(engine):
+    """mixture draws one corner per sample at the dial's inverse CDF of one shared number: for every seed a sweep
+    from 0.1 to 0.9 is the first source's voice up to some position and the second's after it, never back."""
+    positions = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    switched = 0
+    for seed in range(20):
+        voices = [round(omega_share(t[0])) for t in engine.sweep("\n", positions, 60, seed=seed, mode="mixture")]
+        assert voices == sorted(voices), (seed, voices)
+        switched += voices[0] != voices[-1]
+    assert switched >= 10  # and the switch happens inside the sweep, at a position that depends on the seed
+
+
+def test_a_blend_changes_gradually_as_the_dial_moves(engine):
+    """switch with one seed: a small step of the dial keeps most of the text (the same corner writes the same
+    sentences from the same noise until the dial hands a sentence to the other), a large one changes it."""
+    near = far = 0
+    for seed in range(10):
+        a, b, c = (t[0] for t in engine.sweep("\n", [0.50, 0.55, 0.95], 120, seed=seed, mode="switch"))
+        near += sum(x == y for x, y in zip(a, b))
+        far += sum(x == y for x, y in zip(a, c))
+    assert near > far and near > 0.5 * 10 * 120, (near, far)

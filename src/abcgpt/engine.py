@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from abcgpt.checkpoint import Checkpoint
-from abcgpt.common import AbcgptError, check_integer
+from abcgpt.common import AbcgptError, CoreShare, check_integer
 from abcgpt.dial import (
     MODES,
     combine_next,
@@ -51,9 +51,10 @@ MAX_NEW_TOKENS = 100_000
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; JSON clients and numpy agree on int64
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits or log-probs -> (B,) token ids. A temperature below 1e-4 means greedy (dividing by less
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gumbel: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits or log-probs -> (B,) token ids, by the Gumbel-max trick: argmax(logits / T + g) with g (B, V)
+    standard Gumbel noise is a draw from softmax(logits / T). Rows given the same g pick the same token wherever
+    their distributions nearly agree (CommonNoise). A temperature below 1e-4 means greedy (dividing by less
     overflows)."""
     if temperature < 1e-4:
         return logits.argmax(dim=-1)
@@ -61,8 +62,26 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return (logits.float() + gumbel).argmax(dim=-1)
+
+
+class CommonNoise:
+    """The random numbers of one generation call, drawn per sample (a row's place among the n samples of its dial
+    position), never per row or per dial: with one seed, every dial position gets the same ones (common random
+    numbers). So a sweep's text changes only where the dial changes what the corners predict: a mode that draws
+    one corner per sample switches voice once along the dial, and a blend changes gradually. The draws come in a
+    fixed order whatever the mode and the dial: the corner offset u, the order of the n samples, then Gumbel noise
+    for each new token."""
+
+    def __init__(self, gen: torch.Generator, n: int):
+        self.gen, self.n = gen, n
+        self.u = torch.rand(1, generator=gen, device=gen.device)  # a corner is the dial's inverse CDF at u
+        self.order = torch.randperm(n, generator=gen, device=gen.device)  # which of the n draws each sample gets
+
+    def gumbel(self, rows: int, vocab: int) -> torch.Tensor:
+        """(rows, vocab) Gumbel noise for the next token; row r is sample r % n of its position."""
+        u = torch.rand(self.n, vocab, generator=self.gen, device=self.gen.device).clamp_(min=1e-20)
+        return (-torch.log(-torch.log(u))).repeat(rows // self.n, 1)
 
 
 class RowGroups(torch.nn.Module):
@@ -117,7 +136,7 @@ def generate_tokens(model: GPT, prompt: torch.Tensor, dial: torch.Tensor | None,
     gen = torch.Generator(device=prompt.device)
     gen.manual_seed(seed) if seed is not None else gen.seed()
     return decode(model, prompt, None if dial is None else dial.to(prompt.device), max_new_tokens,
-                  plain_step(temperature, top_k, gen), use_cache)
+                  plain_step(temperature, top_k, CommonNoise(gen, prompt.size(0))), use_cache)
 
 
 def _target_logprobs(model: GPT, x: torch.Tensor, y: torch.Tensor, dial: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,10 +145,10 @@ def _target_logprobs(model: GPT, x: torch.Tensor, y: torch.Tensor, dial: torch.T
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
 
 
-def plain_step(temperature: float, top_k: int | None, gen: torch.Generator):
+def plain_step(temperature: float, top_k: int | None, noise: CommonNoise):
     """decode's step for one network: sample each row's next token and feed it back."""
     def step(logits):
-        t = sample_next(logits, temperature, top_k, gen)
+        t = sample_next(logits, temperature, top_k, noise.gumbel(*logits.shape))
         return t, t
 
     return step
@@ -165,6 +184,7 @@ class Engine:
         self.recipe = ckpt.recipe
         self.path = ckpt.path
         self.device = next(self.model.parameters()).device
+        self.cores = CoreShare() if self.device.type == "cpu" else None  # threads fitted at each generation
         self.gated = self.model.config.gates == "abc"
         self._networks: dict[tuple[float, ...], SubNetwork] = {}
         self._boundary: torch.Tensor | None = None
@@ -365,27 +385,28 @@ class Engine:
         top_k = top_k or None
         ids, dials = ids.to(self.device), dials.to(self.device)
         ids = ids[:, -self.model.config.block_size:]
+        if self.cores is not None:
+            self.cores.fit()
         parts = generation_parts(self.model.config, ids.size(0), ids.size(1), max_new_tokens, dials, mode,
                                  device=self.device)
         require_memory(sum(parts.values()), "generation", self.device, "n or the number of dial positions", parts)
 
+        noise = CommonNoise(gen, group)
         corners_only = bool(((dials > 0).sum(dim=1) == 1).all())
         if not self.gated or mode == "gates" or corners_only:  # one network per row: every mode agrees at a corner
-            return self._decode_rows(ids, dials, max_new_tokens, temperature, top_k, gen, use_cache)
+            return self._decode_rows(ids, dials, max_new_tokens, temperature, top_k, noise, use_cache)
         if mode == "mixture":
             log_w = self._prompt_log_weights(ids, dials, mode)
-            u = torch.rand(ids.size(0) // group, generator=gen, device=self.device)
-            ks = systematic_draw(log_w[::group].exp(), group, u)
-            shuffle = torch.rand(ks.shape, generator=gen, device=self.device).argsort(dim=1)
-            ks = ks.gather(1, shuffle).flatten()  # so no sample's place in the batch fixes its corner
+            ks = systematic_draw(log_w[::group].exp(), group, noise.u.expand(ids.size(0) // group))
+            ks = ks[:, noise.order].flatten()  # so no sample's place in the batch fixes its corner
             rows = F.one_hot(ks, dials.size(1)).to(dials)
-            return self._decode_rows(ids, rows, max_new_tokens, temperature, top_k, gen, use_cache)
-        return self._decode_combined(ids, dials, mode, max_new_tokens, temperature, top_k, gen, use_cache)
+            return self._decode_rows(ids, rows, max_new_tokens, temperature, top_k, noise, use_cache)
+        return self._decode_combined(ids, dials, mode, max_new_tokens, temperature, top_k, noise, use_cache)
 
-    def _decode_rows(self, ids, dials, max_new_tokens, temperature, top_k, gen, use_cache):
+    def _decode_rows(self, ids, dials, max_new_tokens, temperature, top_k, noise, use_cache):
         """One network per row: the dial's sub-network (each dial's on its own rows, side by side in one batch,
         when the rows have several)."""
-        return decode(self._by_row(dials), ids, None, max_new_tokens, plain_step(temperature, top_k, gen),
+        return decode(self._by_row(dials), ids, None, max_new_tokens, plain_step(temperature, top_k, noise),
                       use_cache)
 
     def _by_row(self, dials: torch.Tensor) -> torch.nn.Module:
@@ -398,7 +419,7 @@ class Engine:
         return RowGroups([((inverse == j).nonzero().flatten(), self._at(d)) for j, d in enumerate(uniq)],
                          self.model.config)
 
-    def _decode_combined(self, ids, dials, mode, max_new_tokens, temperature, top_k, gen, use_cache):
+    def _decode_combined(self, ids, dials, mode, max_new_tokens, temperature, top_k, noise, use_cache):
         """switch, tokens, product: every corner with weight > 0 in one batch of B x K rows (row b * K + k runs
         corner k), so any of them can take over at the next token; their next-token distributions are combined
         (tokens, product) or one of them writes (switch)."""
@@ -408,17 +429,20 @@ class Engine:
         log_w = self._prompt_log_weights(ids, dials, mode)[:, active]
         rows = F.one_hot(active, N).to(dials).repeat(B, 1)
         boundary, every = self._boundaries(), torch.arange(B, device=self.device)
-        # switch: the first sentence's corner is drawn from the posterior given the prompt
-        state = {"writer": torch.multinomial(log_w.exp(), 1, generator=gen).squeeze(1),
-                 "written": torch.zeros(B, K, device=self.device)}
+        # switch: the first sentence's corner is drawn from the posterior given the prompt (its inverse CDF at u)
+        cdf = log_w.exp().cumsum(dim=1)
+        u = noise.u.expand(B, 1).contiguous()
+        first = torch.searchsorted(cdf / cdf[:, -1:], u).squeeze(1).clamp_(max=K - 1)
+        state = {"writer": first, "written": torch.zeros(B, K, device=self.device)}
 
         def step(logits):
             logp = torch.log_softmax(logits, dim=-1).view(B, K, -1)
+            g = noise.gumbel(B, logp.size(-1))
             if mode != "switch":
-                t = sample_next(combine_next(logp, log_w, mode), temperature, top_k, gen)
+                t = sample_next(combine_next(logp, log_w, mode), temperature, top_k, g)
                 return t, t.repeat_interleave(K)
             writer = state["writer"]
-            t = sample_next(logp[every, writer], temperature, top_k, gen)
+            t = sample_next(logp[every, writer], temperature, top_k, g)
             state["written"][every, writer] += 1
             state["writer"] = torch.where(boundary[t], next_segment_source(a, state["written"]), writer)
             return t, t.repeat_interleave(K)
