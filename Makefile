@@ -26,7 +26,7 @@ demo: venv
 	rm -rf $(DEMO_RUN)
 	$(BIN)/abcgpt train --config tiny --out $(DEMO_RUN)
 	$(BIN)/abcgpt sample --ckpt $(DEMO_RUN) --sweep 0,0.25,0.5,0.75,1 --max-new-tokens 240 --seed 0
-	$(BIN)/abcgpt sample --ckpt $(DEMO_RUN) --sweep 0.25,0.5,0.75 --mode switch --max-new-tokens 240 --seed 0
+	$(BIN)/abcgpt sample --ckpt $(DEMO_RUN) --sweep 0.25,0.5,0.75 --mode mixture --max-new-tokens 240 --seed 0
 	$(BIN)/abcgpt eval --ckpt $(DEMO_RUN)
 
 test: venv

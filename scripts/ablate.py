@@ -23,10 +23,33 @@ from pathlib import Path
 
 import numpy as np
 
+from abcgpt.style import mean_style
+
 
 def run(cmd: list[str], threads: int) -> None:
     print("$ " + shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)})
+
+
+STYLE_AT = (0.3, 0.5, 0.7)  # dial positions (of the first edge) whose morph error and mean style a row keeps
+STYLE_TOL = 0.1  # the nearest style position counts for one of STYLE_AT within this (a 3-point curve has no 0.3)
+
+
+def edge_mean_style(edge: dict) -> list[float | None] | None:
+    """The report's mean style on the corners' scale along an edge (style.mean_style; for reports from before it
+    was stored, from the per-sample styles)."""
+    return edge.get("mean_style") or (mean_style(edge["sample_style"]) if edge.get("sample_style") else None)
+
+
+def at_positions(ts: list[float], values: list | None) -> dict[str, float | None]:
+    """{"0.3": value, ...}: values at the style position nearest each of STYLE_AT (None: none within STYLE_TOL,
+    no values, or undefined there)."""
+    out = {}
+    for want in STYLE_AT:
+        i = int(np.argmin([abs(t - want) for t in ts]))
+        near = abs(ts[i] - want) <= STYLE_TOL + 1e-9
+        out[str(want)] = values[i] if values is not None and near and i < len(values) else None
+    return out
 
 
 def headline(report: dict) -> dict:
@@ -48,6 +71,10 @@ def headline(report: dict) -> dict:
         "mixing_mid": edge["mixing"][mid],
         "morph_mid": report.get("morph_mid"),  # mean over edges; None: undefined, or a report from before it
         "morph_mid_samples": report.get("morph_mid_samples"),
+        # the first edge at STYLE_AT (nearest positions, see at_positions; none in rows from before them)
+        "style_t": at_positions(edge["t"], edge["t"]),
+        "morph_error": at_positions(edge["t"], edge.get("morph_error")),
+        "mean_style": at_positions(edge["t"], edge_mean_style(edge)),
         "mode": report["mode"],
         "regret_max": report["regret"]["max"],
         "isolation_near": ({s: min(v.values()) for s, v in report["isolation_near"].items()}
@@ -132,13 +159,20 @@ def cmd_table(args) -> None:
     print("| setting · mode | `--set` (on today's defaults) | seeds | corner − joint | corner − alone | contrast "
           "| isolation "
           "| isolation at 0.1 | max regret | middle − joint | fluency gap | calib. error (calibrated) | monotone "
-          "| share at 0.5 | mixing at 0.5 | morph error at 0.5 (coin flip 0.50) |")
-    print("|---" * 16 + "|")
+          "| share at 0.5 | mixing at 0.5 | morph error 0.3 / 0.5 / 0.7 (coin flip "
+          + " / ".join(f"{2 * t * (1 - t):.2f}" for t in STYLE_AT) + ") | mean style 0.3 / 0.5 / 0.7 "
+          "| morph error at 0.5 (coin flip 0.50) |")
+    print("|---" * 18 + "|")
     for name, rs in results_by_name(Path(args.root)).items():
         sources = list(rs[0]["corner"])
 
         def per_source(key, rs=rs, sources=sources):
             return " / ".join(_agg([r[key][s] if r.get(key) else None for r in rs]) for s in sources)
+
+        def per_position(key, rs=rs):  # "–" alone for rows from before STYLE_AT
+            if not any(r.get(key) for r in rs):
+                return "–"
+            return " / ".join(_agg([r[key].get(str(t)) if r.get(key) else None for r in rs]) for t in STYLE_AT)
 
         run_dir = Path(args.root) / rs[0]["name"] / f"s{rs[0]['seed']}"
         sets = " ".join(f"`{x}`" for x in knob_overrides(run_dir, rs[0]["config"]))
@@ -154,6 +188,7 @@ def cmd_table(args) -> None:
               f"{_agg([r.get('fluency_gap') for r in rs], signed=True)} | "
               f"{calib} | {sum(r['monotone'] for r in rs)}/{len(rs)} | "
               f"{_agg([r['share_mid'] for r in rs])} | {_agg([r['mixing_mid'] for r in rs])} | "
+              f"{per_position('morph_error')} | {per_position('mean_style')} | "
               f"{_agg([r.get('morph_mid') for r in rs])} |")
 
 
@@ -183,38 +218,68 @@ def cmd_plot(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _nan(values: list | None) -> list[float]:
+    return [np.nan if v is None else v for v in values]
+
+
 def cmd_modes(args) -> None:
-    """One run's reports in every mode, along the dial: regret, style share, mixing and the fluency gap."""
+    """One run's reports in every mode, along the dial (the first edge): dial regret and the fluency gap (left),
+    the style share and the mean style on the corners' scale (top), mixing inside samples and the morph error
+    (bottom, with a coin flip's 2t(1 - t) for reference). It only reads reports: it scores nothing."""
+    run = Path(args.root) / args.name / f"s{args.seed}"
+    reports = sorted((json.loads(p.read_text()) for p in run.glob("report*/report.json")), key=lambda r: r["mode"])
+    if not reports:
+        raise SystemExit(f"no report*/report.json under {run}: score it with `run --name {args.name} --mode ...`")
+    draw_modes(reports, f"{args.name}, seed {args.seed}", args.out)
+
+
+def draw_modes(reports: list[dict], label: str, out: str) -> None:
+    """cmd_modes' figure, from report.json dicts (one per mode)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run = Path(args.root) / args.name / f"s{args.seed}"
-    reports = sorted((json.loads(p.read_text()) for p in run.glob("report*/report.json")), key=lambda r: r["mode"])
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    fig, ax = plt.subplots(2, 3, figsize=(13.5, 7.4))
+    regret, share, style = ax[0]
+    fluency, mixing, morph = ax[1]
     for k, r in enumerate(reports):
         e, c = r["style_curve"]["edges"][0], f"C{k}"
         pos = r["regret"]["positions"]
-        axes[0].plot([p["weights"][1] for p in pos], [p["regret"] for p in pos], marker=".", color=c, label=r["mode"])
-        axes[1].plot(e["t"], e["share_to"], marker=".", color=c)
-        axes[2].plot(e["t"], e["mixing"], marker=".", color=c)
+        regret.plot([p["weights"][1] for p in pos], [p["regret"] for p in pos], marker=".", color=c, label=r["mode"])
+        share.plot(e["t"], e["share_to"], marker=".", color=c)
+        if (m := edge_mean_style(e)) is not None:
+            style.plot(e["t"], _nan(m), marker=".", color=c)
+        mixing.plot(e["t"], _nan(e["mixing"]), marker=".", color=c)
+        if e.get("morph_error") and any(v is not None for v in e["morph_error"]):
+            morph.plot(e["t"], _nan(e["morph_error"]), marker=".", color=c)
         if e.get("fluency_gap"):
-            axes[3].plot(e["t"], e["fluency_gap"], marker=".", color=c)
-    axes[1].plot([0, 1], [0, 1], color="gray", ls="--", lw=1)
-    for ax in (axes[0], axes[3]):  # gates' untrained middle is 1-2 nats off; the others within a few hundredths
-        ax.set_yscale("symlog", linthresh=0.05)
-    titles = ["dial regret (nats/token, symlog)", f"share read as {reports[0]['sources'][1]}", "mixing inside samples",
-              "fluency: judge loss − corners' mean (symlog)"]
-    for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel(f"dial (0 = {reports[0]['sources'][0]}, 1 = {reports[0]['sources'][1]})", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{args.name}, seed {args.seed}: the dial between corners, by mode", fontsize=10)
+            fluency.plot(e["t"], e["fluency_gap"], marker=".", color=c)
+    for a in (share, style):
+        a.plot([0, 1], [0, 1], color="gray", ls="--", lw=1)
+    t = np.linspace(0, 1, 101)
+    morph.plot(t, 2 * t * (1 - t), color="gray", ls=":", lw=1.5, label="coin flip, 2t(1−t)")
+    morph.legend(fontsize=7, loc="upper right")
+    for a in (mixing, morph):
+        a.set_ylim(bottom=0)
+    for a in (regret, fluency):  # gates' untrained middle is 1-2 nats off; the others within a few hundredths
+        a.set_yscale("symlog", linthresh=0.05)
+    src = reports[0]["sources"]
+    titles = {regret: "dial regret (nats/token, symlog)", share: f"share read as {src[1]}",
+              style: "mean style on the corners' scale (0, 1 = corners)", fluency:
+              "fluency: judge loss − corners' mean (symlog)", mixing: "mixing inside samples",
+              morph: "morph error: mean over samples of |style − dial|"}
+    for a, title in titles.items():
+        a.set_title(title, fontsize=9)
+        a.set_xlabel(f"dial (0 = {src[0]}, 1 = {src[1]})", fontsize=8)
+        a.tick_params(labelsize=7)
+        a.grid(alpha=0.3)
+    regret.legend(fontsize=7, title="mode", title_fontsize=7)
+    fig.suptitle(f"{label}: the dial between corners, by mode", fontsize=10)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
 
 
 def main() -> None:

@@ -101,8 +101,8 @@ def test_loss_follows_dial(m):
 
 
 def test_loss_equals_model_loss(m):
-    """In mode gates the loss is the gated network's at the dial; in the default mode (mixture) it is the
-    posterior mixture of the corners: -log(sum_k a_k p_k(text)) per predicted token."""
+    """In mode gates the loss is the gated network's at the dial; in mode mixture it is the posterior mixture of the
+    corners: -log(sum_k a_k p_k(text)) per predicted token."""
     text = "abc fed\ntux"
     ids = torch.tensor([m.tokenizer.encode(text)])
     x, y = ids[:, :-1], ids[:, 1:]
@@ -111,8 +111,8 @@ def test_loss_equals_model_loss(m):
         corner_logp = [-m.model(x, torch.tensor(c), targets=y)[1] * y.numel() for c in ([1.0, 0.0], [0.0, 1.0])]
     assert m.loss(text, dial=0.3, mode="gates") == pytest.approx(expected.item(), rel=1e-5)
     mixture = -torch.logsumexp(torch.stack(corner_logp) + torch.tensor([0.7, 0.3]).log(), 0) / y.numel()
-    assert m.default_mode == "mixture"
-    assert m.loss(text, dial=0.3) == pytest.approx(mixture.item(), rel=1e-5)
+    assert m.default_mode == "switch"
+    assert m.loss(text, dial=0.3, mode="mixture") == pytest.approx(mixture.item(), rel=1e-5)
 
 
 def test_loss_long_text_in_windows(m):
@@ -154,7 +154,7 @@ def test_calibrated_without_calibration_raises(m):
 
 
 def test_calibrated_maps_share_to_dial(m):
-    m.meta["calibration"] = {"share": [0.0, 1.0], "dial": [0.2, 0.6], "mode": "mixture"}
+    m.meta["calibration"] = {"share": [0.0, 1.0], "dial": [0.2, 0.6], "mode": "switch"}
     try:
         assert m.dial(0.5, calibrated=True) == pytest.approx({"alpha": 0.6, "omega": 0.4})
         with pytest.raises(AbcgptError):

@@ -143,7 +143,7 @@ def test_a_bank_trains_resumes_samples_and_mixes(tmp_path, capsys):
     assert isinstance(ckpt.model, CornerBank) and ckpt.meta["step"] == 30
     assert set(ckpt.meta["metrics"]["heldout"]) == {"alpha", "omega"}  # corners only: nothing in between
     engine = Engine(ckpt)
-    assert engine.default_mode == "mixture"
+    assert engine.default_mode == "switch"
     texts = engine.generate("a", dial=0.5, n=4, max_new_tokens=8, seed=0)
     assert len(texts) == 4
     with pytest.raises(AbcgptError, match="between corners"):
@@ -250,7 +250,7 @@ def test_the_server_serves_a_bank(tmp_path):
     train(recipe, tmp_path / "run", progress=False)
     client = TestClient(create_app(tmp_path / "run", max_concurrent=1, max_new_tokens=50, max_prompt_chars=50))
     info = client.get("/api/info").json()
-    assert info["model"]["width"] == "corner" and info["mode"] == "mixture"
+    assert info["model"]["width"] == "corner" and info["mode"] == "switch"
     ok = client.post("/api/generate", json={"prompt": "a", "dial": 0.5, "max_new_tokens": 5, "seed": 0})
     assert ok.status_code == 200, ok.text
     refused = client.post("/api/generate", json={"prompt": "a", "dial": 0.5, "mode": "gates", "max_new_tokens": 5})

@@ -21,7 +21,7 @@ from abcgpt.serve import create_app
 from abcgpt.train import train
 
 # a well-formed calibration, shaped as report.calibrate stores it, for the edits below to break
-CALIBRATION = {"share": [0.1, 0.5, 0.9], "dial": [0.0, 0.5, 1.0], "mode": "mixture",
+CALIBRATION = {"share": [0.1, 0.5, 0.9], "dial": [0.0, 0.5, 1.0], "mode": "switch",
                "curve": {"dial": [0.0, 0.5, 1.0], "share": [0.1, 0.5, 0.9]}, "samples_per_point": 6,
                "new_tokens": 40, "classifier_accuracy": 0.95}
 
@@ -149,7 +149,7 @@ def _refused(capsys, argv: list[str]) -> str:
 
 def test_untouched_checkpoint_loads_and_samples_calibrated(pristine, capsys):
     """The baseline: every command below succeeds on the checkpoint as written."""
-    assert load_checkpoint(pristine).meta["calibration"]["mode"] == "mixture"
+    assert load_checkpoint(pristine).meta["calibration"]["mode"] == "switch"
     for argv in (["info", "--ckpt", str(pristine)],
                  ["sample", "--ckpt", str(pristine), "--max-new-tokens", "3"],
                  ["sample", "--ckpt", str(pristine), "--calibrated", "--dial", "0.5", "--max-new-tokens", "3"]):

@@ -47,7 +47,7 @@ def test_sample_is_reproducible_with_a_seed(run, capsys):
     first = capsys.readouterr().out
     main(args)
     assert capsys.readouterr().out == first
-    assert "--- dial 0.30 (alpha 0.70, omega 0.30), mode mixture" in first
+    assert "--- dial 0.30 (alpha 0.70, omega 0.30), mode switch" in first
 
 
 def test_sweep_prints_side_by_side(run, capsys, monkeypatch):

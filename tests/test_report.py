@@ -49,7 +49,9 @@ def test_baselines_are_ungated_and_trained_on_the_right_sources(runs):
 def test_quick_report_numbers_follow_their_definitions(runs):
     # prompt " ": after a lone newline at position 0 these seconds-long models have learnt little (2% of windows)
     settings = dataclasses.replace(Settings.quick(samples=8), prompt=" ")
-    measured, figures = build_report(runs / "dial", runs / "base", quick=True, settings=settings, progress=False)
+    # in mode mixture, whose regret has a bound to check (test_eval_cli_writes_every_file scores the default)
+    measured, figures = build_report(runs / "dial", runs / "base", quick=True, settings=settings, progress=False,
+                                     mode="mixture")
     report = measured.to_dict()  # the numbers as report.json has them
     s = ["alpha", "omega"]
     table = {t: {x: report["corner_table"][t][x]["mean"] for x in s} for t in s}
@@ -122,6 +124,13 @@ def test_eval_cli_writes_every_file(runs, capsys):
     assert "| alpha |" in md and "Calibration error" in md
     assert "morph error (samples)" in md and "Morph error at the middle (t = 0.50): **" in md
     assert "report.html" in capsys.readouterr().out
+    # the default mode, switch, and its samples' mean style on the corners' scale beside their morph error
+    report = json.loads((out / "report.json").read_text())
+    (edge,) = report["style_curve"]["edges"]
+    assert report["mode"] == "switch" and "mean style (corners' scale)" in md
+    assert edge["mean_style"][0] < 0.2 < 0.8 < edge["mean_style"][-1]  # the corners set the scale
+    assert edge["style_error"] == pytest.approx(sum(abs(m - t) for m, t in zip(edge["mean_style"], edge["t"])) / 3)
+    assert all(m >= abs(s - t) - 1e-9 for m, s, t in zip(edge["morph_error"], edge["mean_style"], edge["t"]))
 
 
 def test_interrupted_report_keeps_the_complete_one(runs, monkeypatch):
@@ -193,8 +202,8 @@ def test_calibrate_then_sample_calibrated(runs, capsys, tmp_path):
     cal = best["calibration"]
     assert cal["share"] == sorted(cal["share"]) and len(cal["dial"]) == len(cal["share"])
     assert last["calibration"] == cal  # the same weights: last/ keeps it when a resumed run replaces best/
-    assert cal["mode"] == "mixture"  # measured in the default mode; another mode refuses it
-    assert "measured in mode mixture" in _err(capsys, ["sample", "--ckpt", str(run), "--calibrated", "--dial", "0.5",
+    assert cal["mode"] == "switch"  # measured in the default mode; another mode refuses it
+    assert "measured in mode switch" in _err(capsys, ["sample", "--ckpt", str(run), "--calibrated", "--dial", "0.5",
                                                        "--mode", "gates"])
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(run), "--calibrated", "--dial", "0.5", "--max-new-tokens", "5",

@@ -37,7 +37,7 @@ def test_info(client):
     assert info["sources"] == ["alpha", "omega"] and info["calibrated"] is False
     assert info["limits"] == {"max_new_tokens": 300, "max_prompt_chars": 50, "max_concurrent": 2}
     assert info["model"]["step"] == 120 and info["model"]["tokenizer"] == "char"
-    assert info["mode"] == "mixture" and info["modes"] == ["mixture", "switch", "tokens", "product", "gates"]
+    assert info["mode"] == "switch" and info["modes"] == ["mixture", "switch", "tokens", "product", "gates"]
 
 
 def test_generate_whole_and_streamed_agree(client):

@@ -170,40 +170,44 @@ def test_a_body_that_is_not_an_object_is_echoed_short(client):
 
 
 def test_new_tokens_x_rows_is_bounded(client):
-    """By default a batch may cost what MAX_N samples of max_new_tokens at one network cost: mode switch runs
-    both corners for every sample, twice the rows, and is refused at n = MAX_N naming the limit and the value;
-    mixture draws one corner per sample and passes."""
+    """A batch may cost what MAX_N samples of max_new_tokens cost at the model's full width. A two-source partition
+    corner is half the network, so switch (both corners for every sample) costs what mixture (one corner a sample)
+    costs: n = MAX_N passes in both; more tokens x rows than the limit is refused naming the limit and the value."""
     body = {"prompt": "ab", "max_tokens": MAX_NEW, "n": MAX_N, "dial": 0.5}
-    r = client.post("/v1/completions", json=body | {"mode": "switch"})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_tokens"]
-    msg = r.json()["detail"][0]["msg"]
-    assert f"{MAX_NEW} x {2 * MAX_N} = {2 * MAX_N * MAX_NEW}" in msg and f"at most {MAX_N * MAX_NEW}" in msg
-    r = client.post("/v1/completions", json=body | {"mode": "mixture"})
-    assert r.status_code == 200 and len(r.json()["choices"]) == MAX_N
-    assert client.post("/v1/completions", json=body | {"mode": "switch", "n": MAX_N // 2}).status_code == 200
+    for mode in ("switch", "mixture"):
+        r = client.post("/v1/completions", json=body | {"mode": mode})
+        assert r.status_code == 200 and len(r.json()["choices"]) == MAX_N
 
 
 def test_max_batch_tokens_is_a_server_option(run):
     client = TestClient(create_app(run, max_new_tokens=MAX_NEW, max_batch_tokens=15))
-    r = client.post("/api/generate", json={"dial": 0.5, "mode": "switch", "max_new_tokens": 10})  # 10 x 2 rows
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_new_tokens"]
-    assert "= 20 tokens; at most 15" in r.json()["detail"][0]["msg"]
-    assert client.post("/api/generate", json={"dial": 0.0, "mode": "switch", "max_new_tokens": 10,
-                                              "stream": False}).status_code == 200  # a corner: one row
-    r = client.post("/v1/completions", json={"max_tokens": 4, "n": 4})  # mixture: 4 rows x 4
-    assert r.status_code == 422 and "= 16 tokens; at most 15" in r.json()["detail"][0]["msg"]
+    r = client.post("/api/generate", json={"dial": 0.5, "mode": "switch", "max_new_tokens": 10, "stream": False})
+    assert r.status_code == 200  # two half-width corners: one full-width row
+    r = client.post("/v1/completions", json={"max_tokens": 4, "n": 4})  # 4 rows x 4
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_tokens"]
+    assert "= 16 tokens; at most 15" in r.json()["detail"][0]["msg"]
 
 
-def test_distinct_dial_positions_are_bounded(run):
-    """Each dial position a batch runs is a network of its own at every token: switch runs the dial's every
-    corner; mixture draws up to n of them; a corner is one."""
-    client = TestClient(create_app(run, max_new_tokens=MAX_NEW, max_dial_positions=1))
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    """A bank of corners (model.width = "corner"): each corner is a whole network, so a dial between two corners
+    costs two."""
+    tmp = tmp_path_factory.mktemp("bank")
+    train(load_recipe(str(write_recipe(tmp)), ["train.steps=4", "model.width=corner"]), tmp / "run", progress=False)
+    return tmp / "run"
+
+
+def test_networks_a_batch_runs_are_bounded(bank):
+    """Each corner a batch runs is a network at every token, counted in networks of the model's width: a bank's
+    corner is one; switch and tokens run the dial's every corner, mixture draws up to n of them, a corner is one."""
+    client = TestClient(create_app(bank, max_new_tokens=MAX_NEW, max_dial_positions=1))
     for path, body in [("/api/generate", {"mode": "switch", "stream": False, "max_new_tokens": 3}),
                        ("/v1/completions", {"mode": "tokens", "max_tokens": 3}),
                        ("/v1/completions", {"mode": "mixture", "n": 2, "max_tokens": 3})]:
         r = client.post(path, json=body | {"dial": 0.5})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "dial"], r.text[:300]
-        assert "runs 2 dial positions" in r.json()["detail"][0]["msg"] and "at most 1" in r.json()["detail"][0]["msg"]
+        msg = r.json()["detail"][0]["msg"]
+        assert "the work of 2 networks" in msg and "at most 1" in msg, msg
     for body in [{"dial": 0.5, "mode": "mixture", "n": 1}, {"dial": 1.0, "mode": "switch", "n": 4}]:
         assert client.post("/v1/completions", json=body | {"max_tokens": 3}).status_code == 200
 

@@ -31,7 +31,8 @@ def test_training_separates_two_sources(tmp_path):
     table = train(recipe, tmp_path / "run", progress=False)
     assert table["alpha"]["alpha"] < table["omega"]["alpha"] - 0.25
     assert table["omega"]["omega"] < table["alpha"]["omega"] - 0.25
-    for f in ("best/model.safetensors", "last/config.json", "metrics.jsonl", "loss_vs_dial.png", "loss_vs_dial.json"):
+    for f in ("best/model.safetensors", "last/config.json", "metrics.jsonl", "gates_loss_vs_dial.png",
+              "gates_loss_vs_dial.json"):
         assert (tmp_path / "run" / f).is_file(), f
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["type"] == "eval"] == [50, 100, 150]

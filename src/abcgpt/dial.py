@@ -161,7 +161,7 @@ class Partition:
     narrowness: float = 1.0
     shape: str = "cos2"
     shared: str = "always"
-    default_mode: ClassVar[str] = "mixture"
+    default_mode: ClassVar[str] = "switch"
 
     @staticmethod
     def specialties(config, group_sizes: list[int]) -> torch.Tensor:

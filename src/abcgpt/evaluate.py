@@ -95,7 +95,7 @@ def format_table(table: dict[str, dict[str, float]], sources: list[str]) -> str:
             lines.append(s.ljust(w) + f"{table[s][s]:.3f}".rjust(12) + f"   {len(others)}: {tail}")
         return "\n".join(lines)
     best = {s: min(table, key=lambda d: table[d][s]) for s in sources}
-    labels = {d: d if d == "middle" else f"{d} corner" for d in table}
+    labels = {d: "middle (gates)" if d == "middle" else f"{d} corner" for d in table}
     w = max(len(v) for v in labels.values()) + 2
     lines = ["dial".ljust(w) + "".join(s.rjust(14) for s in sources)]
     for d, row in table.items():
@@ -104,9 +104,10 @@ def format_table(table: dict[str, dict[str, float]], sources: list[str]) -> str:
     return "\n".join(lines)
 
 
-def loss_curve(model: GPT, data: PreparedData, batch_size: int, n_batches: int, points: int = 11,
-               autocast=nullcontext) -> dict:
-    """Held-out loss of each source along the dial from the first source's corner to the last's."""
+def gates_loss_curve(model: GPT, data: PreparedData, batch_size: int, n_batches: int, points: int = 11,
+                     autocast=nullcontext) -> dict:
+    """Held-out loss of each source along the dial from the first source's corner to the last's, through the
+    network's own gates (mode gates: what training sees; the report scores the dial in any mode)."""
     ts = even(points)
     dials = dial_path(len(data.sources), ts)
     return {
@@ -119,7 +120,7 @@ def loss_curve(model: GPT, data: PreparedData, batch_size: int, n_batches: int, 
     }
 
 
-def plot_loss_curve(curve: dict, path: Path, title: str = "") -> None:
+def plot_gates_loss_curve(curve: dict, path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,7 +132,7 @@ def plot_loss_curve(curve: dict, path: Path, title: str = "") -> None:
     first, last = curve["sources"][0], curve["sources"][-1]
     ax.set_xlabel(f"dial  (0 = {first}, 1 = {last})")
     ax.set_ylabel("held-out loss (nats / token)")
-    ax.set_title(title or "loss across the dial")
+    ax.set_title(title or "loss across the dial, the network's own gates (mode gates)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     ax.text(0.01, 0.01, f"{curve['tokens_per_point']:,} tokens per point", transform=ax.transAxes,

@@ -27,6 +27,7 @@ from abcgpt.style import (
     coin_flip_morph,
     corner_scale,
     is_monotone,
+    mean_style,
     morph_error,
     sample_shares,
     within_sample,
@@ -354,6 +355,8 @@ class StyleEdge(StyleSamples):
     morph_error: list[float | None]  # per t: mean over samples of |style on the corners' scale - t|; None: undefined
     morph_samples: list[int]  # per t: the samples morph error rests on
     coin_flip: list[float]  # per t: a coin flip's morph error, 2t(1 - t)
+    mean_style: list[float | None]  # per t: the samples' mean style on the corners' scale (None: undefined)
+    style_error: float | None  # mean over t of |mean style - t|: calibration on the corners' scale, raw
     fluency_target: list[float] | None = None  # the dial-weighted mean of the two ends' fluency
     fluency_gap: list[float] | None = None  # fluency - fluency_target
     OPTIONAL = ("fluency_target", "fluency_gap", "line_proba")
@@ -392,7 +395,10 @@ def style_curve(engine: Engine, clf: StyleClassifier, mode: str, s: Settings, ju
                       share_to=share_to, calibration_error=calibration_error(ts, share_to),
                       monotone=is_monotone(share_to, tol=0.05), sample_style=styles,
                       style_scale=list(corner_scale(styles)), morph_error=morph or [None] * len(ts),
-                      morph_samples=[len(x) for x in styles], coin_flip=coin_flip_morph(ts))
+                      morph_samples=[len(x) for x in styles], coin_flip=coin_flip_morph(ts),
+                      mean_style=(mean := mean_style(styles)) or [None] * len(ts),
+                      style_error=None if mean is None or None in mean else
+                      float(np.mean([abs(m - t) for m, t in zip(mean, ts)])))
         if st.fluency:
             f = st.fluency
             e.fluency_target = [(1 - t) * f[0] + t * f[-1] for t in ts]

@@ -237,18 +237,19 @@ def to_markdown(r: Report) -> str:
         else:
             scale = (f"morph error's scale: 0 = the {e.source_from} corner's samples, mean P({e.source_to}) {lo:.3f}; "
                      f"1 = the {e.source_to} corner's, {hi:.3f}")
-        lines += ["", f"**{e.source_from} → {e.source_to}**: calibration error {e.calibration_error:.3f}, "
+        on_scale = "" if e.style_error is None else f", on the corners' scale {e.style_error:.3f}"
+        lines += ["", f"**{e.source_from} → {e.source_to}**: calibration error {e.calibration_error:.3f}{on_scale}, "
                   f"monotone: {'yes' if e.monotone else 'no'}; {scale}", "",
                   f"| dial | share read as {e.source_to} | share of {e.source_to} segments inside samples "
-                  "| mixing | morph error (samples) | coin flip 2t(1−t) | fluency (judge loss) "
-                  "| corners' weighted mean | gap |", "|---" * 9 + "|"]
+                  "| mixing | mean style (corners' scale) | morph error (samples) | coin flip 2t(1−t) "
+                  "| fluency (judge loss) | corners' weighted mean | gap |", "|---" * 10 + "|"]
         j = sources.index(e.source_to)
         none = [None] * len(e.dial)
-        for d, sh, seg, mix, m, n, cf, f, ft, g in zip(e.dial, e.share, e.segment_share, e.mixing, e.morph_error,
-                                                       e.morph_samples, e.coin_flip, e.fluency or none,
-                                                       e.fluency_target or none, e.fluency_gap or none):
-            lines.append(f"| {d} | {sh[j]:.2f} | {_f(seg[j] if seg else None, 2)} | {_f(mix, 2)} | {_f(m, 2)} ({n}) | "
-                         f"{cf:.2f} | {_f(f)} | {_f(ft)} | {'–' if g is None else f'{g:+.3f}'} |")
+        for d, sh, seg, mix, ms, m, n, cf, f, ft, g in zip(
+                e.dial, e.share, e.segment_share, e.mixing, e.mean_style, e.morph_error, e.morph_samples, e.coin_flip,
+                e.fluency or none, e.fluency_target or none, e.fluency_gap or none):
+            lines.append(f"| {d} | {sh[j]:.2f} | {_f(seg[j] if seg else None, 2)} | {_f(mix, 2)} | {_f(ms, 2)} | "
+                         f"{_f(m, 2)} ({n}) | {cf:.2f} | {_f(f)} | {_f(ft)} | {'–' if g is None else f'{g:+.3f}'} |")
     t_mid, n_edges = st.edges[0].t[len(st.edges[0].t) // 2], len(st.edges)
     if st.morph_mid is None:
         morph = f"Morph error at the middle (t = {t_mid:.2f}): **undefined** on every edge (see above)."

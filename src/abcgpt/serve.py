@@ -221,14 +221,23 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
         return SafeJSON({"detail": [{"loc": ["body", e.field], "msg": cut(e.msg, 1000), "type": "value_error"}]},
                         status_code=e.status)
 
+    cfg = engine.model.config
+    # the work of one corner network, in networks of the model's full width: a bank's corner is a whole network; a
+    # partition corner holds the shared units and 1/N of the rest of every group
+    corner_work = 1.0 if not engine.model.has_interior or cfg.method != "partition" else \
+        cfg.shared_fraction + (1 - cfg.shared_fraction) / len(sources)
+
     def batch_size(dial: torch.Tensor, mode: str, n: int) -> tuple[int, int]:
-        """(distinct dial positions, rows) of n samples at this dial, as Engine._tokens runs them: a corner, mode
-        gates or an ungated model is one network on n rows; mixture draws a corner for each sample (at most n of
-        the dial's k corners); switch, tokens and product run all k corners for every sample (n x k rows)."""
+        """(networks, rows) that n samples at this dial cost, as Engine._tokens runs them, counted in networks and
+        rows of the model's full width: a corner, mode gates or an ungated model is one network on n rows; mixture
+        draws a corner for each sample (at most n of the dial's k corners, n rows); switch, tokens and product run
+        all k corners for every sample (n x k rows of corner networks)."""
         k = int((dial > 0).sum())
         if not engine.gated or mode == "gates" or k == 1:
             return 1, n
-        return (min(n, k), n) if mode == "mixture" else (k, n * k)
+        used = min(n, k) if mode == "mixture" else k
+        rows = n if mode == "mixture" else n * k
+        return math.ceil(used * corner_work - 1e-9), math.ceil(rows * (1 if mode == "mixture" else corner_work) - 1e-9)
 
     def checked(req, tokens_field: str, n_new: int, n: int = 1) -> tuple[str, torch.Tensor, int]:
         """The request's mode, dial and prompt length in tokens, after the engine's checks and the cost limits
@@ -255,9 +264,9 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
         # a sequence with its KV cache. The prompt is left out: it is cropped to the context and read in one pass.
         positions, rows = batch_size(dial, req_mode, n)
         if positions > max_dial_positions:
-            raise InputError("dial", f"in mode {req_mode} this dial runs {positions} dial positions (corner "
-                                     f"networks) at once; at most {max_dial_positions} per request (the server's "
-                                     f"max_dial_positions): give fewer sources weight, or "
+            raise InputError("dial", f"in mode {req_mode} this dial runs the work of {positions} networks of the "
+                                     f"model's width at once (its corners); at most {max_dial_positions} per request "
+                                     f"(the server's max_dial_positions): give fewer sources weight, or "
                                      f"{'lower n' if req_mode == 'mixture' else 'use mode mixture'}")
         if n_new * rows > max_batch_tokens:
             raise InputError(tokens_field, f"{tokens_field} x rows is {n_new} x {rows} = {n_new * rows} tokens; at "

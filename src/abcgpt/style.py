@@ -184,6 +184,17 @@ def morph_error(ts: Sequence[float], styles: Sequence[Sequence[float]]) -> list[
     return out
 
 
+def mean_style(styles: Sequence[Sequence[float]]) -> list[float | None] | None:
+    """Per position of an edge, the mean of its samples' styles on the corners' scale, clipped as morph_error clips
+    them: the raw calibration of a mode (the diagonal is mean style = t). The morph error at t is at least
+    |mean style - t|; the rest is the samples' spread. None where morph_error is undefined."""
+    lo, hi = corner_scale(styles)
+    if lo is None or hi is None or abs(hi - lo) < 1e-12:
+        return None
+    return [float(np.clip((np.asarray(x, dtype=float) - lo) / (hi - lo), 0.0, 1.0).mean()) if len(x) else None
+            for x in styles]
+
+
 def coin_flip_morph(ts: Sequence[float]) -> list[float]:
     """The morph error of a coin flip between the corners (each sample wholly one corner's style, with the dial's
     odds), for reference: 2t(1 - t)."""

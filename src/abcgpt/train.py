@@ -1,7 +1,7 @@
 """The training loop: draw a dial and a source per sequence, train with the gates set at that dial.
 
 A run directory holds `last/` and `best/` checkpoints, `metrics.jsonl` (one JSON object per log line),
-and at the end `loss_vs_dial.json` / `.png`."""
+and at the end `gates_loss_vs_dial.json` / `.png` (the network's own gates: mode gates)."""
 
 import dataclasses
 import fnmatch
@@ -29,6 +29,7 @@ from abcgpt.bank import CornerBank
 from abcgpt.checkpoint import load_checkpoint, read_meta, restore_training_state, save_checkpoint
 from abcgpt.common import (
     AbcgptError,
+    CoreShare,
     Interrupted,
     atomic_write_text,
     check_writable,
@@ -41,7 +42,7 @@ from abcgpt.common import (
 )
 from abcgpt.config import Recipe
 from abcgpt.data import Batcher, alone_steps, prepared_data
-from abcgpt.evaluate import WIDE_TABLE, format_table, loss_curve, loss_table, plot_loss_curve
+from abcgpt.evaluate import WIDE_TABLE, format_table, gates_loss_curve, loss_table, plot_gates_loss_curve
 from abcgpt.memory import require_memory, training_parts
 from abcgpt.model import build_model
 
@@ -240,6 +241,8 @@ class Trainer:
         log = RunLog(out, self.recipe, t.log_to) if self.master else None
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         speed = Speedometer(self)
+        # threads = 0: torch's threads follow the cores other processes leave idle (checked at each log line)
+        cores = CoreShare() if not t.threads and self.device.type == "cpu" else None
         try:
             while self.step < t.steps:
                 lr = lr_at(self.step, t)
@@ -254,6 +257,8 @@ class Trainer:
                     shown = {"loss": f"{lossf:.3f}", "tok_s": f"{tok_s:,.0f}"} | ({"mfu": f"{mfu:.1%}"} if mfu else {})
                     bar.set_postfix(shown)
                     _log(log, {"type": "train", "step": step, "loss": lossf, "lr": lr, "tok_per_s": tok_s, "mfu": mfu})
+                    if cores is not None:
+                        cores.fit()
                 if not self.master and not self.fsdp:
                     continue  # evaluation and checkpoints are rank 0's; the others go on to the next all-reduce
                 with speed.paused():  # tokens/s measures training alone
@@ -299,17 +304,23 @@ class Trainer:
         # the loss across the dial: none for an ungated baseline (it has no dial), nor for a bank of corners (no
         # network between them: `abcgpt eval` mixes them)
         if model.has_interior and model.config.gates == "abc":
-            curve = loss_curve(model, data, t.batch_size, max(1, t.eval_batches // 2), autocast=self.autocast)
-            atomic_write_text(out / "loss_vs_dial.json", json.dumps(curve, indent=2))
-            plot_loss_curve(curve, out / "loss_vs_dial.png", f"{self.recipe.name}: held-out loss across the dial, "
-                                                              f"{self.step} steps")
+            curve = gates_loss_curve(model, data, t.batch_size, max(1, t.eval_batches // 2),
+                                     autocast=self.autocast)
+            atomic_write_text(out / "gates_loss_vs_dial.json", json.dumps(curve, indent=2))
+            plot_gates_loss_curve(curve, out / "gates_loss_vs_dial.png",
+                                  f"{self.recipe.name}, {self.step} steps: held-out loss across the dial through the "
+                                  "network's own gates (mode gates)")
         if self.progress:
             cells = t.batch_size * t.eval_batches * self.cfg.block_size
             print(f"\nheld-out loss (nats/token) after {self.step} steps, {cells:,} tokens per cell "
                   f"(* = best position for that source):")
             print(format_table(table, data.sources))
+            if "middle" in table and self.cfg.gates == "abc" and model.method.default_mode != "gates":
+                print(f"(middle: the network's own gates, mode gates, which training never visits; the dial's "
+                      f"default mode is {model.method.default_mode}: `abcgpt eval --ckpt {out}` scores it)")
+            curve_png = out / "gates_loss_vs_dial.png"
             print(f"checkpoints in {out}/best and {out}/last"
-                  + (f"; loss across the dial: {out}/loss_vs_dial.png" if (out / "loss_vs_dial.png").is_file() else ""))
+                  + (f"; loss across the dial in mode gates: {curve_png}" if curve_png.is_file() else ""))
         return table
 
 
