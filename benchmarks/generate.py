@@ -12,7 +12,7 @@
    are cached by the engine, so they are built in the warm-up, as in a long-lived server.
 
     python benchmarks/generate.py                      # tiny recipe's size, batch 8, 300 new tokens, 3 repeats
-    python benchmarks/generate.py --config reference --json runs/bench/generate.json
+    python benchmarks/generate.py --config original --json runs/bench/generate.json
 
 Prints tokens/s (best of --repeats, after a warm-up), the ratios taken in this run, and a table of
 "mode at position time / ungated time" (1.00x = the cost of an ordinary GPT); --json PATH writes them all."""

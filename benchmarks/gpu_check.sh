@@ -25,7 +25,7 @@ for c in "${CONFIGS[@]}"; do
   $PY benchmarks/train_step.py --config "$c" "${STEP[@]}" "${extra[@]}" --json "$OUT/train_step_$c.json"
 done
 if [ "${SMALL:-0}" = 1 ]; then BANK=(--config tiny --sources 2,16 --steps 2 --warmup 1)
-else BANK=(--config reference --sources 2,16,100 --steps 10); fi
+else BANK=(--config original --sources 2,16,100 --steps 10); fi
 $PY benchmarks/train_step.py "${BANK[@]}" --json "$OUT/train_step_bank.json"
 for c in "${GENCONF[@]}"; do
   $PY benchmarks/generate.py --config "$c" "${GEN[@]}" --json "$OUT/generate_$c.json"

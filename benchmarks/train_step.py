@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py                      # the tiny recipe's model on this machine
     python benchmarks/train_step.py --config four        # four sources
-    python benchmarks/train_step.py --config reference   # DESIGN §1's model (meant for a GPU)
+    python benchmarks/train_step.py --config original   # DESIGN §1's model (meant for a GPU)
     python benchmarks/train_step.py --sources 2,8,32,100 # model.width = "corner": N sources, each the recipe's size
 
 Every row draws its dials and sources as the recipe's training does (dial.sample_dials with the recipe's

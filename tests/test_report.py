@@ -220,3 +220,15 @@ def test_calibrate_then_sample_calibrated(runs, capsys, tmp_path):
 def _err(capsys, args) -> str:
     assert main(args) == 2
     return capsys.readouterr().err
+
+
+def test_the_original_comparison_is_keyed_on_method_and_data(capsys):
+    """The original implementation's numbers sit beside a run of its method on its data, whatever the recipe file is
+    called; the recipe's old name still loads, with a note."""
+    from abcgpt.config import load_recipe
+    from abcgpt.report import is_original
+
+    assert is_original(load_recipe("original"))
+    assert is_original(load_recipe("reference")) and "now called 'original'" in capsys.readouterr().err
+    assert not is_original(load_recipe("tiny", method="reference"))  # the method on other data
+    assert not is_original(load_recipe("original", method="partition"))  # the data with another method

@@ -167,12 +167,28 @@ class BatcherEntry(BaseModel):
     uinteger: int = Field(ge=0, lt=2**32)
 
 
-class Trainer(BaseModel):
+class TrainerState(BaseModel):
     """What restore_training_state and train read to resume."""
     model_config = DECLARED
     optimizer: OptimizerEntry | None = None
     batcher: BatcherEntry | None = None
     best: Annotated[float, Field(ge=0.0, allow_inf_nan=True)] | None = None  # inf until the first evaluation
+
+
+class Edit(BaseModel):
+    """A source removed from or added to a trained model (`abcgpt forget`, `abcgpt add-source`: sources_edit.py)."""
+    model_config = DECLARED
+    removed: SourceName | None = None
+    added: SourceName | None = None
+    how: str = Field(min_length=1, max_length=4000)
+    steps: Count | None = None  # the steps it trained for, if it trained
+    from_model: Sha256  # the sha256 of the model.safetensors it was made from
+
+    @model_validator(mode="after")
+    def one_source(self) -> "Edit":
+        if (self.removed is None) == (self.added is None):
+            raise ValueError("an edit names exactly one of removed and added")
+        return self
 
 
 class Meta(BaseModel):
@@ -187,7 +203,8 @@ class Meta(BaseModel):
     num_params: Count
     metrics: Metrics | None = None
     calibration: Calibration | None = None
-    trainer: Trainer | None = None
+    trainer: TrainerState | None = None
+    edits: list[Edit] | None = None  # sources removed or added after training, in order (absent: none)
     files: dict[FileName, Sha256]
 
     @field_validator("sources")
@@ -312,7 +329,7 @@ def sha256(path: Path) -> str:
 
 def save_checkpoint(path: Path, model: GPT, recipe: Recipe, tokenizer: Tokenizer, sources: list[str],
                     step: int, metrics: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
-                    trainer: dict | None = None) -> None:
+                    trainer: dict | None = None, edits: list[dict] | None = None) -> None:
     """Write into a temporary beside path, fsync, then swap it in: a crash at any moment leaves a complete checkpoint.
     The caller holds the run's lock."""
     with interrupts_deferred(), atomic_dir(Path(path), "checkpoint", checkpoint_files, lock=False) as tmp:
@@ -337,6 +354,7 @@ def save_checkpoint(path: Path, model: GPT, recipe: Recipe, tokenizer: Tokenizer
             "num_params": model.num_params(),
             "metrics": metrics or {},
             "trainer": trainer,
+            **({"edits": edits} if edits else {}),  # (only an edited model's config.json has the key)
             "files": {f.name: sha256(f) for f in sorted(tmp.iterdir())},
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))  # last: it holds the others' hashes

@@ -6,6 +6,7 @@ errors that name the key, the value and what is allowed, before any work starts.
 
 import bisect
 import dataclasses
+import sys
 import tomllib
 import typing
 from pathlib import Path
@@ -257,10 +258,16 @@ def parse_override(item: str) -> tuple[str, str, object]:
     return section, name, value
 
 
+RENAMED = {"reference": "original"}  # a recipe's old name: still read, with a note saying its new one
+
+
 def load_recipe(config: str, overrides: list[str] = (), method: str | None = None) -> Recipe:
     """A recipe by name (abcgpt/configs/NAME.toml) or path. Its tables go over those of the file it names in
     `include` (if any); a method preset (abcgpt/configs/methods/NAME.toml) goes over the recipe; --set overrides
     go last."""
+    if config in RENAMED:
+        print(f"note: the recipe {config!r} is now called {RENAMED[config]!r}", file=sys.stderr)
+        config = RENAMED[config]
     path = _toml_path(config, RECIPE_DIR, "recipe", list_recipes())
     raw = _read_toml(path)
     include = raw.pop("include", None)

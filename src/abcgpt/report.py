@@ -13,12 +13,13 @@ import torch
 
 from abcgpt.checkpoint import Checkpoint, load_checkpoint
 from abcgpt.common import AbcgptError, atomic_dir, existing_dir
-from abcgpt.config import keys_a_baseline_may_change
-from abcgpt.data import PreparedData, alone_steps, prepared_data
+from abcgpt.config import Recipe, keys_a_baseline_may_change, load_recipe
+from abcgpt.data import PreparedData, alone_steps, data_key, prepared_data
 from abcgpt.engine import Engine
 from abcgpt.report_metrics import (
     Report,
     Settings,
+    attributed_samples,
     baseline_losses,
     calibrated_curve,
     corner_losses,
@@ -46,6 +47,13 @@ ORIGINAL = {
     "joint": {"tinystories": 0.736, "shakespeare": 1.377},
     "style_share": {"dial": [0, 0.25, 0.5, 0.75, 1], "shakespeare": [0, 0.13, 0.5, 1, 1]},
 }
+
+
+def is_original(recipe: Recipe) -> bool:
+    """A run of the original implementation's setting, which ORIGINAL's numbers were measured at: its method and
+    its data (the sources, their text and order, the tokenizer), whatever the recipe file is called."""
+    original = load_recipe("original")
+    return recipe.model.method == original.model.method and data_key(recipe) == data_key(original)
 
 
 # ----------------------------------------------------------------------------- what the report measures
@@ -184,6 +192,8 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
         say("style curve through the stored calibration")
         calibrated = calibrated_curve(engine, clf, cal, style.edges[0].t, mode, s)
 
+    say("which source each token of a few samples leans on")
+    attribution = attributed_samples(engine, style, mode, s.prompt)
     neurons = None  # a bank of corners (model.width = "corner") has no specialties to look at
     if model.has_interior:
         say("neuron view")
@@ -194,8 +204,8 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
         corners=corner_losses(losses, pos, base), regret=dial_regret(losses, pos), baselines=base,
         isolation=isolation(losses, pos, base), loss_curve=loss_curve(losses, pos), classifier=clf.to_dict(),
         style=style, fluency=None if judge is None else fluency_summary(style, judge, base["joint"]),
-        calibrated=calibrated, neurons=neurons,
-        original=ORIGINAL if ckpt.recipe.name == "reference" and sources == ["tinystories", "shakespeare"] else None,
+        calibrated=calibrated, neurons=neurons, attribution=attribution,
+        original=ORIGINAL if is_original(ckpt.recipe) else None,
         seconds=round(time.time() - t0, 1),
     )
     figures = render_figures(report)
