@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# the tests not marked slow (no torchrun, no SIGKILL loop, no browser, no load test): under 2 minutes
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: venv
 	mkdir -p runs/bench

@@ -169,6 +169,7 @@ def test_bad_sampling_arguments(m, kwargs):
         m.generate(" ", **kwargs)
 
 
+@pytest.mark.slow
 def test_example_script_runs(run_dir):
     r = subprocess.run([sys.executable, str(REPO / "examples" / "python_api.py"), str(run_dir)],
                        capture_output=True, text=True, timeout=120)

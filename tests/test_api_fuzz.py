@@ -52,6 +52,8 @@ from abcgpt.config import load_recipe
 from abcgpt.serve import CompletionRequest, GenerateRequest, create_app
 from abcgpt.train import train
 
+pytestmark = pytest.mark.slow  # schemathesis and hypothesis against a live app
+
 MAX_NEW_TOKENS, MAX_PROMPT_CHARS = 20, 50
 OPERATIONS = {"GET /api/info", "GET /v1/models", "POST /api/generate", "POST /v1/completions"}
 MODELS = {"/api/generate": GenerateRequest, "/v1/completions": CompletionRequest}

@@ -152,6 +152,7 @@ def test_a_bank_trains_resumes_samples_and_mixes(tmp_path, capsys):
     assert table["alpha"]["alpha"] < table["omega"]["alpha"] and table["omega"]["omega"] < table["alpha"]["omega"]
 
 
+@pytest.mark.slow
 def test_a_hundred_sources_train_and_sample(tmp_path):
     symbols = [chr(c) for c in range(0x100, 0x100 + 300)]
     paths = {}

@@ -93,6 +93,7 @@ def _train_log(run: Path) -> dict:
     return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
 
 
+@pytest.mark.slow
 def test_repeated_sigkill_keeps_a_verified_checkpoint_and_resumes_exactly(tmp_path):
     rng = random.Random(20240611)
     recipe = write_recipe(tmp_path)

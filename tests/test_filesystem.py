@@ -132,6 +132,7 @@ def test_full_disk_during_resume_keeps_the_checkpoints(run, tmp_path, capsys):
         assert not temporaries(disk)
 
 
+@pytest.mark.slow
 def test_file_size_limit_during_resume_keeps_the_checkpoints(run, recipe):
     """The same, portable: a real kernel refusal (RLIMIT_FSIZE: EFBIG) in a child process, no privileges needed."""
     limit = (run / "last" / "model.safetensors").stat().st_size // 2
@@ -171,6 +172,7 @@ def test_injected_no_space_on_save(run, capsys, monkeypatch, failure):
 # ----------------------------------------------------------------------------- two trainers, and Ctrl-C
 
 
+@pytest.mark.slow
 def test_a_run_waits_for_another_preparing_its_data_then_reads_it(tmp_path):
     """Two runs started on the same data: the second waits while the first prepares the folder (output_lock),
     then reads what it wrote instead of writing it again (it used to fail with `cannot write data/...`)."""
@@ -217,6 +219,7 @@ def interrupt(proc: subprocess.Popen) -> tuple[int, list[str]]:
     return proc.returncode, [line for line in err.splitlines() if line.startswith("abcgpt: ")]
 
 
+@pytest.mark.slow
 def test_second_trainer_on_a_run_is_refused_naming_the_first(recipe, tmp_path, capsys):
     first = start("train", "--config", recipe, "--out", tmp_path / "run", "--steps", "100000")
     try:
@@ -254,6 +257,7 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_it(run, tmp_path, monkeypatc
     assert load_checkpoint(tmp_path / "ckpt").meta["step"] == 5 and not temporaries(tmp_path)
 
 
+@pytest.mark.slow
 def test_sigterm_is_taken_as_ctrl_c_with_exit_143(recipe, tmp_path):
     """SIGTERM (a scheduler, `kill`, a container stopping) killed the run without a word. Now: one line saying at
     which step the run stopped, exit 143, no temporary left, and the run resumes."""
@@ -298,6 +302,7 @@ def test_sigterm_during_a_checkpoint_write_waits_for_it(run, tmp_path, monkeypat
     assert load_checkpoint(tmp_path / "ckpt").meta["step"] == 5 and not temporaries(tmp_path)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_sample_is_one_line_and_exit_130(run):
     proc = start("sample", "--ckpt", run, "--max-new-tokens", "100000")
     proc.stdout.readline()  # the header: generation has started
@@ -305,6 +310,7 @@ def test_ctrl_c_in_sample_is_one_line_and_exit_130(run):
     assert code == 130 and err == ["abcgpt: error: interrupted; nothing was left half-written"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_prepare_leaves_no_half_written_data(tmp_path):
     big = "\n".join(f"line {i} of a large corpus, long enough to take a while to encode" for i in range(400_000))
     (tmp_path / "big.txt").write_text(big)

@@ -12,6 +12,8 @@ from abcgpt.train import train
 sys.path.insert(0, str(REPO / "benchmarks"))
 from load_test import KINDS, run_load  # noqa: E402
 
+pytestmark = pytest.mark.slow  # seconds of load on a live server
+
 
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):

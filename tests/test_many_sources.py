@@ -41,6 +41,7 @@ def test_source_weights_set_how_often_each_source_is_drawn():
     assert np.bincount(sources) / sources.size == pytest.approx([1 / 8, 2 / 8, 5 / 8], abs=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 8, 16])
 def test_short_training_separates_n_sources(tmp_path, n):
     """Sources over disjoint 4-letter alphabets: at every corner, that corner's source has the lowest loss."""
@@ -60,6 +61,7 @@ def test_short_training_separates_n_sources(tmp_path, n):
         assert table[s][s] < min(others), (s, table[s])
 
 
+@pytest.mark.slow
 def test_report_for_three_sources(tmp_path):
     """The report works over a simplex: a 3 x 3 corner table, a style curve along each of the 3 edges."""
     tables = []

@@ -148,6 +148,7 @@ def test_the_message_names_the_gpu(monkeypatch):
         require_memory(5 * 10**9, "generation", torch.device("cuda:0"), "n or max_new_tokens")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures the resident set through /proc")
 def test_a_real_run_peaks_within_2x_of_its_estimate(tmp_path):
     """A few steps of a tiny-sized run (training, evaluation and checkpoint, in a fresh process): its peak RSS above

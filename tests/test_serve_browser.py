@@ -13,6 +13,8 @@ from abcgpt.config import load_recipe
 from abcgpt.serve import create_app
 from abcgpt.train import train
 
+pytestmark = pytest.mark.slow  # headless Chromium, and a model trained for it
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -12,6 +12,8 @@ from abcgpt.config import load_recipe
 from abcgpt.serve import create_app
 from abcgpt.train import train
 
+pytestmark = pytest.mark.slow  # headless Chromium, and a 100-source model trained for it
+
 N = 100
 NAMES = [f"s{k:03d}" for k in range(N)]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"

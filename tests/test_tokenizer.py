@@ -139,6 +139,7 @@ def test_bpe_endoftext(bpe, stories):
     assert bpe.decode(ids) == "The end.\n<|endoftext|>\nOnce"
 
 
+@pytest.mark.slow
 def test_bpe_encode_array_matches_encode(bpe, shakespeare, stories):
     text = stories + shakespeare  # about 2 MB: many default-sized chunks
     arr = bpe.encode_array(text)

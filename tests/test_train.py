@@ -155,6 +155,7 @@ def _cli(*args, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path):
     """SIGKILL a run after its first checkpoint; --resume finishes it with the same step count and the same
     weights as a run that was never interrupted (optimizer, RNG and sampler state all restored)."""
@@ -210,6 +211,7 @@ def test_interrupted_checkpoint_swap_is_recovered(tmp_path):
     assert Path(load_checkpoint(last).path).name == "last.old"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp, width", [(False, "total"), (True, "total"), (False, "corner")])
 def test_torchrun_two_processes_match_one(tmp_path, fsdp, width):
     """torchrun with 2 CPU processes (gloo) trains the same model as one process with the same global batch:
@@ -242,6 +244,7 @@ def test_torchrun_two_processes_match_one(tmp_path, fsdp, width):
     assert not torch.allclose(fresh[k], a[k])
 
 
+@pytest.mark.slow
 def test_fsdp_run_resumes_exactly(tmp_path):
     """Stopped at step 10 and resumed to 20 under torchrun with FSDP, a run ends where the same stop and resume
     in one plain process ends: the sharded optimizer state is saved whole and sharded again on resume."""
