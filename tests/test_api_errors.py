@@ -48,7 +48,8 @@ BAD = st.one_of(
 )
 GOOD = {"prompt": " ", "text": "abc fed", "dial": "omega", "spec": 0.5, "dials": [0.0, "omega"], "max_new_tokens": 2,
         "temperature": 0.8, "top_k": 40, "seed": 0, "n": 1, "calibrated": False, "mode": None, "notes": None,
-        "stop": None, "positions": 1, "x": torch.tensor([[1, 2, 3]]), "y": torch.tensor([[2, 3, 4]])}
+        "stop": None, "positions": 1, "x": torch.tensor([[1, 2, 3]]), "y": torch.tensor([[2, 3, 4]]),
+        "ids": torch.tensor([[1, 2, 3]])}
 # every public method of the engine that takes arguments, and the arguments each takes
 METHODS = {name: [p for p in inspect.signature(f).parameters if p != "self"]
            for name, f in inspect.getmembers(Engine, inspect.isfunction)
@@ -56,8 +57,8 @@ METHODS = {name: [p for p in inspect.signature(f).parameters if p != "self"]
 
 
 def test_every_public_method_is_covered():
-    assert set(METHODS) == {"check_sampling", "dial", "dial_tensor", "generate", "logprobs", "loss", "mode",
-                            "network", "prompt_ids", "stream", "sweep"}
+    assert set(METHODS) == {"attribute", "check_sampling", "dial", "dial_tensor", "generate", "logprobs", "loss",
+                            "mode", "network", "posteriors", "prompt_ids", "stream", "sweep"}
     assert all(p in GOOD for params in METHODS.values() for p in params)
 
 

@@ -55,7 +55,7 @@ from abcgpt.train import train
 pytestmark = pytest.mark.slow  # schemathesis and hypothesis against a live app
 
 MAX_NEW_TOKENS, MAX_PROMPT_CHARS = 20, 50
-OPERATIONS = {"GET /api/info", "GET /v1/models", "POST /api/generate", "POST /v1/completions"}
+OPERATIONS = {"GET /api/info", "GET /v1/models", "POST /api/attribute", "POST /api/generate", "POST /v1/completions"}
 MODELS = {"/api/generate": GenerateRequest, "/v1/completions": CompletionRequest}
 
 

@@ -1,4 +1,5 @@
-"""The `abcgpt` command: prepare, train, sample, baselines, eval, calibrate, serve, export, info, config, sources."""
+"""The `abcgpt` command: prepare, train, sample, attribute, baselines, eval, calibrate, serve, export, info, config,
+sources."""
 
 import argparse
 import dataclasses
@@ -94,6 +95,65 @@ def cmd_sample(args) -> None:
         for i, text in enumerate(texts[0]):
             print(f"--- sample {i + 1}/{args.n}, dial {format_dial(dials[0], sources)}, mode {mode}")
             print(args.prompt + text)
+
+
+# 256-colour terminal backgrounds, one per source (cycling past 12), with black text on them
+ANSI_BACKGROUNDS = (117, 218, 120, 222, 183, 159, 216, 152, 230, 189, 194, 224)
+
+
+def shares(names: list[str], probs: list[float], most: int = 6) -> str:
+    """'omega 0.98, alpha 0.02': the largest probabilities first, those under 0.005 and past `most` left out."""
+    if max(probs) - min(probs) < 5e-4:
+        return f"uniform over {len(names)} sources, {probs[0]:.2f} each"
+    ranked = sorted(((p, s) for s, p in zip(names, probs) if p >= 0.005), reverse=True)
+    more = f", + {len(ranked) - most} more" if len(ranked) > most else ""
+    return ", ".join(f"{s} {p:.2f}" for p, s in ranked[:most]) + more
+
+
+def read_text(args) -> str:
+    """The text of `abcgpt attribute`: --text, --file or standard input (-), exactly one of them."""
+    from abcgpt.common import AbcgptError
+
+    given = [x for x in (args.text, args.file, args.stdin) if x is not None]
+    if len(given) != 1:
+        raise AbcgptError("give the text once: --text TEXT, --file PATH, or - to read standard input")
+    if args.text is not None:
+        return args.text
+    where = "standard input" if args.stdin else args.file
+    try:
+        return sys.stdin.buffer.read().decode("utf-8") if args.stdin else Path(args.file).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AbcgptError(f"{where} is not UTF-8 text") from None
+
+
+def cmd_attribute(args) -> None:
+    from abcgpt.checkpoint import load_checkpoint
+    from abcgpt.common import pick_device
+    from abcgpt.engine import Engine
+
+    text = read_text(args)
+    engine = Engine(load_checkpoint(args.ckpt, pick_device(args.device)))
+    a = engine.attribute(text, args.dial, args.mode)
+    if args.json:
+        print(json.dumps(a.to_dict()))
+        return
+    color = sys.stdout.isatty()
+    print(f"--- which source: prior {shares(a.sources, a.dial)}, mode {a.mode}, {len(a.tokens)} tokens")
+    print(f"whole text (posterior after it): {shares(a.sources, a.final)}; top: {a.top}")
+    print(f"mean over its tokens:            {shares(a.sources, a.mean)}")
+    runs = a.runs()
+
+    def paint(k: int, s: str) -> str:  # reset before each line break, so no colour bleeds to the line's end
+        on = f"\033[30;48;5;{ANSI_BACKGROUNDS[k % len(ANSI_BACKGROUNDS)]}m"
+        return "\n".join(f"{on}{line}\033[0m" if line else "" for line in s.split("\n"))
+
+    if color:
+        used = sorted({k for k, _ in runs})
+        print("each token coloured by its most probable source: " + " ".join(paint(k, a.sources[k]) for k in used))
+        print("".join(paint(k, s) for k, s in runs))
+    else:
+        print("each token marked with its most probable source, [source: text]:")
+        print("".join(f"[{a.sources[k]}: {s}]" for k, s in runs))
 
 
 def cmd_baselines(args) -> None:
@@ -288,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     mode_arg(sp)
     sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("attribute", help="which source a text leans on, token by token (the mixture's posterior)")
+    sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    sp.add_argument("--text", help="the text to attribute")
+    sp.add_argument("--file", help="read the text from this UTF-8 file")
+    sp.add_argument("stdin", nargs="?", choices=["-"], metavar="-", help="read the text from standard input")
+    sp.add_argument("--dial", default="uniform", help="the prior over sources, any dial (default uniform)")
+    sp.add_argument("--mode", choices=("mixture", "switch"), default="mixture",
+                    help="mixture (default): P(source | the text so far); switch: the same, restarted from the dial "
+                         "after each line or sentence end")
+    sp.add_argument("--json", action="store_true", help="print the summary and the per-token table as JSON")
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(func=cmd_attribute)
 
     what = ("train the ungated comparison models: joint, without each source, and each source alone for the steps "
             "the dial model spent on it (equal compute)")

@@ -23,6 +23,7 @@ README, Speed and scale).
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
@@ -49,6 +50,8 @@ BOUNDARY_CHARS = ".!?"  # a token ending in one of these (or holding a line brea
 MAX_ROWS = 1024  # sequences in one call (dial positions x n): each holds a KV cache of its own
 MAX_NEW_TOKENS = 100_000
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; JSON clients and numpy agree on int64
+ATTRIBUTION_MODES = ("mixture", "switch")  # the modes whose corner weights are a posterior over sources
+SCORE_ELEMENTS = 2**24  # windows x tokens x vocabulary scored in one forward when attributing (64 MB of logits)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gumbel: torch.Tensor) -> torch.Tensor:
@@ -82,6 +85,16 @@ class CommonNoise:
         """(rows, vocab) Gumbel noise for the next token; row r is sample r % n of its position."""
         u = torch.rand(self.n, vocab, generator=self.gen, device=self.gen.device).clamp_(min=1e-20)
         return (-torch.log(-torch.log(u))).repeat(rows // self.n, 1)
+
+
+def _attribution_mode(mode: object) -> str:
+    """mode, checked: mixture (also for None) or switch, the modes whose corner weights are a posterior."""
+    if mode is None:
+        return "mixture"
+    if not isinstance(mode, str) or mode not in ATTRIBUTION_MODES:
+        raise AbcgptError(f"attribution is the posterior of mode mixture or switch, got mode {mode!r} "
+                          "(tokens, product and gates weight the corners by the dial alone)")
+    return mode
 
 
 class RowGroups(torch.nn.Module):
@@ -167,6 +180,72 @@ def stream_text(tokenizer: Tokenizer, tokens: Iterator[torch.Tensor]) -> Iterato
     text = tokenizer.decode(ids)
     if len(text) > shown:
         yield text[shown:]
+
+
+def log_weights_path(token_logp: torch.Tensor, log_a: torch.Tensor, mode: str,
+                     boundary: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, K) log-weights of the corners after each token: dial.update_weights applied token by token to each
+    corner's log-probs (B, K, T) of the tokens, from the dial's log-weights log_a (B, K). In mixture and switch
+    these are the posterior over sources that generation combines the corners with."""
+    log_w, out = log_a, []
+    for t in range(token_logp.size(-1)):
+        log_w = update_weights(log_w, token_logp[..., t], mode, log_a, None if boundary is None else boundary[:, t])
+        out.append(log_w)
+    return torch.stack(out, dim=1)
+
+
+def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each token's text; joined, the decoded text. Byte-level BPE can split a character over tokens: the
+    character goes to the token that completes it, the tokens before it get "" (a character is at most 4 bytes)."""
+    pieces, start = [], 0
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[start:i + 1])
+        if text.endswith("\ufffd") and i + 1 - start < 4 and i + 1 < len(ids):
+            pieces.append("")
+            continue
+        pieces.append(text)
+        start = i + 1
+    return pieces
+
+
+@dataclass
+class Attribution:
+    """Which source a text leans on, token by token: the posterior over sources that the mixture computes
+    (w_k proportional to a_k * p_k(text so far), the dial a as the prior; switch restarts it from the dial after
+    each line or sentence end). Probabilities are lists in the order of `sources`."""
+    sources: list[str]
+    dial: list[float]  # the prior
+    mode: str  # mixture or switch
+    tokens: list[str]  # the text's tokens as text pieces; joined, the text
+    posterior: list[list[float]]  # per token, after reading it; the first token's is the dial (nothing predicts it)
+    final: list[float]  # P(source | the whole text): the mixture's posterior after the last token, in either mode
+    mean: list[float]  # the mean posterior over the tokens after the first (the prior when there is one token)
+
+    @property
+    def top(self) -> str:
+        """The source the whole text leans on most: the largest final posterior."""
+        return self.sources[max(range(len(self.final)), key=self.final.__getitem__)]
+
+    def top_per_token(self) -> list[int]:
+        """Each token's most probable source (an index into `sources`)."""
+        return [max(range(len(p)), key=p.__getitem__) for p in self.posterior]
+
+    def runs(self) -> list[tuple[int, str]]:
+        """The text cut where the most probable source changes: (source index, the text of those tokens)."""
+        out: list[tuple[int, str]] = []
+        for k, piece in zip(self.top_per_token(), self.tokens):
+            if out and out[-1][0] == k:
+                out[-1] = (k, out[-1][1] + piece)
+            else:
+                out.append((k, piece))
+        return out
+
+    def to_dict(self, digits: int = 4) -> dict:
+        """JSON: probabilities rounded to `digits` decimals (a per-token table of many sources stays small)."""
+        r = lambda xs: [round(x, digits) for x in xs]  # noqa: E731
+        return {"sources": self.sources, "dial": r(self.dial), "mode": self.mode, "top": self.top,
+                "final": r(self.final), "mean": r(self.mean), "tokens": self.tokens,
+                "top_per_token": self.top_per_token(), "posterior": [r(p) for p in self.posterior]}
 
 
 class Engine:
@@ -459,10 +538,7 @@ class Engine:
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
         lp = self._corner_logprobs(x, y, range(dials.size(1)))
         boundary = self._boundaries()[y] if mode == "switch" else None
-        log_w = log_a
-        for t in range(y.size(1)):
-            log_w = update_weights(log_w, lp[..., t], mode, log_a, None if boundary is None else boundary[:, t])
-        return log_w
+        return log_weights_path(lp, log_a, mode, boundary)[:, -1]
 
     # ------------------------------------------------------------------ scoring
 
@@ -534,6 +610,76 @@ class Engine:
             chunk = t[s:s + block + 1]
             total -= float(self.logprobs(chunk[:-1][None], chunk[1:][None], [d], mode)[0].sum())
         return total / (len(ids) - 1)
+
+    # ------------------------------------------------------------------ attribution
+
+    @torch.no_grad()
+    def _windowed_corner_logprobs(self, ids: torch.Tensor, corners: list[int]) -> torch.Tensor:
+        """(B, K, T - 1): each corner's log-prob of every token of ids (B, T) after the first, predicted in windows
+        of block_size predictions as `loss` scores a long text (each window starts fresh). The whole windows of
+        every row go through each corner in batches of about SCORE_ELEMENTS logits, then the last, shorter one."""
+        cfg, (B, T) = self.model.config, ids.shape
+        block, n, K = cfg.block_size, T - 1, len(corners)
+        full, parts = n // block, []
+        if full:
+            x = ids[:, :full * block].reshape(B * full, block)
+            y = ids[:, 1:full * block + 1].reshape(B * full, block)
+            rows = max(1, SCORE_ELEMENTS // (block * cfg.vocab_size))
+            lp = torch.cat([self._corner_logprobs(x[i:i + rows], y[i:i + rows], corners)
+                            for i in range(0, B * full, rows)])
+            parts.append(lp.view(B, full, K, block).transpose(1, 2).reshape(B, K, full * block))
+        if n % block:
+            parts.append(self._corner_logprobs(ids[:, full * block:-1], ids[:, full * block + 1:], corners))
+        return torch.cat(parts, dim=2)
+
+    @torch.no_grad()
+    def posteriors(self, ids: torch.Tensor, dial: DialSpec = "uniform", mode: str | None = "mixture"
+                   ) -> torch.Tensor:
+        """(B, T, N) the posterior over sources after each token of ids (B, T): the corner weights that mode
+        mixture (or switch, restarting after each line or sentence end) generates with after reading a prompt,
+        with the dial as the prior. Row 0 is the dial: nothing predicts a text's first token. A text longer than
+        the context is scored in windows as `loss` does, and the posterior carries on across them (it multiplies
+        the whole text's likelihoods); within the context it equals the weights generation uses."""
+        return self._posteriors(ids, dial, (mode,))[0]
+
+    @torch.no_grad()
+    def _posteriors(self, ids: torch.Tensor, dial: DialSpec, modes: tuple[str, ...]) -> list[torch.Tensor]:
+        """`posteriors` in each of several modes, from one pass of the corners over the text."""
+        if not self.gated:
+            raise AbcgptError("attribution needs a dial model: this one is ungated, with no sources to attribute to")
+        modes = tuple(_attribution_mode(m) for m in modes)
+        V = self.model.config.vocab_size
+        if not (isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.dim() == 2 and ids.numel() > 0
+                and 0 <= int(ids.min()) and int(ids.max()) < V):
+            raise AbcgptError(f"ids must be a non-empty (batch, tokens) tensor of torch.long token ids in [0, {V})")
+        d = self.dial_tensor(dial, mode=modes[0]).to(self.device)
+        ids = ids.to(self.device)
+        active = (d > 0).nonzero().flatten().tolist()  # a corner the dial leaves out keeps posterior 0: not run
+        outs = [d.expand(ids.size(0), ids.size(1), -1).clone() for _ in modes]
+        if ids.size(1) > 1:
+            lp = self._windowed_corner_logprobs(ids, active)
+            log_a = d[active].log().expand(ids.size(0), -1)
+            for mode, out in zip(modes, outs):
+                boundary = self._boundaries()[ids[:, 1:]] if mode == "switch" else None
+                out[:, 1:, active] = log_weights_path(lp, log_a, mode, boundary).exp()
+        return outs
+
+    def attribute(self, text: str, dial: DialSpec = "uniform", mode: str | None = "mixture") -> Attribution:
+        """Which source `text` leans on, token by token (see Attribution and `posteriors`); the prior is the dial,
+        uniform unless given. mode switch restarts the posterior from the dial after each line or sentence end."""
+        if not isinstance(text, str):
+            raise AbcgptError(f"text must be a string, got {type(text).__name__}")
+        mode = _attribution_mode(mode)
+        ids = list(self.tokenizer.encode(text))  # AbcgptError on characters the model does not know
+        if not ids:
+            raise AbcgptError("text is empty: give at least one character to attribute")
+        # the whole text's summary is the mixture's in either mode: switch's last posterior says only what the
+        # last line or sentence leans on (and is the dial when the text ends with a line break)
+        paths = self._posteriors(torch.tensor([ids]), dial, tuple(dict.fromkeys((mode, "mixture"))))
+        post, whole = paths[0][0].cpu(), paths[-1][0].cpu()
+        evidence = post[1:] if len(ids) > 1 else post
+        return Attribution(self.sources, post[0].tolist(), mode, token_pieces(self.tokenizer, ids), post.tolist(),
+                           whole[-1].tolist(), evidence.mean(dim=0).tolist())
 
     # ------------------------------------------------------------------ display
 

@@ -445,6 +445,30 @@ def calibrated_curve(engine: Engine, clf: StyleClassifier, cal: dict, asked: lis
     return Calibrated(asked, dials, share, st.mixing, calibration_error(asked, share), is_monotone(share, tol=0.05))
 
 
+# ----------------------------------------------------------------------------- attribution
+
+
+@dataclass
+class AttributedSample:
+    """A style sample (prompt included), each token marked with the source it leans on: Engine.attribute with a
+    uniform prior, in mode switch (restarted at each line or sentence end) for a report in mode switch, else
+    mixture."""
+    dial: str
+    mode: str
+    final: list[float]  # P(source | the whole text), the mixture's posterior after it
+    runs: list[tuple[int, str]]  # Attribution.runs: (source index, text) where the top source changes
+
+
+def attributed_samples(engine: Engine, style: StyleCurve, mode: str, prompt: str) -> list[AttributedSample]:
+    """The first edge's samples at its ends and its middle, attributed (a few, to look at, not to measure)."""
+    e, how = style.edges[0], "switch" if mode == "switch" else "mixture"
+    out = []
+    for i in sorted({0, len(e.t) // 2, len(e.t) - 1}):
+        a = engine.attribute(prompt + e.example[i], "uniform", how)
+        out.append(AttributedSample(e.dial[i], how, a.final, a.runs()))
+    return out
+
+
 # ----------------------------------------------------------------------------- neurons
 
 
@@ -488,6 +512,7 @@ class Report:
     fluency: Fluency | None
     calibrated: Calibrated | None
     neurons: NeuronView | None
+    attribution: list[AttributedSample] | None
     original: dict | None  # DESIGN.md §2's numbers, for the reference recipe
     seconds: float
 
@@ -510,7 +535,7 @@ class Report:
               "calibration_error": st.calibration_error, "monotone": st.monotone, "mixing_mid": st.mixing_mid,
               "morph_mid": st.morph_mid, "morph_mid_edges": st.morph_mid_edges,
               "morph_mid_samples": st.morph_mid_samples, "coin_flip_mid": st.coin_flip_mid}
-        for key in ("fluency", "calibrated"):
+        for key in ("fluency", "calibrated", "attribution"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         if self.neurons is not None:

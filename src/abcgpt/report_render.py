@@ -280,7 +280,37 @@ def to_markdown(r: Report) -> str:
         c = r.calibrated
         lines += ["", f"Through the stored calibration: calibration error **{c.calibration_error:.3f}**, "
                   f"monotone: {'yes' if c.monotone else 'no'}."]
+    if r.attribution:
+        how = r.attribution[0].mode
+        lines += ["", "## Which source each token leans on", "",
+                  f"A few style samples (prompt included), each stretch of tokens marked `[source: text]` with the "
+                  f"source the {how} posterior puts first after reading it (uniform prior"
+                  + (", restarted at each line or sentence end" if how == "switch" else "") + "; `abcgpt attribute`)."]
+        for a in r.attribution:
+            lines += ["", f"dial {a.dial}, whole text: " + ", ".join(
+                f"{src} {p:.2f}" for src, p in zip(sources, a.final) if p >= 0.005), "", "```",
+                "".join(f"[{sources[k]}: {text}]" for k, text in a.runs), "```"]
     return "\n".join(lines) + "\n"
+
+
+# a source's background in the HTML report: matplotlib's default colours (the figures'), light
+SOURCE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                 "#17becf")
+
+
+def attribution_html(r: Report) -> str:
+    """The attributed samples with each stretch of tokens on its source's colour, and a legend."""
+    import html
+
+    if not r.attribution:
+        return ""
+    color = lambda k: SOURCE_COLORS[k % len(SOURCE_COLORS)] + "55"  # noqa: E731  (hex alpha: a light tint)
+    legend = " ".join(f'<span style="background:{color(k)};padding:0 .4em">{html.escape(src)}</span>'
+                      for k, src in enumerate(r.sources))
+    samples = "".join(f"<h4>dial {html.escape(a.dial)}</h4><pre>" + "".join(
+        f'<span style="background:{color(k)}" title="{html.escape(r.sources[k])}">{html.escape(text)}</span>'
+        for k, text in a.runs) + "</pre>" for a in r.attribution)
+    return f"<h2>Which source each token leans on, in colour</h2><p>{legend}</p>{samples}"
 
 
 def to_html(r: Report, md: str, figures: dict[str, bytes]) -> str:
@@ -300,5 +330,5 @@ def to_html(r: Report, md: str, figures: dict[str, bytes]) -> str:
 table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}pre{{background:#f6f6f6;padding:.6em;white-space:pre-wrap}}
 img{{max-width:100%}}figure{{margin:1em 0}}</style>
-</head><body>{body}{imgs}<h2>One sample per style position</h2>{examples}
+</head><body>{body}{imgs}{attribution_html(r)}<h2>One sample per style position</h2>{examples}
 </body></html>"""

@@ -3,6 +3,7 @@
     GET  /                 the page (static files shipped in the package, no build step, no CDN)
     GET  /api/info         sources, model, calibration, limits
     POST /api/generate     prompt + dial -> text, streamed as server-sent events (or whole with stream=false)
+    POST /api/attribute    text (+ dial as the prior) -> which source each token leans on (the mixture's posterior)
     POST /v1/completions   OpenAI-compatible completions, with the dial as an extra field
     GET  /v1/models        OpenAI's model list: the one model, under the name /v1/completions reports
     GET  /openapi.json     the schema (and /docs)
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError, check_integer
 from abcgpt.dial import MODES
-from abcgpt.engine import MAX_NEW_TOKENS, MAX_SEED, Engine
+from abcgpt.engine import ATTRIBUTION_MODES, MAX_NEW_TOKENS, MAX_SEED, Engine
 
 STATIC = Path(__file__).parent / "static"
 Dial = float | str | dict[str, float]
@@ -62,6 +63,13 @@ class GenerateRequest(Body):
     mode: str | None = Field(None, description=f"what the dial does between corners: one of {', '.join(MODES)} "
                                                "(default: the server's)")
     stream: bool = True
+
+
+class AttributeRequest(Body):
+    text: str = Field(description="the text to attribute; at most the server's max_prompt_chars characters")
+    dial: Dial = Field("uniform", description=f"the prior over sources: {DIAL}")
+    mode: str = Field("mixture", description="mixture: P(source | the text so far); switch: the same, restarted "
+                                             "from the dial after each line or sentence end")
 
 
 class CompletionRequest(Body):
@@ -343,6 +351,30 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
             yield sse({"done": True, "text": "".join(text), "dial": weights, "mode": mode})
 
         return SlotStream(events(), release)
+
+    @app.post("/api/attribute")
+    async def api_attribute(req: AttributeRequest):
+        """Which source each token leans on: the posterior over sources after each token (Engine.attribute). It
+        costs one pass of every corner with weight over the text, what mode mixture pays to read a prompt of that
+        length, so the text is capped like a prompt; it takes a generation slot while it runs."""
+        if not engine.gated:
+            raise InputError("", "this model is ungated: it has no sources to attribute a text to")
+        if req.mode not in ATTRIBUTION_MODES:
+            raise InputError("mode", f"attribution's mode is mixture or switch, got {cut(req.mode)!r}")
+        try:
+            dial = engine.dial_tensor(req.dial, mode=req.mode)
+        except AbcgptError as e:
+            raise InputError("dial", str(e)) from None
+        if len(req.text) > max_prompt_chars:
+            raise InputError("text", f"text has {len(req.text)} characters; at most {max_prompt_chars}")
+        release = take_slot()
+        try:
+            attribution = await asyncio.to_thread(engine.attribute, req.text, dial, req.mode)
+        except AbcgptError as e:  # what is left to refuse is the text: empty, or characters the model does not know
+            raise InputError("text", str(e)) from None
+        finally:
+            release()
+        return attribution.to_dict()
 
     @app.get("/v1/models")
     async def models():

@@ -1,4 +1,4 @@
-// abcgpt web page: the dial, streaming generation and the sweep. Plain ES2020, no dependencies.
+// abcgpt web page: the dial, streaming generation, the sweep and "which source?". Plain ES2020, no dependencies.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -19,6 +19,7 @@ const state = {
   picks: null,      // four or more sources: [{name, weight}] picked by name; [] = every source equally
   gen: null,        // {ctrl, n, t0} of the streaming generation in flight
   sweep: null,      // AbortController of the sweep in flight
+  attr: null,       // AbortController of the attribution in flight
   timer: null,      // debounce timer of the dial
 };
 
@@ -517,10 +518,11 @@ const sleep = (ms, signal) => new Promise((resolve, reject) => {
     { once: true });
 });
 
-// POST /api/generate; on 429 (the server is still busy with a request we just cancelled) retry a few times.
-async function post(body, signal) {
+// POST /api/generate (or `url`); on 429 (the server is still busy with a request we just cancelled) retry a few
+// times.
+async function post(body, signal, url = "/api/generate") {
   for (let attempt = 0; ; attempt++) {
-    const res = await fetch("/api/generate", {
+    const res = await fetch(url, {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: body.stream ? "text/event-stream" : "application/json" },
       body: JSON.stringify(body),
@@ -715,12 +717,74 @@ async function sweep() {
     "error", "sweep-status");
 }
 
+// ---------------------------------------------------------------- which source?
+
+// A source's colour: the dial's own up to eight sources, else hues spread around the wheel (the golden angle).
+const sourceColor = (k) => (state.sources.length <= COLORS.length ? COLORS[k]
+  : `hsl(${Math.round(k * 137.508) % 360} 65% 55%)`);
+
+// POST /api/attribute: `text` shown token by token, each token's background the colour of its most probable source
+// (the posterior after reading it, uniform prior), stronger the surer; a legend of the sources that appear, and
+// the whole text's posterior.
+async function attribute(text) {
+  if (state.attr) state.attr.abort();
+  const ctrl = new AbortController();
+  state.attr = ctrl;
+  const result = $("attr-result"), legend = $("attr-legend"), summary = $("attr-summary");
+  $("attr-card").scrollIntoView({ behavior: "smooth", block: "nearest" });
+  if (!text) {
+    setStatus("nothing to attribute: generate a sample, or paste a text above", "warn", "attr-status");
+    return;
+  }
+  setStatus("reading the text…", "busy", "attr-status");
+  let data;
+  try {
+    const res = await post({ text, dial: "uniform", mode: $("attr-mode").value }, ctrl.signal, "/api/attribute");
+    data = await res.json();
+  } catch (e) {
+    if (!ctrl.signal.aborted) setStatus(e instanceof TypeError ? `network error: ${e.message}` : e.message, "error",
+      "attr-status");
+    return;
+  } finally {
+    if (state.attr === ctrl) state.attr = null;
+  }
+  const n = data.sources.length, counts = new Array(n).fill(0);
+  const named = (p) => Object.fromEntries(data.sources.map((s, j) => [s, p[j]]));
+  result.textContent = legend.textContent = "";
+  data.tokens.forEach((tok, i) => {
+    const k = data.top_per_token[i], p = data.posterior[i];
+    const sure = n > 1 ? (p[k] - 1 / n) / (1 - 1 / n) : 1;  // 0 at an even split, 1 when certain
+    const span = el("span", "attr-tok", tok);
+    span.dataset.source = String(k);
+    span.style.background = `color-mix(in srgb, ${sourceColor(k)} ${Math.round(12 + 58 * sure)}%, transparent)`;
+    span.title = describe(named(p), true);
+    result.append(span);
+    counts[k]++;
+  });
+  const shown = data.sources.map((s, k) => k).filter((k) => counts[k]).sort((a, b) => counts[b] - counts[a]);
+  for (const k of shown) {
+    const item = el("span", "attr-key");
+    item.dataset.source = String(k);
+    const swatch = el("span", "attr-swatch");
+    swatch.style.background = sourceColor(k);
+    item.append(swatch, `${data.sources[k]} (${counts[k]} tokens)`);
+    legend.append(item);
+  }
+  if (shown.length < n) legend.append(el("span", "hint", `${n - shown.length} other sources lead no token`));
+  summary.textContent = `whole text: ${describe(named(data.final), true)} · top ${data.top} · mean over tokens: ` +
+    describe(named(data.mean), true);
+  summary.hidden = result.hidden = false;
+  setStatus(`done: ${data.tokens.length} tokens · ${data.mode} · uniform prior`, "", "attr-status");
+}
+
 // ---------------------------------------------------------------- start
 
 async function init() {
   $("generate").addEventListener("click", generate);
   $("stop").addEventListener("click", stop);
   $("sweep").addEventListener("click", sweep);
+  $("attr-output").addEventListener("click", () => attribute($("output").textContent));
+  $("attr-paste").addEventListener("click", () => attribute($("attr-text").value));
   $("prompt").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); generate(); }
   });
@@ -732,7 +796,7 @@ async function init() {
   } catch (e) {
     $("model-info").textContent = "model unavailable";
     setStatus(`cannot load /api/info: ${e.message}`, "error");
-    $("generate").disabled = $("sweep").disabled = true;
+    $("generate").disabled = $("sweep").disabled = $("attr-output").disabled = $("attr-paste").disabled = true;
     return;
   }
   state.info = info;
@@ -753,7 +817,7 @@ async function init() {
       `vocabulary ${m.vocab_size}${more}`;
   } else if (more) $("model-info").title = more.trim();
   const lim = info.limits || {};
-  if (lim.max_prompt_chars) $("prompt").maxLength = lim.max_prompt_chars;
+  if (lim.max_prompt_chars) $("prompt").maxLength = $("attr-text").maxLength = lim.max_prompt_chars;
   if (lim.max_new_tokens) {
     $("length").max = lim.max_new_tokens;
     if (Number($("length").value) > lim.max_new_tokens) $("length").value = lim.max_new_tokens;
