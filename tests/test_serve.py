@@ -38,6 +38,9 @@ def test_info(client):
     assert info["limits"] == {"max_new_tokens": 300, "max_prompt_chars": 50, "max_concurrent": 2}
     assert info["model"]["step"] == 120 and info["model"]["tokenizer"] == "char"
     assert info["mode"] == "switch" and info["modes"] == ["mixture", "switch", "tokens", "product", "gates"]
+    from abcgpt.sampling import SAMPLING  # the one declaration of the defaults, which the page reads from here
+
+    assert info["sampling"] == SAMPLING.to_dict()
 
 
 def test_generate_whole_and_streamed_agree(client):

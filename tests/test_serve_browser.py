@@ -100,6 +100,11 @@ def test_slider_streams_and_changes_the_voice(server):
 
 def test_mode_select_sends_its_mode(server, page):
     info = page.request.get(f"{server}/api/info").json()
+    page.goto(server)
+    page.wait_for_selector("#dial")
+    # the sampling boxes start at the engine's defaults, read from /api/info (declared once, abcgpt/sampling.py)
+    assert [float(page.input_value(f"#{b}")) for b in ("temperature", "top-k", "length")] == [
+        info["sampling"]["temperature"], info["sampling"]["top_k"], info["sampling"]["max_new_tokens"]]
     assert info["modes"] == ["mixture", "switch", "tokens", "product", "gates"] and info["mode"] == "switch"
     page.goto(server)
     page.wait_for_selector("#dial")

@@ -12,6 +12,8 @@ import textwrap
 import threading
 from pathlib import Path
 
+from abcgpt.sampling import SAMPLING
+
 
 def cmd_prepare(args) -> None:
     from abcgpt.common import existing_dir
@@ -337,11 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "or name=w,name=w (default 0.5)")
     sp.add_argument("--sweep", help="comma-separated dial positions, printed side by side, e.g. 0,0.5,1")
     sp.add_argument("--prompt", default="", help="text to start from (default: a newline)")
-    sp.add_argument("-n", type=int, default=1, help="samples per dial position")
-    sp.add_argument("--max-new-tokens", type=int, default=300)
-    sp.add_argument("--temperature", type=float, default=0.8)
-    sp.add_argument("--top-k", type=int, default=40, help="0 disables top-k")
-    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("-n", type=int, default=SAMPLING.n, help="samples per dial position")
+    sp.add_argument("--max-new-tokens", type=int, default=SAMPLING.max_new_tokens)
+    sp.add_argument("--temperature", type=float, default=SAMPLING.temperature, help="0 = greedy")
+    sp.add_argument("--top-k", type=int, default=SAMPLING.top_k, help="0 disables top-k")
+    sp.add_argument("--seed", type=int, default=SAMPLING.seed)
     sp.add_argument("--json", action="store_true", help="print one JSON object per sample")
     sp.add_argument("--calibrated", action="store_true",
                     help="read the dial as the share of the second source's style (needs `abcgpt calibrate`)")

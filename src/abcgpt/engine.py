@@ -43,6 +43,7 @@ from abcgpt.dial import (
 from abcgpt.dial_spec import DialSpec, parse_dial
 from abcgpt.memory import generation_parts, require_memory
 from abcgpt.model import GPT, KVCache, SubNetwork
+from abcgpt.sampling import SAMPLING
 from abcgpt.style import apply_calibration
 from abcgpt.tokenizer import Tokenizer
 
@@ -416,16 +417,18 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompt: str = "", dial: DialSpec = 0.5, max_new_tokens: int = 200, temperature: float = 0.8,
-                 top_k: int | None = 40, seed: int | None = None, n: int = 1, calibrated: bool = False,
+    def generate(self, prompt: str = "", dial: DialSpec = 0.5, max_new_tokens: int = SAMPLING.max_new_tokens,
+                 temperature: float = SAMPLING.temperature, top_k: int | None = SAMPLING.top_k,
+                 seed: int | None = SAMPLING.seed, n: int = SAMPLING.n, calibrated: bool = False,
                  mode: str | None = None) -> str | list[str]:
         """The text generated after `prompt` (not repeating it): a str for n == 1, else a list of n samples drawn
         as one batch. seed makes it reproducible."""
         texts = self.sweep(prompt, [dial], max_new_tokens, temperature, top_k, seed, n, calibrated, mode)[0]
         return texts[0] if n == 1 else texts
 
-    def sweep(self, prompt: str, dials: list[DialSpec], max_new_tokens: int = 200, temperature: float = 0.8,
-              top_k: int | None = 40, seed: int | None = None, n: int = 1, calibrated: bool = False,
+    def sweep(self, prompt: str, dials: list[DialSpec], max_new_tokens: int = SAMPLING.max_new_tokens,
+              temperature: float = SAMPLING.temperature, top_k: int | None = SAMPLING.top_k,
+              seed: int | None = SAMPLING.seed, n: int = SAMPLING.n, calibrated: bool = False,
               mode: str | None = None, stop: threading.Event | None = None) -> list[list[str]]:
         """n samples at each of several dial positions, all in one batch: a list of n texts per position.
         Setting `stop` (from another thread) ends the batch after the current token: the texts are then shorter."""
@@ -444,8 +447,9 @@ class Engine:
         texts = [self.tokenizer.decode(row) for row in torch.stack(tokens, dim=1).tolist()]
         return [texts[i:i + n] for i in range(0, len(texts), n)]
 
-    def stream(self, prompt: str = "", dial: DialSpec = 0.5, max_new_tokens: int = 200, temperature: float = 0.8,
-               top_k: int | None = 40, seed: int | None = None, calibrated: bool = False,
+    def stream(self, prompt: str = "", dial: DialSpec = 0.5, max_new_tokens: int = SAMPLING.max_new_tokens,
+               temperature: float = SAMPLING.temperature, top_k: int | None = SAMPLING.top_k,
+               seed: int | None = SAMPLING.seed, calibrated: bool = False,
                mode: str | None = None) -> Iterator[str]:
         """Pieces of one sample's text as they are generated; joined, they equal generate(...) with the same
         arguments. Arguments are checked here, before the first piece is asked for."""

@@ -20,6 +20,7 @@ from abcgpt.engine import MAX_NEW_TOKENS, MAX_ROWS, MAX_SEED, Engine
 from abcgpt.evaluate import batch_losses, dial_losses
 from abcgpt.model import GPT
 from abcgpt.neurons import band_response, firing_fractions, specialty_histogram
+from abcgpt.sampling import SAMPLING
 from abcgpt.style import (
     StyleClassifier,
     apply_calibration,
@@ -42,9 +43,9 @@ class Settings:
     style_points: int = Field(11, ge=2, le=1001)  # dial positions on the style curve (two sources)
     edge_points: int = Field(5, ge=2, le=1001)  # positions on each edge of the simplex (more sources)
     samples: int = Field(32, ge=1, le=MAX_ROWS)  # samples per style position
-    new_tokens: int = Field(200, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.8, ge=0.0)
-    top_k: int = Field(40, ge=0)
+    new_tokens: int = Field(SAMPLING.max_new_tokens, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(SAMPLING.temperature, ge=0.0)
+    top_k: int = Field(SAMPLING.top_k, ge=0)
     classifier_chunks: int = Field(1500, ge=10, le=10**6)
     seed: int = Field(1234, ge=0, le=MAX_SEED)
     prompt: str = "\n"  # the same prompt at every position; a newline is common to most corpora

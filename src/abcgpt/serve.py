@@ -34,6 +34,7 @@ from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError, check_integer
 from abcgpt.dial import MODES
 from abcgpt.engine import ATTRIBUTION_MODES, MAX_NEW_TOKENS, MAX_SEED, Engine
+from abcgpt.sampling import SAMPLING
 
 STATIC = Path(__file__).parent / "static"
 Dial = float | str | dict[str, float]
@@ -55,9 +56,10 @@ class Body(BaseModel):
 class GenerateRequest(Body):
     prompt: str = ""
     dial: Dial = Field(0.5, description=DIAL)
-    max_new_tokens: int = Field(200, ge=1, le=MAX_NEW_TOKENS, description="capped lower by the server's limit")
-    temperature: float = Field(0.8, ge=0.0, le=10.0, description="0 = greedy")
-    top_k: int = Field(40, ge=0, description="0 disables")
+    max_new_tokens: int = Field(SAMPLING.max_new_tokens, ge=1, le=MAX_NEW_TOKENS,
+                                description="capped lower by the server's limit")
+    temperature: float = Field(SAMPLING.temperature, ge=0.0, le=10.0, description="0 = greedy")
+    top_k: int = Field(SAMPLING.top_k, ge=0, description="0 disables")
     seed: int | None = SEED
     calibrated: bool = Field(False, description="read a numeric dial as the share of the second source's style")
     mode: str | None = Field(None, description=f"what the dial does between corners: one of {', '.join(MODES)} "
@@ -328,7 +330,8 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
                           "tokenizer": engine.tokenizer.kind, "recipe": engine.recipe.name,
                           "step": engine.meta["step"], "gates": cfg.gates, "width": cfg.width},
                 "limits": {"max_new_tokens": max_new_tokens, "max_prompt_chars": max_prompt_chars,
-                           "max_concurrent": max_concurrent}}
+                           "max_concurrent": max_concurrent},
+                "sampling": SAMPLING.to_dict()}
 
     @app.post("/api/generate")
     async def api_generate(req: GenerateRequest, request: Request):
@@ -404,9 +407,9 @@ def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurre
         # n completions in one batch, in a thread that stops when the client goes away (a disconnect does not
         # end this handler: it has to look)
         stop = threading.Event()
-        work = asyncio.ensure_future(asyncio.to_thread(engine.sweep, req.prompt, [dial], req.max_tokens,
-                                                       req.temperature, req.top_k, req.seed, req.n, False, mode,
-                                                       stop=stop))
+        work = asyncio.ensure_future(asyncio.to_thread(
+            engine.sweep, req.prompt, [dial], max_new_tokens=req.max_tokens, temperature=req.temperature,
+            top_k=req.top_k, seed=req.seed, n=req.n, mode=mode, stop=stop))
         work.add_done_callback(lambda _: release())  # if this handler is cancelled: free when the thread is
         try:
             while not (await asyncio.wait([work], timeout=0.05))[0]:

@@ -816,6 +816,10 @@ async function init() {
     $("model-info").title = `${m.n_layer} layers × ${m.n_embd} wide, ${m.n_head} heads, context ${m.block_size}, ` +
       `vocabulary ${m.vocab_size}${more}`;
   } else if (more) $("model-info").title = more.trim();
+  const defaults = info.sampling || {};  // the engine's sampling defaults, declared once (abcgpt/sampling.py)
+  if (defaults.temperature !== undefined) $("temperature").value = defaults.temperature;
+  if (defaults.top_k !== undefined) $("top-k").value = defaults.top_k;
+  if (defaults.max_new_tokens !== undefined) $("length").value = defaults.max_new_tokens;
   const lim = info.limits || {};
   if (lim.max_prompt_chars) $("prompt").maxLength = $("attr-text").maxLength = lim.max_prompt_chars;
   if (lim.max_new_tokens) {
