@@ -207,7 +207,7 @@ def test_sub_network_equals_gated_model_at_its_dial(bias, norm):
             assert net.width == ((C - shared) // 2 + shared if corner and own_width else C)
             with torch.no_grad():
                 want, _ = model(idx, dial, idx, own_width=False)
-                got, _ = net(idx, None, idx)
+                got, _ = net(idx, targets=idx)
                 last, _ = net(idx)
             assert torch.allclose(got, want, atol=1e-5)
             assert torch.allclose(last[:, 0], want[:, -1], atol=1e-5)

@@ -106,7 +106,7 @@ class RowGroups(torch.nn.Module):
         super().__init__()
         self.groups, self.config = groups, config
 
-    def forward(self, idx: torch.Tensor, dial=None, targets=None, source=None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets=None, cache: KVCache | None = None):
         out = None
         for i, (rows, net) in enumerate(self.groups):
             logits, _ = net(idx[rows], cache=None if cache is None else cache.scoped(i))
@@ -126,15 +126,16 @@ def decode(model: GPT, ids: torch.Tensor, dials: torch.Tensor | None, max_new_to
     every step re-runs the whole (cropped) context, as nanoGPT does. ids and dials are on the model's device."""
     model.eval()
     block, idx = model.config.block_size, ids
+    dial = () if dials is None else (dials,)  # a gated GPT takes its dial; a sub-network has it folded in
     cache, feed = None, idx
     for _ in range(max_new_tokens):
         if not use_cache:
-            logits, _ = model(idx[:, -block:], dials)
+            logits, _ = model(idx[:, -block:], *dial)
         else:
             if cache is None or cache.pos + feed.size(1) > block:
                 feed = idx[:, -(3 * block // 4):] if cache is not None else idx[:, -block:]
                 cache = KVCache(block)
-            logits, _ = model(feed, dials, cache=cache)
+            logits, _ = model(feed, *dial, cache=cache)
             cache.pos += feed.size(1)
         out, nxt = step(logits[:, -1, :].float())
         idx = torch.cat([idx, nxt[:, None]], dim=1)
@@ -155,7 +156,7 @@ def generate_tokens(model: GPT, prompt: torch.Tensor, dial: torch.Tensor | None,
 
 def _target_logprobs(model: GPT, x: torch.Tensor, y: torch.Tensor, dial: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) log-probs a network gives the targets y after x."""
-    logits, _ = model(x, dial, targets=y)
+    logits, _ = model(x, targets=y) if dial is None else model(x, dial, targets=y)
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
 
 

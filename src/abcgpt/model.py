@@ -506,8 +506,8 @@ class SubNetwork(nn.Module):
             self.sub = model.network_at(dial, own_width)
         self.config = model.config
 
-    def forward(self, idx: torch.Tensor, dial=None, targets: torch.Tensor | None = None, source=None,
-                cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """GPT.forward without a dial: the dial is folded into the weights."""
         logits = run_sub_network(self.sub, idx, cache, self.training, last_only=targets is None)
         if targets is None:
             return logits, None
