@@ -20,10 +20,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -192,236 +193,283 @@ class BodyLimit:
         await SafeJSON({"detail": msg}, status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one server allows: generations at once; new tokens and prompt characters per request; the request body's
+    size (None: room for the longest prompt, every character JSON-escaped as a surrogate pair, 12 bytes, plus 64 KiB
+    for the other fields); the networks a request's batch runs at once, counted in networks of the model's width
+    (None: MAX_N); new tokens x rows of a batch (None: MAX_N x max_new_tokens, the largest batch of single-network
+    samples the other caps allow). Each is checked when made: below 1 the server would refuse everything."""
+    max_concurrent: int = 2
+    max_new_tokens: int = 1000
+    max_prompt_chars: int = 4000
+    max_body_bytes: int | None = None
+    max_dial_positions: int | None = None
+    max_batch_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        check_integer("max_concurrent", self.max_concurrent, 1)
+        check_integer("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
+        check_integer("max_prompt_chars", self.max_prompt_chars, 1)
+        for name, default in (("max_body_bytes", 12 * self.max_prompt_chars + 65536),
+                              ("max_dial_positions", MAX_N), ("max_batch_tokens", MAX_N * self.max_new_tokens)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+            check_integer(name, getattr(self, name), 1)
+
+
+def corner_work(engine: Engine) -> float:
+    """The work of one corner network, in networks of the model's full width: a bank's corner is a whole network; a
+    partition corner holds the shared units and 1/N of the rest of every group."""
+    cfg = engine.model.config
+    if not engine.model.has_interior or cfg.method != "partition":
+        return 1.0
+    return cfg.shared_fraction + (1 - cfg.shared_fraction) / len(engine.sources)
+
+
+def batch_cost(state, dial: torch.Tensor, mode: str, n: int) -> tuple[int, int]:
+    """(networks, rows) that n samples at this dial cost, as Engine._tokens runs them, counted in networks and rows
+    of the model's full width: a corner, mode gates or an ungated model is one network on n rows; mixture draws a
+    corner for each sample (at most n of the dial's k corners, n rows); switch, tokens and product run all k corners
+    for every sample (n x k rows of corner networks)."""
+    k = int((dial > 0).sum())
+    if not state.engine.gated or mode == "gates" or k == 1:
+        return 1, n
+    used = min(n, k) if mode == "mixture" else k
+    rows = n if mode == "mixture" else n * k
+    work = state.corner_work
+    return math.ceil(used * work - 1e-9), math.ceil(rows * (1 if mode == "mixture" else work) - 1e-9)
+
+
+def check_request(state, req, tokens_field: str, n_new: int, n: int = 1) -> tuple[str, torch.Tensor, int]:
+    """A generation request's mode, dial and prompt length in tokens, after the engine's checks and the server's
+    limits (each failure an InputError naming its field)."""
+    engine, lim = state.engine, state.limits
+    try:
+        mode = engine.mode(req.mode or state.mode)
+    except AbcgptError as e:
+        raise InputError("mode", str(e)) from None
+    if req.calibrated and not isinstance(req.dial, int | float):
+        raise InputError("calibrated", "needs a numeric dial (the share of the second source's style)")
+    try:
+        dial = engine.dial_tensor(req.dial, req.calibrated, mode)
+    except AbcgptError as e:
+        raise InputError("calibrated" if req.calibrated else "dial", str(e)) from None
+    if len(req.prompt) > lim.max_prompt_chars:
+        raise InputError("prompt", f"prompt has {len(req.prompt)} characters; at most {lim.max_prompt_chars}")
+    try:
+        n_prompt = len(engine.prompt_ids(req.prompt))
+    except AbcgptError as e:
+        raise InputError("prompt", str(e)) from None
+    if n_new > lim.max_new_tokens:
+        raise InputError(tokens_field, f"{tokens_field} is {n_new}; at most {lim.max_new_tokens}")
+    # what the batch costs, not only its counts: each network runs at every token, each row is a sequence with its
+    # KV cache. The prompt is left out: it is cropped to the context and read in one pass.
+    networks, rows = batch_cost(state, dial, mode, n)
+    if networks > lim.max_dial_positions:
+        raise InputError("dial", f"in mode {mode} this dial runs the work of {networks} networks of the model's "
+                                 f"width at once (its corners); at most {lim.max_dial_positions} per request (the "
+                                 f"server's max_dial_positions): give fewer sources weight, or "
+                                 f"{'lower n' if mode == 'mixture' else 'use mode mixture'}")
+    if n_new * rows > lim.max_batch_tokens:
+        raise InputError(tokens_field, f"{tokens_field} x rows is {n_new} x {rows} = {n_new * rows} tokens; at most "
+                                       f"{lim.max_batch_tokens} per request (the server's max_batch_tokens; rows: n x "
+                                       f"the corners mode {mode} runs for each)")
+    return mode, dial, n_prompt
+
+
+def take_slot(state) -> Callable[[], None]:
+    """Claim a generation slot (429 when none is free); returns its release, which is safe to call twice. The event
+    loop is the only writer of state.active."""
+    if state.active >= state.limits.max_concurrent:
+        raise InputError("", f"too many generations at once (at most {state.limits.max_concurrent}); try again "
+                             "shortly", status=429)
+    state.active += 1
+    held = [True]
+
+    def release() -> None:
+        if held:
+            held.pop()
+            state.active -= 1
+
+    return release
+
+
+async def pieces(request: Request, prompt: str, dial: torch.Tensor, mode: str, n_new: int, temperature: float,
+                 top_k: int, seed: int | None):
+    """Text pieces of one sequence as they are generated, until done or the client is gone."""
+    texts = request.app.state.engine.stream(prompt, dial, n_new, temperature, top_k, seed, mode=mode)
+    while True:
+        piece = await asyncio.to_thread(next, texts, None)  # the model runs off the event loop
+        if piece is None or await request.is_disconnected():
+            break
+        yield piece
+
+
+def sse(obj) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+async def validation_error(_: Request, e: RequestValidationError):
+    return SafeJSON({"detail": jsonable_encoder(short_errors(e.errors()))}, status_code=422)
+
+
+async def input_error(_: Request, e: InputError):
+    if e.status == 429:
+        return SafeJSON({"detail": e.msg}, status_code=429)
+    # cut: an engine message may quote the request (a 60 KB dial string as an unknown source name)
+    return SafeJSON({"detail": [{"loc": ["body", e.field], "msg": cut(e.msg, 1000), "type": "value_error"}]},
+                    status_code=e.status)
+
+
+router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def page():
+    return FileResponse(STATIC / "index.html")
+
+
+@router.get("/api/info")
+async def info(request: Request):
+    state = request.app.state
+    engine, lim = state.engine, state.limits
+    cfg, model, cal = engine.model.config, engine.model, engine.calibration
+    return {"sources": engine.sources, "calibrated": cal is not None and len(engine.sources) == 2,
+            "calibration_mode": cal.get("mode", "gates") if cal else None,
+            "modes": list(MODES), "mode": state.mode,
+            "model": {"params": model.num_params(), "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                      "n_embd": cfg.n_embd, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
+                      "tokenizer": engine.tokenizer.kind, "recipe": engine.recipe.name,
+                      "step": engine.meta["step"], "gates": cfg.gates, "width": cfg.width},
+            "limits": {"max_new_tokens": lim.max_new_tokens, "max_prompt_chars": lim.max_prompt_chars,
+                       "max_concurrent": lim.max_concurrent},
+            "sampling": SAMPLING.to_dict()}
+
+
+@router.post("/api/generate")
+async def api_generate(req: GenerateRequest, request: Request):
+    state = request.app.state
+    mode, dial, _ = check_request(state, req, "max_new_tokens", req.max_new_tokens)
+    weights = dict(zip(state.engine.sources, dial.tolist()))
+    release = take_slot(state)
+    stream = pieces(request, req.prompt, dial, mode, req.max_new_tokens, req.temperature, req.top_k, req.seed)
+    if not req.stream:
+        try:
+            text = "".join([p async for p in stream])
+        finally:
+            release()
+        return {"text": text, "dial": weights, "mode": mode, "prompt": req.prompt}
+
+    async def events():
+        text = []
+        async for p in stream:
+            text.append(p)
+            yield sse({"token": p})
+        yield sse({"done": True, "text": "".join(text), "dial": weights, "mode": mode})
+
+    return SlotStream(events(), release)
+
+
+@router.post("/api/attribute")
+async def api_attribute(req: AttributeRequest, request: Request):
+    """Which source each token leans on: the posterior over sources after each token (Engine.attribute). It costs
+    one pass of every corner with weight over the text, what mode mixture pays to read a prompt of that length, so
+    the text is capped like a prompt; it takes a generation slot while it runs."""
+    state = request.app.state
+    engine = state.engine
+    if not engine.gated:
+        raise InputError("", "this model is ungated: it has no sources to attribute a text to")
+    if req.mode not in ATTRIBUTION_MODES:
+        raise InputError("mode", f"attribution's mode is mixture or switch, got {cut(req.mode)!r}")
+    try:
+        dial = engine.dial_tensor(req.dial, mode=req.mode)
+    except AbcgptError as e:
+        raise InputError("dial", str(e)) from None
+    if len(req.text) > state.limits.max_prompt_chars:
+        raise InputError("text", f"text has {len(req.text)} characters; at most {state.limits.max_prompt_chars}")
+    release = take_slot(state)
+    try:
+        attribution = await asyncio.to_thread(engine.attribute, req.text, dial, req.mode)
+    except AbcgptError as e:  # what is left to refuse is the text: empty, or characters the model does not know
+        raise InputError("text", str(e)) from None
+    finally:
+        release()
+    return attribution.to_dict()
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    """OpenAI's model list (clients ask it first): the one model, under the name /v1/completions gives it."""
+    state = request.app.state
+    return {"object": "list", "data": [{"id": state.engine.recipe.name, "object": "model",
+                                        "created": state.created, "owned_by": "abcgpt"}]}
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    state = request.app.state
+    mode, dial, n_prompt = check_request(state, req, "max_tokens", req.max_tokens, req.n)
+    if req.stream and req.n > 1:
+        raise InputError("n", "streaming returns one completion: n must be 1 with stream=true")
+    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": req.model or state.engine.recipe.name}
+    usage = {"prompt_tokens": n_prompt, "completion_tokens": req.max_tokens * req.n,
+             "total_tokens": n_prompt + req.max_tokens * req.n}
+    release = take_slot(state)
+    if req.stream:
+        async def events():
+            async for p in pieces(request, req.prompt, dial, mode, req.max_tokens, req.temperature, req.top_k,
+                                  req.seed):
+                yield sse(head | {"choices": [{"text": p, "index": 0, "logprobs": None, "finish_reason": None}]})
+            yield sse(head | {"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]})
+            yield sse("[DONE]")
+
+        return SlotStream(events(), release)
+    texts = await whole_batch(request, release, req.prompt, dial, mode, req)
+    choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": "length"} for i, t in enumerate(texts)]
+    return head | {"choices": choices, "usage": usage}
+
+
+async def whole_batch(request: Request, release: Callable[[], None], prompt: str, dial: torch.Tensor, mode: str,
+                      req: CompletionRequest) -> list[str]:
+    """n completions in one batch, in a thread that stops when the client goes away (a disconnect does not end the
+    handler: it has to look); the slot is released as soon as the batch ends."""
+    stop = threading.Event()
+    work = asyncio.ensure_future(asyncio.to_thread(
+        request.app.state.engine.sweep, prompt, [dial], max_new_tokens=req.max_tokens, temperature=req.temperature,
+        top_k=req.top_k, seed=req.seed, n=req.n, mode=mode, stop=stop))
+    work.add_done_callback(lambda _: release())  # if this handler is cancelled: free when the thread is
+    try:
+        while not (await asyncio.wait([work], timeout=0.05))[0]:
+            if await request.is_disconnected():
+                stop.set()
+    finally:
+        stop.set()  # if this handler is cancelled, the batch still ends within a token
+    release()  # now, not when the callback's turn comes: that can be after the answer is sent
+    return work.result()[0]
+
+
 def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurrent: int = 2,
                max_new_tokens: int = 1000, max_prompt_chars: int = 4000, mode: str | None = None,
                max_body_bytes: int | None = None, max_dial_positions: int | None = None,
                max_batch_tokens: int | None = None) -> FastAPI:
-    """The server's app. Limits: generations at once; new tokens and prompt characters per request; request body
-    size (None: room for the longest prompt, every character JSON-escaped as a surrogate pair, 12 bytes, plus
-    64 KiB for the other fields); distinct dial positions a request's batch runs (each a network of its own;
-    None: MAX_N);
-    new tokens x rows of a batch (None: MAX_N x max_new_tokens, the largest batch of single-network samples
-    the other caps allow)."""
-    check_integer("max_concurrent", max_concurrent, 1)  # below 1 the server would refuse every generation
-    check_integer("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
-    check_integer("max_prompt_chars", max_prompt_chars, 1)
-    max_body_bytes = 12 * max_prompt_chars + 65536 if max_body_bytes is None else max_body_bytes
-    check_integer("max_body_bytes", max_body_bytes, 1)
-    max_dial_positions = MAX_N if max_dial_positions is None else max_dial_positions
-    check_integer("max_dial_positions", max_dial_positions, 1)
-    max_batch_tokens = MAX_N * max_new_tokens if max_batch_tokens is None else max_batch_tokens
-    check_integer("max_batch_tokens", max_batch_tokens, 1)
+    """The server's app for a checkpoint, with its Limits (checked before the checkpoint is read). Its state
+    (app.state): the engine, the limits, the default mode, the generations running."""
+    limits = Limits(max_concurrent, max_new_tokens, max_prompt_chars, max_body_bytes, max_dial_positions,
+                    max_batch_tokens)
     engine = Engine(load_checkpoint(ckpt_path, device))
-    sources, default_mode = engine.sources, engine.mode(mode)
     app = FastAPI(title="abcgpt", version="0.1.0", default_response_class=SafeJSON,
-                  description=f"A GPT with a dial over its training sources: {', '.join(sources)}.")
-    app.state.active = 0  # generations running; the event loop is the only writer
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
-    created = int((engine.path / "config.json").stat().st_mtime)  # /v1/models' "created": when it was saved
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError):
-        return SafeJSON({"detail": jsonable_encoder(short_errors(e.errors()))}, status_code=422)
-
-    @app.exception_handler(InputError)
-    async def input_error(_: Request, e: InputError):
-        if e.status == 429:
-            return SafeJSON({"detail": e.msg}, status_code=429)
-        # cut: an engine message may quote the request (a 60 KB dial string as an unknown source name)
-        return SafeJSON({"detail": [{"loc": ["body", e.field], "msg": cut(e.msg, 1000), "type": "value_error"}]},
-                        status_code=e.status)
-
-    cfg = engine.model.config
-    # the work of one corner network, in networks of the model's full width: a bank's corner is a whole network; a
-    # partition corner holds the shared units and 1/N of the rest of every group
-    corner_work = 1.0 if not engine.model.has_interior or cfg.method != "partition" else \
-        cfg.shared_fraction + (1 - cfg.shared_fraction) / len(sources)
-
-    def batch_size(dial: torch.Tensor, mode: str, n: int) -> tuple[int, int]:
-        """(networks, rows) that n samples at this dial cost, as Engine._tokens runs them, counted in networks and
-        rows of the model's full width: a corner, mode gates or an ungated model is one network on n rows; mixture
-        draws a corner for each sample (at most n of the dial's k corners, n rows); switch, tokens and product run
-        all k corners for every sample (n x k rows of corner networks)."""
-        k = int((dial > 0).sum())
-        if not engine.gated or mode == "gates" or k == 1:
-            return 1, n
-        used = min(n, k) if mode == "mixture" else k
-        rows = n if mode == "mixture" else n * k
-        return math.ceil(used * corner_work - 1e-9), math.ceil(rows * (1 if mode == "mixture" else corner_work) - 1e-9)
-
-    def checked(req, tokens_field: str, n_new: int, n: int = 1) -> tuple[str, torch.Tensor, int]:
-        """The request's mode, dial and prompt length in tokens, after the engine's checks and the cost limits
-        (each failure names its field)."""
-        try:
-            req_mode = engine.mode(req.mode or default_mode)
-        except AbcgptError as e:
-            raise InputError("mode", str(e)) from None
-        if req.calibrated and not isinstance(req.dial, int | float):
-            raise InputError("calibrated", "needs a numeric dial (the share of the second source's style)")
-        try:
-            dial = engine.dial_tensor(req.dial, req.calibrated, req_mode)
-        except AbcgptError as e:
-            raise InputError("calibrated" if req.calibrated else "dial", str(e)) from None
-        if len(req.prompt) > max_prompt_chars:
-            raise InputError("prompt", f"prompt has {len(req.prompt)} characters; at most {max_prompt_chars}")
-        try:
-            n_prompt = len(engine.prompt_ids(req.prompt))
-        except AbcgptError as e:
-            raise InputError("prompt", str(e)) from None
-        if n_new > max_new_tokens:
-            raise InputError(tokens_field, f"{tokens_field} is {n_new}; at most {max_new_tokens}")
-        # what the batch costs, not only its counts: each dial position is a network run at every token, each row
-        # a sequence with its KV cache. The prompt is left out: it is cropped to the context and read in one pass.
-        positions, rows = batch_size(dial, req_mode, n)
-        if positions > max_dial_positions:
-            raise InputError("dial", f"in mode {req_mode} this dial runs the work of {positions} networks of the "
-                                     f"model's width at once (its corners); at most {max_dial_positions} per request "
-                                     f"(the server's max_dial_positions): give fewer sources weight, or "
-                                     f"{'lower n' if req_mode == 'mixture' else 'use mode mixture'}")
-        if n_new * rows > max_batch_tokens:
-            raise InputError(tokens_field, f"{tokens_field} x rows is {n_new} x {rows} = {n_new * rows} tokens; at "
-                                           f"most {max_batch_tokens} per request (the server's max_batch_tokens; "
-                                           f"rows: n x the corners mode {req_mode} runs for each)")
-        return req_mode, dial, n_prompt
-
-    def take_slot():
-        """Claim a generation slot (429 when none is free); returns its release, which is safe to call twice."""
-        if app.state.active >= max_concurrent:
-            raise InputError("", f"too many generations at once (at most {max_concurrent}); try again shortly",
-                             status=429)
-        app.state.active += 1
-        held = [True]
-
-        def release() -> None:
-            if held:
-                held.pop()
-                app.state.active -= 1
-
-        return release
-
-    async def pieces(request: Request, prompt: str, dial: torch.Tensor, mode: str, n_new: int, temperature: float,
-                     top_k: int, seed: int | None):
-        """Text pieces of one sequence as they are generated, until done or the client is gone."""
-        texts = engine.stream(prompt, dial, n_new, temperature, top_k, seed, mode=mode)
-        while True:
-            piece = await asyncio.to_thread(next, texts, None)  # the model runs off the event loop
-            if piece is None or await request.is_disconnected():
-                break
-            yield piece
-
-    def sse(obj) -> str:
-        return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
-
-    @app.get("/", include_in_schema=False)
-    async def page():
-        return FileResponse(STATIC / "index.html")
-
+                  description=f"A GPT with a dial over its training sources: {', '.join(engine.sources)}.")
+    app.state.engine, app.state.limits, app.state.mode = engine, limits, engine.mode(mode)
+    app.state.corner_work = corner_work(engine)
+    app.state.created = int((engine.path / "config.json").stat().st_mtime)  # /v1/models': when it was saved
+    app.state.active = 0  # generations running
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(InputError, input_error)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/api/info")
-    async def info():
-        cfg, model = engine.model.config, engine.model
-        cal = engine.calibration
-        return {"sources": sources, "calibrated": cal is not None and len(sources) == 2,
-                "calibration_mode": cal.get("mode", "gates") if cal else None,
-                "modes": list(MODES), "mode": default_mode,
-                "model": {"params": model.num_params(), "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                          "n_embd": cfg.n_embd, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
-                          "tokenizer": engine.tokenizer.kind, "recipe": engine.recipe.name,
-                          "step": engine.meta["step"], "gates": cfg.gates, "width": cfg.width},
-                "limits": {"max_new_tokens": max_new_tokens, "max_prompt_chars": max_prompt_chars,
-                           "max_concurrent": max_concurrent},
-                "sampling": SAMPLING.to_dict()}
-
-    @app.post("/api/generate")
-    async def api_generate(req: GenerateRequest, request: Request):
-        mode, dial, _ = checked(req, "max_new_tokens", req.max_new_tokens)
-        weights = dict(zip(sources, dial.tolist()))
-        release = take_slot()
-        stream = pieces(request, req.prompt, dial, mode, req.max_new_tokens, req.temperature, req.top_k, req.seed)
-        if not req.stream:
-            try:
-                text = "".join([p async for p in stream])
-            finally:
-                release()
-            return {"text": text, "dial": weights, "mode": mode, "prompt": req.prompt}
-
-        async def events():
-            text = []
-            async for p in stream:
-                text.append(p)
-                yield sse({"token": p})
-            yield sse({"done": True, "text": "".join(text), "dial": weights, "mode": mode})
-
-        return SlotStream(events(), release)
-
-    @app.post("/api/attribute")
-    async def api_attribute(req: AttributeRequest):
-        """Which source each token leans on: the posterior over sources after each token (Engine.attribute). It
-        costs one pass of every corner with weight over the text, what mode mixture pays to read a prompt of that
-        length, so the text is capped like a prompt; it takes a generation slot while it runs."""
-        if not engine.gated:
-            raise InputError("", "this model is ungated: it has no sources to attribute a text to")
-        if req.mode not in ATTRIBUTION_MODES:
-            raise InputError("mode", f"attribution's mode is mixture or switch, got {cut(req.mode)!r}")
-        try:
-            dial = engine.dial_tensor(req.dial, mode=req.mode)
-        except AbcgptError as e:
-            raise InputError("dial", str(e)) from None
-        if len(req.text) > max_prompt_chars:
-            raise InputError("text", f"text has {len(req.text)} characters; at most {max_prompt_chars}")
-        release = take_slot()
-        try:
-            attribution = await asyncio.to_thread(engine.attribute, req.text, dial, req.mode)
-        except AbcgptError as e:  # what is left to refuse is the text: empty, or characters the model does not know
-            raise InputError("text", str(e)) from None
-        finally:
-            release()
-        return attribution.to_dict()
-
-    @app.get("/v1/models")
-    async def models():
-        """OpenAI's model list (clients ask it first): the one model, under the name /v1/completions gives it."""
-        return {"object": "list", "data": [{"id": engine.recipe.name, "object": "model", "created": created,
-                                            "owned_by": "abcgpt"}]}
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        mode, dial, n_prompt = checked(req, "max_tokens", req.max_tokens, req.n)
-        if req.stream and req.n > 1:
-            raise InputError("n", "streaming returns one completion: n must be 1 with stream=true")
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model or engine.recipe.name}
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": req.max_tokens * req.n,
-                 "total_tokens": n_prompt + req.max_tokens * req.n}
-        release = take_slot()
-        if req.stream:
-            async def events():
-                async for p in pieces(request, req.prompt, dial, mode, req.max_tokens, req.temperature, req.top_k,
-                                      req.seed):
-                    yield sse(head | {"choices": [{"text": p, "index": 0, "logprobs": None, "finish_reason": None}]})
-                yield sse(head | {"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]})
-                yield sse("[DONE]")
-
-            return SlotStream(events(), release)
-        # n completions in one batch, in a thread that stops when the client goes away (a disconnect does not
-        # end this handler: it has to look)
-        stop = threading.Event()
-        work = asyncio.ensure_future(asyncio.to_thread(
-            engine.sweep, req.prompt, [dial], max_new_tokens=req.max_tokens, temperature=req.temperature,
-            top_k=req.top_k, seed=req.seed, n=req.n, mode=mode, stop=stop))
-        work.add_done_callback(lambda _: release())  # if this handler is cancelled: free when the thread is
-        try:
-            while not (await asyncio.wait([work], timeout=0.05))[0]:
-                if await request.is_disconnected():
-                    stop.set()
-        finally:
-            stop.set()  # if this handler is cancelled, the batch still ends within a token
-        release()  # now, not when the callback's turn comes: that can be after the answer is sent
-        rows = work.result()
-        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": "length"} for i, t in enumerate(rows[0])]
-        return head | {"choices": choices, "usage": usage}
-
+    app.include_router(router)
     return app
 
 
