@@ -264,10 +264,12 @@ MODES = ("mixture", "switch", "tokens", "product", "gates")
 
 
 def combine_next(logp: torch.Tensor, log_w: torch.Tensor, mode: str) -> torch.Tensor:
-    """(B, V) next-token log-probs of the dial from the corners' (B, K, V) log-probs and log-weights (B, K)."""
+    """(B, ..., V) next-token log-probs of the dial from the corners' (B, K, ..., V) log-probs and their log-weights
+    (B, K): a product of experts (product) or a mixture (the others); `...` is any number of positions."""
+    log_w = log_w.reshape(*log_w.shape, *[1] * (logp.dim() - log_w.dim()))
     if mode == "product":
-        return torch.log_softmax((log_w.exp()[..., None] * logp).sum(1), dim=-1)
-    return torch.logsumexp(log_w[..., None] + logp, dim=1)
+        return torch.log_softmax((log_w.exp() * logp).sum(1), dim=-1)
+    return torch.logsumexp(log_w + logp, dim=1)
 
 
 def update_weights(log_w: torch.Tensor, token_logp: torch.Tensor, mode: str, log_a: torch.Tensor,

@@ -583,12 +583,12 @@ class Engine:
                 out.append(_target_logprobs(self._at(d), x, y))
             elif mode == "gates":
                 out.append(_target_logprobs(self.model, x, y, d))
-            elif mode == "product":
-                acc = 0.0
-                for k in (d > 0).nonzero().flatten().tolist():
-                    logits, _ = self._at(corner(k, len(self.sources)))(x, targets=y)
-                    acc = acc + d[k] * torch.log_softmax(logits.float(), dim=-1)
-                out.append(torch.log_softmax(acc, dim=-1).gather(-1, y[..., None]).squeeze(-1))
+            elif mode == "product":  # the whole distributions, not only the targets' log-probs: renormalised
+                active = (d > 0).nonzero().flatten().tolist()
+                logp = torch.stack([torch.log_softmax(self._at(corner(k, len(self.sources)))(x, targets=y)[0].float(),
+                                                      dim=-1) for k in active], dim=1)
+                log_a = d[active].log()[None].expand(x.size(0), -1)
+                out.append(combine_next(logp, log_a, "product").gather(-1, y[..., None]).squeeze(-1))
             else:
                 if cached is None:
                     cached = self._corner_logprobs(x, y, range(len(self.sources)))
