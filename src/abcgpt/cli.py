@@ -211,9 +211,10 @@ def cmd_info(args) -> None:
     from abcgpt.engine import Engine
 
     ckpt = load_checkpoint(args.ckpt)
+    engine = Engine(ckpt)
     m, meta = ckpt.model.config, ckpt.meta
     heldout = (meta.get("metrics") or {}).get("heldout") or {}
-    cal = meta.get("calibration")
+    cal = engine.calibration
     lines = [
         f"checkpoint    {ckpt.path}",
         f"sources       {', '.join(ckpt.sources)}  (dial 0 = {ckpt.sources[0]}, 1 = {ckpt.sources[-1]})"
@@ -225,8 +226,8 @@ def cmd_info(args) -> None:
            f"number of sources"] if not ckpt.model.has_interior else []),
         f"tokenizer     {ckpt.tokenizer.kind}, vocabulary {ckpt.tokenizer.vocab_size}",
         f"recipe        {ckpt.recipe.name}, step {meta['step']} of {ckpt.recipe.train.steps}",
-        f"calibration   {'yes (mode ' + cal.get('mode', 'gates') + ')' if cal else 'no'}",
-        f"dial mode     {Engine(ckpt).default_mode} by default between corners (--mode to choose)",
+        f"calibration   {'yes (mode ' + cal['mode'] + ')' if cal else 'no'}",
+        f"dial mode     {engine.default_mode} by default between corners (--mode to choose)",
     ]
     if heldout:
         lines.append("held-out loss at the last evaluation (own corner): "

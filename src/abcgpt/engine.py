@@ -29,7 +29,7 @@ from numbers import Integral, Real
 import torch
 import torch.nn.functional as F
 
-from abcgpt.checkpoint import Checkpoint
+from abcgpt.checkpoint import Calibration, Checkpoint
 from abcgpt.common import AbcgptError, CoreShare, check_integer
 from abcgpt.dial import (
     MODES,
@@ -280,7 +280,9 @@ class Engine:
 
     @property
     def calibration(self) -> dict | None:
-        return self.meta.get("calibration")
+        """The stored calibration, with its schema's defaults filled in (one stored before modes: mode gates)."""
+        raw = self.meta.get("calibration")
+        return None if raw is None else Calibration.model_validate(raw).model_dump()
 
     def mode(self, mode: str | None) -> str:
         if mode is None:
@@ -311,8 +313,8 @@ class Engine:
             raise AbcgptError(f"{self.path} has no calibration: run `abcgpt calibrate --ckpt {self.path}` first")
         if len(self.sources) != 2:
             raise AbcgptError(f"calibrated needs two sources, this model has {len(self.sources)}")
-        if cal.get("mode", "gates") != mode:
-            raise AbcgptError(f"the stored calibration was measured in mode {cal.get('mode', 'gates')}, not {mode}: "
+        if cal["mode"] != mode:
+            raise AbcgptError(f"the stored calibration was measured in mode {cal['mode']}, not {mode}: "
                               f"use that mode, or run `abcgpt calibrate --ckpt {self.path} --mode {mode}`")
         if isinstance(spec, bool) or not isinstance(spec, Real | str):
             raise AbcgptError(f"calibrated takes a number in [0, 1] (the share of {self.sources[-1]}'s style), "

@@ -187,8 +187,8 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
         + (", judged by the joint baseline" if judge else ""))
     style = style_curve(engine, clf, mode, s, judge)
     calibrated = None
-    cal = ckpt.meta.get("calibration")
-    if cal is not None and cal.get("mode", "gates") == mode:
+    cal = engine.calibration
+    if cal is not None and cal["mode"] == mode:
         say("style curve through the stored calibration")
         calibrated = calibrated_curve(engine, clf, cal, style.edges[0].t, mode, s)
 
