@@ -168,6 +168,26 @@ def cmd_baselines(args) -> None:
     print("baselines: " + ", ".join(str(p) for p in paths))
 
 
+def cmd_forget(args) -> None:
+    from abcgpt.sources_edit import forget
+
+    out, notes = forget(Path(args.ckpt), args.source, Path(args.out), args.retrain_shared, args.set)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"{out}: the model without {args.source}" + (f", its shared units retrained for {args.retrain_shared} "
+                                                        "steps" if args.retrain_shared else ""))
+
+
+def cmd_add_source(args) -> None:
+    from abcgpt.sources import SourceSpec
+    from abcgpt.sources_edit import add_source
+
+    spec = SourceSpec(name=args.source, path=str(Path(args.path).expanduser().resolve()) if args.path else None,
+                      max_bytes=args.max_bytes, weight=args.weight)
+    out = add_source(Path(args.ckpt), spec, args.steps, Path(args.out), args.replace_unknown, args.set)
+    print(f"{out}: the model with {args.source} added (every other corner as it was)")
+
+
 def cmd_eval(args) -> None:
     from abcgpt.common import check_output, check_writable, declared, pick_device
     from abcgpt.report import Settings, build_report, report_files, write_report
@@ -425,6 +445,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("info", help="what a checkpoint is: sources, size, recipe, steps, losses, calibration")
     sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
     sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("forget", help="write a copy of a partition model without one source (its units removed, "
+                                       "every other corner as it was)")
+    sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    sp.add_argument("--source", required=True, help="the source to remove")
+    sp.add_argument("--out", required=True, help="new checkpoint folder (a run folder with --retrain-shared)")
+    sp.add_argument("--retrain-shared", type=int, default=0, metavar="STEPS",
+                    help="then train the shared units on the remaining sources for STEPS steps, every source's own "
+                         "units frozen (they learnt from the removed source too)")
+    sp.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
+                    help="a train key for --retrain-shared, e.g. --set train.threads=1 (repeatable)")
+    sp.set_defaults(func=cmd_forget)
+
+    sp = sub.add_parser("add-source", help='train a new source into a bank of corners (model.width = "corner"), '
+                                           "every existing parameter frozen")
+    sp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    sp.add_argument("--source", required=True, help="the new source's name: a built-in, or any name with --path")
+    sp.add_argument("--path", help="its text: a file, or a folder of .txt files")
+    sp.add_argument("--max-bytes", type=int, help="keep only the first N bytes of its training text")
+    sp.add_argument("--weight", type=float, default=1.0, help="its weight in later use of the recipe (default 1)")
+    sp.add_argument("--steps", type=int, required=True, help="optimizer steps on the new source")
+    sp.add_argument("--out", required=True, help="new run folder (rerun the same command to resume it)")
+    sp.add_argument("--replace-unknown", metavar="CHAR", help="a char tokenizer: write CHAR (one of its vocabulary) "
+                    "for the new source's characters it lacks (refused, naming them, without it)")
+    sp.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
+                    help="a train key, e.g. --set train.threads=1 or train.lr=1e-3 (repeatable)")
+    sp.set_defaults(func=cmd_add_source)
 
     sp = sub.add_parser("sources", help="list the built-in sources a recipe can name, and where each is found")
     sp.set_defaults(func=cmd_sources)

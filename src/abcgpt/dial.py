@@ -92,8 +92,9 @@ def partition_gate(dial: torch.Tensor, specialties: torch.Tensor, narrowness: fl
     """Partition gate values (B, U): the dial's weight u on each unit's sources, through the same tent.
     shared="middle" gates the units shared by all sources (m = the centroid) with the reference tent around
     the centroid instead: fully on at the even mix, exactly off at every corner, so corners stay pure."""
-    u = dial @ (specialties / specialties.max(dim=-1, keepdim=True).values).T
+    u = dial @ owned_share(specialties).T
     g = _shape(((1.0 - u) / narrowness).clamp(0.0, 1.0), shape)
+    g = torch.where(specialties.amax(dim=-1) > 0, g, 0.0)  # a retired unit is off at every dial, any narrowness
     if shared == "middle":
         n = specialties.size(-1)
         is_shared = specialties.min(dim=-1).values > 1.0 / n - 1e-6
@@ -102,6 +103,13 @@ def partition_gate(dial: torch.Tensor, specialties: torch.Tensor, narrowness: fl
         centre = _shape(t, shape)
         g = torch.where(is_shared, centre, g)
     return g
+
+
+def owned_share(m: torch.Tensor) -> torch.Tensor:
+    """m / max_k m_k: 1 for a unit's own source(s), else 0. A row of zeros is a retired unit, whose source
+    `abcgpt forget` removed (sources_edit.py): it stays 0, owned by no source, never on and never trained."""
+    top = m.max(dim=-1, keepdim=True).values
+    return m / torch.where(top > 0, top, 1.0)
 
 
 def apply_gate(x: torch.Tensor, g: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,7 +179,7 @@ class Partition:
         return partition_gate(dial, m, self.narrowness, self.shape, self.shared)
 
     def mask(self, m: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        return (m / m.max(dim=-1, keepdim=True).values)[:, source].T
+        return owned_share(m)[:, source].T
 
     def routing(self, gates: torch.Tensor, m: torch.Tensor, source: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:

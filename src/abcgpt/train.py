@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -116,9 +117,12 @@ def is_run(folder: Path) -> bool:
 
 class Trainer:
     """One run: its data, model, optimizer, batches and folder. `train` is the loop (nanoGPT's: lr, eval and
-    checkpoint, forward/backward, clip, step, log); `train_step`, `evaluate` and `save` are its parts."""
+    checkpoint, forward/backward, clip, step, log); `train_step`, `evaluate` and `save` are its parts.
+    `freeze(trainer)`, called once the model and optimizer are built (and restored), lets `abcgpt forget` /
+    `add-source` (sources_edit.py) train part of a model: it sets requires_grad, hooks and the batches."""
 
-    def __init__(self, recipe: Recipe, out: Path, resume: bool = False, progress: bool = True):
+    def __init__(self, recipe: Recipe, out: Path, resume: bool = False, progress: bool = True,
+                 freeze: Callable[["Trainer"], None] | None = None):
         t = recipe.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -132,6 +136,10 @@ class Trainer:
         if ckpt is None and ((out / "last").exists() or (out / "last.old").exists()):
             raise AbcgptError(f"{out} already holds a run: resume it with `abcgpt train --resume {out}`, "
                               "or choose another --out")
+        self.edits = ckpt.meta.get("edits") if ckpt is not None else None  # carried into every checkpoint
+        if self.edits and freeze is None:
+            raise AbcgptError(f"{out} was made by `abcgpt forget` or `abcgpt add-source`, which train only part of the "
+                              "model: rerun that command to resume it (nothing was changed)")
         if ckpt is not None and ckpt.meta["step"] > t.steps:
             raise AbcgptError(f"{out} is at step {ckpt.meta['step']}: train.steps = {t.steps} would go back; give "
                               f"at least {ckpt.meta['step']} (nothing was changed)")
@@ -171,6 +179,8 @@ class Trainer:
             state = (_restore_sharded(ckpt, self.model, self.optimizer) if self.fsdp
                      else restore_training_state(ckpt, self.optimizer))
             self.load_state_dict(state | {"step": ckpt.meta["step"]})
+        if freeze is not None:
+            freeze(self)
         # a bank's sources absent from a batch take no part in it
         self.ddp = (DDP(self.model, find_unused_parameters=not self.model.has_interior)
                     if self.world > 1 and not self.fsdp else None)
@@ -201,7 +211,7 @@ class Trainer:
                 (loss / t.grad_accum).backward()
         if t.absent_sources == "step":  # plain AdamW semantics: every parameter steps, absent sources with grad 0
             for p in self.model.parameters():
-                if p.grad is None:
+                if p.grad is None and p.requires_grad:  # (a frozen parameter never steps)
                     p.grad = torch.zeros_like(p)
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -225,7 +235,7 @@ class Trainer:
             model, optimizer = _gather_sharded(model, optimizer, self.cfg, self.t, self.master)
         if self.master:
             save_checkpoint(self.out / name, model, self.recipe, self.data.tokenizer, self.data.sources, self.step,
-                            metrics, optimizer, self.state_dict())
+                            metrics, optimizer, self.state_dict(), self.edits)
 
     def train(self) -> dict:
         t, out, data = self.t, self.out, self.data
