@@ -34,7 +34,7 @@ from abcgpt.config import load_recipe
 from abcgpt.data import load_data
 from abcgpt.dial import corner, uniform
 from abcgpt.engine import Engine
-from abcgpt.evaluate import dial_losses, heldout_loss
+from abcgpt.heldout import dial_losses, heldout_loss
 from abcgpt.train import train, train_baselines
 
 FORGET = "shakespeare"

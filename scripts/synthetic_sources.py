@@ -16,7 +16,7 @@ import numpy as np
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.config import load_recipe
 from abcgpt.data import prepared_data
-from abcgpt.evaluate import loss_table
+from abcgpt.heldout import loss_table
 from abcgpt.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

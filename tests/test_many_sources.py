@@ -12,7 +12,7 @@ from abcgpt.checkpoint import load_checkpoint
 from abcgpt.config import load_recipe
 from abcgpt.data import prepared_data
 from abcgpt.dial import draw_specialties, gate, sample_dials
-from abcgpt.evaluate import loss_table
+from abcgpt.heldout import loss_table
 from abcgpt.report import Settings, build_report, write_report
 from abcgpt.train import train
 

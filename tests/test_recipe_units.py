@@ -17,7 +17,7 @@ from abcgpt.common import AbcgptError
 from abcgpt.config import build_recipe, load_recipe
 from abcgpt.data import prepared_data
 from abcgpt.dial import corner
-from abcgpt.evaluate import heldout_loss
+from abcgpt.heldout import heldout_loss
 from abcgpt.model import GPTConfig, build_model
 from abcgpt.train import train
 

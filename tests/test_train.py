@@ -19,7 +19,7 @@ from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
 from abcgpt.data import Batcher, load_data, prepare, prepared_data
-from abcgpt.evaluate import heldout_loss
+from abcgpt.heldout import heldout_loss
 from abcgpt.model import build_model
 from abcgpt.train import train
 

@@ -17,7 +17,7 @@ from abcgpt.data import PreparedData
 from abcgpt.dial import corner, dial_path, even, uniform
 from abcgpt.dial_spec import format_dial
 from abcgpt.engine import MAX_NEW_TOKENS, MAX_ROWS, MAX_SEED, Engine
-from abcgpt.evaluate import batch_losses, dial_losses
+from abcgpt.heldout import batch_losses, dial_losses
 from abcgpt.model import GPT
 from abcgpt.neurons import band_response, firing_fractions, specialty_histogram
 from abcgpt.sampling import SAMPLING

@@ -43,7 +43,7 @@ from abcgpt.common import (
 )
 from abcgpt.config import Recipe
 from abcgpt.data import Batcher, alone_steps, prepared_data
-from abcgpt.evaluate import WIDE_TABLE, format_table, gates_loss_curve, loss_table, plot_gates_loss_curve
+from abcgpt.heldout import WIDE_TABLE, format_table, gates_loss_curve, loss_table, plot_gates_loss_curve
 from abcgpt.memory import require_memory, training_parts
 from abcgpt.model import build_model
 
