@@ -53,7 +53,16 @@ def _prepare(recipe: Recipe, out: Path, progress: bool) -> None:
         tok = train_tokenizer("char", {t.name: t.train + t.heldout for t in texts})
     else:  # BPE merges are learnt from training text only
         tok = train_tokenizer("bpe", {t.name: t.train for t in texts}, recipe.data.vocab_size)
-    with atomic_dir(out, "data", prepared_files, lock=False) as tmp:
+    write_prepared(out, recipe, tok, texts, progress, lock=False)
+    if progress:
+        print(f"prepared {out} in {time.time() - t0:.1f}s: {recipe.data.tokenizer} tokenizer, "
+              f"vocab {tok.vocab_size}")
+
+
+def write_prepared(out: Path, recipe: Recipe, tok: Tokenizer, texts: list, progress: bool, lock: bool = True,
+                   **extra) -> None:
+    """Every text's shards in tok, the tokenizer and the manifest (with `extra` keys), written as one folder."""
+    with atomic_dir(out, "data", prepared_files, lock=lock) as tmp:
         tok.save(tmp / "tokenizer.json")
         entries = []
         for t in texts:
@@ -67,17 +76,10 @@ def _prepare(recipe: Recipe, out: Path, progress: bool) -> None:
             if progress:
                 print(f"  {t.name}: {entry['train_tokens']:,} train / {entry['heldout_tokens']:,} held-out tokens"
                       f"  ({t.origin})")
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "key": data_key(recipe),
-            "dtype": np.dtype(token_dtype(tok.vocab_size)).name,
-            "vocab_size": tok.vocab_size,
-            "sources": entries,
-        }
+        manifest = {"version": MANIFEST_VERSION, "key": data_key(recipe),
+                    "dtype": np.dtype(token_dtype(tok.vocab_size)).name, "vocab_size": tok.vocab_size,
+                    "sources": entries} | extra
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if progress:
-        print(f"prepared {out} in {time.time() - t0:.1f}s: {recipe.data.tokenizer} tokenizer, "
-              f"vocab {tok.vocab_size}")
 
 
 def prepared_files(folder: Path) -> set[str] | None:

@@ -19,7 +19,6 @@ edited model, with a `freeze` hook that says what trains.
 """
 
 import dataclasses
-import json
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -30,9 +29,9 @@ import torch
 
 from abcgpt.bank import AXES, CornerBank
 from abcgpt.checkpoint import Checkpoint, load_checkpoint, read_meta, save_checkpoint
-from abcgpt.common import AbcgptError, atomic_dir, declared, existing_dir, output_lock, run_lock
+from abcgpt.common import AbcgptError, declared, existing_dir, output_lock, run_lock
 from abcgpt.config import Recipe, parse_override, validate
-from abcgpt.data import MANIFEST_VERSION, data_key, load_data, prepared_files, stale_reason, token_dtype
+from abcgpt.data import load_data, stale_reason, write_prepared
 from abcgpt.model import GPT, build_model
 from abcgpt.sources import SourceSpec, load_source
 from abcgpt.tokenizer import Tokenizer
@@ -206,20 +205,7 @@ def edited_data(recipe: Recipe, tokenizer: Tokenizer, replace: str | None = None
             table = str.maketrans({c: replace for c in unknown})
             t.train, t.heldout = t.train.translate(table), t.heldout.translate(table)
             t.origin += f" ({sum(unknown.values()):,} characters outside the vocabulary written as {replace!r})"
-    with atomic_dir(recipe.data_dir, "data", prepared_files) as tmp:
-        tokenizer.save(tmp / "tokenizer.json")
-        entries = []
-        for t in texts:
-            entry = {"name": t.name, "origin": t.origin, "sha256": t.sha256}
-            for split in ("train", "heldout"):
-                ids = tokenizer.encode_array(getattr(t, split))
-                ids.tofile(tmp / f"{t.name}.{split}.bin")
-                entry[f"{split}_tokens"], entry[f"{split}_chars"] = int(ids.size), len(getattr(t, split))
-            entries.append(entry)
-        manifest = {"version": MANIFEST_VERSION, "key": data_key(recipe),
-                    "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name, "vocab_size": tokenizer.vocab_size,
-                    "sources": entries, "replace_unknown": replace}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_prepared(recipe.data_dir, recipe, tokenizer, texts, progress, replace_unknown=replace)
     if progress:
         print(f"prepared {recipe.data_dir} in the checkpoint's tokenizer")
     return recipe.data_dir
