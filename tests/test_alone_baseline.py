@@ -135,3 +135,19 @@ def test_alone_falls_back_to_never_saw_the_other_for_two_sources():
     assert (own["omega"].alone, own["omega"].alone_kind) == (1.9, ALONE_NEVER)
     assert own["omega"].vs_alone == pytest.approx(0.1)
     assert corner_losses(losses, pos, {"joint": base["joint"]}).own["alpha"].alone is None
+
+
+def test_only_some_baselines_are_trained(tmp_path, capsys):
+    """baselines --only: the runs matching its shell patterns and no other (a 100-source recipe rarely wants every
+    without_<s>); a pattern that matches none is one line naming the runs there are."""
+    from abcgpt.cli import main
+
+    recipe = write_recipe(tmp_path)
+    paths = train_baselines(load_recipe(str(recipe), ["train.steps=2", "train.eval_every=2"]), tmp_path / "b",
+                            progress=False, only=["joint", "alone_*"])
+    assert sorted(p.name for p in paths) == ["alone_alpha", "alone_omega", "joint"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.is_dir()) == ["alone_alpha", "alone_omega", "joint"]
+    assert main(["baselines", "--config", str(recipe), "--out", str(tmp_path / "c"), "--only", "nothing*"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("abcgpt: error: --only nothing* matches no baseline; the runs are joint, without_<source> and "
+                   "alone_<source>") and not (tmp_path / "c").exists()
