@@ -268,14 +268,35 @@ def dial_path(n_sources: int, ts: list[float], start: int = 0, end: int | None =
 #   product  a product of experts (logit interpolation): p proportional to prod_k p_k ** a_k.
 #   gates    the network's own gates at the dial (model.unit_gates), folded into one ordinary network (SubNetwork).
 
-MODES = ("mixture", "switch", "tokens", "product", "gates")
+@dataclass(frozen=True)
+class Mode:
+    """What one mode does, as the engine, the server and the memory estimate ask it: adding a mode is adding an
+    entry to MODE (and, for a new way to combine distributions, a branch in combine_next)."""
+    name: str
+    folds_gates: bool = False  # the network's own gates at the dial: one ordinary network (gates)
+    draws_corner: bool = False  # each sample one corner's network, drawn from the posterior (mixture)
+    posterior: bool = False  # the corners' weights follow the text by Bayes' rule (mixture, switch)
+    restarts: bool = False  # ... restarted from the dial after each line or sentence end (switch)
+    hands_over: bool = False  # one corner writes each sentence, the next to the one below its share (switch)
+    product: bool = False  # a product of experts, not a mixture (product)
+
+    @property
+    def runs_every_corner(self) -> bool:
+        """Every corner with weight runs at every token (switch, tokens, product)."""
+        return not (self.folds_gates or self.draws_corner)
+
+
+MODE = {m.name: m for m in (Mode("mixture", draws_corner=True, posterior=True),
+                            Mode("switch", posterior=True, restarts=True, hands_over=True),
+                            Mode("tokens"), Mode("product", product=True), Mode("gates", folds_gates=True))}
+MODES = tuple(MODE)
 
 
 def combine_next(logp: torch.Tensor, log_w: torch.Tensor, mode: str) -> torch.Tensor:
     """(B, ..., V) next-token log-probs of the dial from the corners' (B, K, ..., V) log-probs and their log-weights
     (B, K): a product of experts (product) or a mixture (the others); `...` is any number of positions."""
     log_w = log_w.reshape(*log_w.shape, *[1] * (logp.dim() - log_w.dim()))
-    if mode == "product":
+    if MODE[mode].product:
         return torch.log_softmax((log_w.exp() * logp).sum(1), dim=-1)
     return torch.logsumexp(log_w + logp, dim=1)
 
@@ -285,11 +306,11 @@ def update_weights(log_w: torch.Tensor, token_logp: torch.Tensor, mode: str, log
     """Log-weights (B, K) for the next token, given each corner's log-prob (B, K) of the token just seen:
     Bayes' rule for mixture and switch (switch restarts from the dial after a boundary token), the dial itself
     for tokens and product."""
-    if mode not in ("mixture", "switch"):
+    if not MODE[mode].posterior:
         return log_w
     joint = log_w + token_logp
     log_w = joint - torch.logsumexp(joint, dim=1, keepdim=True)
-    if mode == "switch" and boundary is not None:
+    if MODE[mode].restarts and boundary is not None:
         log_w = torch.where(boundary[:, None], log_a, log_w)
     return log_w
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from abcgpt.checkpoint import Calibration, Checkpoint
 from abcgpt.common import AbcgptError, CoreShare, check_integer
 from abcgpt.dial import (
+    MODE,
     MODES,
     combine_next,
     combine_scores,
@@ -51,7 +52,7 @@ BOUNDARY_CHARS = ".!?"  # a token ending in one of these (or holding a line brea
 MAX_ROWS = 1024  # sequences in one call (dial positions x n): each holds a KV cache of its own
 MAX_NEW_TOKENS = 100_000
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; JSON clients and numpy agree on int64
-ATTRIBUTION_MODES = ("mixture", "switch")  # the modes whose corner weights are a posterior over sources
+ATTRIBUTION_MODES = tuple(m for m in MODES if MODE[m].posterior)  # corner weights that are a posterior over sources
 SCORE_ELEMENTS = 2**24  # windows x tokens x vocabulary scored in one forward when attributing (64 MB of logits)
 
 
@@ -305,7 +306,7 @@ class Engine:
             d, note = parse_dial(spec, self.sources)
             if note and notes is not None:
                 notes.append(note)
-            if self.gated and not self.model.has_interior and mode == "gates" and int((d > 0).sum()) > 1:
+            if self.gated and not self.model.has_interior and MODE[mode].folds_gates and int((d > 0).sum()) > 1:
                 self.model.corners_of(d)  # a bank of corners: its one-line refusal, before any work
             return d
         cal = self.calibration
@@ -355,7 +356,7 @@ class Engine:
         Between corners the other modes combine several corner networks at every token: no single one does."""
         mode = self.mode(mode)
         dial = self.dial_tensor(dial, mode=mode)
-        if mode == "gates" or not self.gated or int((dial > 0).sum()) == 1:
+        if MODE[mode].folds_gates or not self.gated or int((dial > 0).sum()) == 1:
             return self._at(dial)
         shown = ",".join(f"{s}={w:.3g}" for s, w in zip(self.sources, dial.tolist()) if w > 0)
         raise AbcgptError(f"dial {shown} in mode {mode} combines {int((dial > 0).sum())} corner networks at "
@@ -479,9 +480,9 @@ class Engine:
 
         noise = CommonNoise(gen, group)
         corners_only = bool(((dials > 0).sum(dim=1) == 1).all())
-        if not self.gated or mode == "gates" or corners_only:  # one network per row: every mode agrees at a corner
+        if not self.gated or MODE[mode].folds_gates or corners_only:  # one network a row: all modes agree at a corner
             return self._decode_rows(ids, dials, max_new_tokens, temperature, top_k, noise, use_cache)
-        if mode == "mixture":
+        if MODE[mode].draws_corner:
             log_w = self._prompt_log_weights(ids, dials, mode)
             ks = systematic_draw(log_w[::group].exp(), group, noise.u.expand(ids.size(0) // group))
             ks = ks[:, noise.order].flatten()  # so no sample's place in the batch fixes its corner
@@ -524,7 +525,7 @@ class Engine:
         def step(logits):
             logp = torch.log_softmax(logits, dim=-1).view(B, K, -1)
             g = noise.gumbel(B, logp.size(-1))
-            if mode != "switch":
+            if not MODE[mode].hands_over:
                 t = sample_next(combine_next(logp, log_w, mode), temperature, top_k, g)
                 return t, t.repeat_interleave(K)
             writer = state["writer"]
@@ -540,11 +541,11 @@ class Engine:
         """(B, N) log-weights of the corners after reading the prompt: the posterior for mixture and switch (switch
         restarts at each boundary), the dial itself for tokens and product."""
         log_a = dials.log()
-        if mode not in ("mixture", "switch") or ids.size(1) < 2:
+        if not MODE[mode].posterior or ids.size(1) < 2:
             return log_a
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
         lp = self._corner_logprobs(x, y, range(dials.size(1)))
-        boundary = self._boundaries()[y] if mode == "switch" else None
+        boundary = self._boundaries()[y] if MODE[mode].restarts else None
         return log_weights_path(lp, log_a, mode, boundary)[:, -1]
 
     # ------------------------------------------------------------------ scoring
@@ -583,9 +584,9 @@ class Engine:
             d = d.to(self.device)
             if not self.gated or int((d > 0).sum()) == 1:
                 out.append(_target_logprobs(self._at(d), x, y))
-            elif mode == "gates":
+            elif MODE[mode].folds_gates:
                 out.append(_target_logprobs(self.model, x, y, d))
-            elif mode == "product":  # the whole distributions, not only the targets' log-probs: renormalised
+            elif MODE[mode].product:  # the whole distributions, not only the targets' log-probs: renormalised
                 active = (d > 0).nonzero().flatten().tolist()
                 logp = torch.stack([torch.log_softmax(self._at(corner(k, len(self.sources)))(x, targets=y)[0].float(),
                                                       dim=-1) for k in active], dim=1)
@@ -596,7 +597,7 @@ class Engine:
                     cached = self._corner_logprobs(x, y, range(len(self.sources)))
                 active = (d > 0).nonzero().flatten()
                 log_a = d[active].log()[None].expand(x.size(0), -1)
-                boundary = self._boundaries()[y] if mode == "switch" else None
+                boundary = self._boundaries()[y] if MODE[mode].restarts else None
                 out.append(combine_scores(cached[:, active], log_a, mode, boundary))
         return out
 
@@ -667,7 +668,7 @@ class Engine:
             lp = self._windowed_corner_logprobs(ids, active)
             log_a = d[active].log().expand(ids.size(0), -1)
             for mode, out in zip(modes, outs):
-                boundary = self._boundaries()[ids[:, 1:]] if mode == "switch" else None
+                boundary = self._boundaries()[ids[:, 1:]] if MODE[mode].restarts else None
                 out[:, 1:, active] = log_weights_path(lp, log_a, mode, boundary).exp()
         return outs
 

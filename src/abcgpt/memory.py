@@ -22,6 +22,7 @@ import torch
 
 from abcgpt.bank import Piece, corner_config, shared_counts
 from abcgpt.common import AbcgptError
+from abcgpt.dial import MODE
 from abcgpt.model import GPT, GPTConfig
 
 # measured (benchmarks/memory_estimate.py): the process's peak RSS over the activations autograd saves, which
@@ -195,13 +196,13 @@ def generation_parts(config: GPTConfig, rows: int, prompt_len: int, max_new_toke
     if dials is not None and config.gates == "abc":
         active = int((dials > 0).any(dim=0).sum())
         at_corners = bool(((dials > 0).sum(dim=1) == 1).all())
-        if at_corners or mode != "gates":  # every row runs one corner, or every active corner
+        if at_corners or not MODE[mode].folds_gates:  # every row runs one corner, or every active corner
             widths = corner_widths(config)
-            combined = not at_corners and mode in ("switch", "tokens", "product")
+            combined = not at_corners and MODE[mode].runs_every_corner
             rows_run = rows * active if combined else rows
             networks = (int(torch.unique(dials, dim=0).size(0)) if at_corners
                         else active if combined else min(active, rows))  # mixture: one corner per row
-            score = not at_corners and mode in ("mixture", "switch")  # the prompt scored at every corner
+            score = not at_corners and MODE[mode].posterior  # the prompt scored at every corner
         else:  # gates mode between corners: each distinct dial's network at full width
             networks = int(torch.unique(dials, dim=0).size(0))
     c, a, u, ln = widths

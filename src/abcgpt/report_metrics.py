@@ -14,7 +14,7 @@ from pydantic import Field
 from abcgpt.checkpoint import Checkpoint
 from abcgpt.common import DECLARED
 from abcgpt.data import PreparedData
-from abcgpt.dial import corner, dial_path, even, uniform
+from abcgpt.dial import MODE, corner, dial_path, even, uniform
 from abcgpt.dial_spec import format_dial
 from abcgpt.engine import MAX_NEW_TOKENS, MAX_ROWS, MAX_SEED, Engine
 from abcgpt.heldout import batch_losses, dial_losses
@@ -462,7 +462,7 @@ class AttributedSample:
 
 def attributed_samples(engine: Engine, style: StyleCurve, mode: str, prompt: str) -> list[AttributedSample]:
     """The first edge's samples at its ends and its middle, attributed (a few, to look at, not to measure)."""
-    e, how = style.edges[0], "switch" if mode == "switch" else "mixture"
+    e, how = style.edges[0], mode if MODE[mode].posterior else "mixture"  # a posterior mode's own, else mixture's
     out = []
     for i in sorted({0, len(e.t) // 2, len(e.t) - 1}):
         a = engine.attribute(prompt + e.example[i], "uniform", how)

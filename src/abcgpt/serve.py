@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.common import AbcgptError, check_integer
-from abcgpt.dial import MODES
+from abcgpt.dial import MODE, MODES
 from abcgpt.engine import ATTRIBUTION_MODES, MAX_NEW_TOKENS, MAX_SEED, Engine
 from abcgpt.sampling import SAMPLING
 
@@ -233,12 +233,12 @@ def batch_cost(state, dial: torch.Tensor, mode: str, n: int) -> tuple[int, int]:
     corner for each sample (at most n of the dial's k corners, n rows); switch, tokens and product run all k corners
     for every sample (n x k rows of corner networks)."""
     k = int((dial > 0).sum())
-    if not state.engine.gated or mode == "gates" or k == 1:
+    m = MODE[mode]
+    if not state.engine.gated or m.folds_gates or k == 1:
         return 1, n
-    used = min(n, k) if mode == "mixture" else k
-    rows = n if mode == "mixture" else n * k
+    used, rows = (min(n, k), n) if m.draws_corner else (k, n * k)
     work = state.corner_work
-    return math.ceil(used * work - 1e-9), math.ceil(rows * (1 if mode == "mixture" else work) - 1e-9)
+    return math.ceil(used * work - 1e-9), math.ceil(rows * (1 if m.draws_corner else work) - 1e-9)
 
 
 def check_request(state, req, tokens_field: str, n_new: int, n: int = 1) -> tuple[str, torch.Tensor, int]:
@@ -270,7 +270,7 @@ def check_request(state, req, tokens_field: str, n_new: int, n: int = 1) -> tupl
         raise InputError("dial", f"in mode {mode} this dial runs the work of {networks} networks of the model's "
                                  f"width at once (its corners); at most {lim.max_dial_positions} per request (the "
                                  f"server's max_dial_positions): give fewer sources weight, or "
-                                 f"{'lower n' if mode == 'mixture' else 'use mode mixture'}")
+                                 f"{'lower n' if MODE[mode].draws_corner else 'use mode mixture'}")
     if n_new * rows > lim.max_batch_tokens:
         raise InputError(tokens_field, f"{tokens_field} x rows is {n_new} x {rows} = {n_new * rows} tokens; at most "
                                        f"{lim.max_batch_tokens} per request (the server's max_batch_tokens; rows: n x "
