@@ -12,7 +12,7 @@ import socket
 import anyio
 import httpx
 import pytest
-from conftest import live_server, write_recipe
+from conftest import live_server, train_synthetic, write_recipe
 from fastapi.testclient import TestClient
 
 from abcgpt.common import AbcgptError
@@ -28,9 +28,7 @@ JSON = {"content-type": "application/json"}
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("limits")
-    train(load_recipe(str(write_recipe(tmp)), ["train.steps=30"]), tmp / "run", progress=False)
-    return tmp / "run"
+    return train_synthetic(tmp_path_factory.mktemp("limits"), "train.steps=30")
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +259,19 @@ def test_the_banner_and_errors_bracket_an_ipv6_host(run, tmp_path, monkeypatch, 
     serve(run, host="::1", port=0, max_new_tokens=MAX_NEW)
     banner = capsys.readouterr().out
     assert "at http://[::1]:" in banner and "note:" not in banner, banner
+
+
+def test_a_batch_that_cannot_fit_is_a_422_before_any_byte(app, client, monkeypatch):
+    """The engine's memory check refuses a generation before its first token; the server says so as a 422 naming
+    the tokens field (it was a 500, or a stream cut off without a word), and gives the slot back."""
+    def refuse(*args, **kwargs):
+        raise AbcgptError("generation needs about 9 TB but this machine has 1 GB free")
+
+    monkeypatch.setattr("abcgpt.engine.require_memory", refuse)
+    for path, body, field in [("/api/generate", {"stream": True}, "max_new_tokens"),
+                              ("/api/generate", {"stream": False}, "max_new_tokens"),
+                              ("/v1/completions", {"stream": True}, "max_tokens"),
+                              ("/v1/completions", {"n": 2}, "max_tokens")]:
+        r = client.post(path, json=body | {"dial": 0.5, field: 5})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field], (path, r.text[:200])
+        assert "9 TB" in r.json()["detail"][0]["msg"] and app.state.active == 0

@@ -295,10 +295,21 @@ def take_slot(state) -> Callable[[], None]:
     return release
 
 
-async def pieces(request: Request, prompt: str, dial: torch.Tensor, mode: str, n_new: int, temperature: float,
-                 top_k: int, seed: int | None):
+async def start_stream(state, release: Callable[[], None], tokens_field: str, prompt: str, dial: torch.Tensor,
+                       mode: str, n_new: int, temperature: float, top_k: int, seed: int | None):
+    """The engine's stream of one sequence, set up off the event loop (the prompt read at every corner, the memory
+    estimate, the threads fitted); a refusal there (the batch cannot fit) is a 422 naming tokens_field, before any
+    byte is sent, and gives the slot back."""
+    try:
+        return await asyncio.to_thread(state.engine.stream, prompt, dial, n_new, temperature, top_k, seed,
+                                       mode=mode)
+    except AbcgptError as e:
+        release()
+        raise InputError(tokens_field, str(e)) from None
+
+
+async def pieces(request: Request, texts):
     """Text pieces of one sequence as they are generated, until done or the client is gone."""
-    texts = request.app.state.engine.stream(prompt, dial, n_new, temperature, top_k, seed, mode=mode)
     while True:
         piece = await asyncio.to_thread(next, texts, None)  # the model runs off the event loop
         if piece is None or await request.is_disconnected():
@@ -353,7 +364,9 @@ async def api_generate(req: GenerateRequest, request: Request):
     mode, dial, _ = check_request(state, req, "max_new_tokens", req.max_new_tokens)
     weights = dict(zip(state.engine.sources, dial.tolist()))
     release = take_slot(state)
-    stream = pieces(request, req.prompt, dial, mode, req.max_new_tokens, req.temperature, req.top_k, req.seed)
+    texts = await start_stream(state, release, "max_new_tokens", req.prompt, dial, mode, req.max_new_tokens,
+                               req.temperature, req.top_k, req.seed)
+    stream = pieces(request, texts)
     if not req.stream:
         try:
             text = "".join([p async for p in stream])
@@ -418,9 +431,11 @@ async def completions(req: CompletionRequest, request: Request):
              "total_tokens": n_prompt + req.max_tokens * req.n}
     release = take_slot(state)
     if req.stream:
+        texts = await start_stream(state, release, "max_tokens", req.prompt, dial, mode, req.max_tokens,
+                                   req.temperature, req.top_k, req.seed)
+
         async def events():
-            async for p in pieces(request, req.prompt, dial, mode, req.max_tokens, req.temperature, req.top_k,
-                                  req.seed):
+            async for p in pieces(request, texts):
                 yield sse(head | {"choices": [{"text": p, "index": 0, "logprobs": None, "finish_reason": None}]})
             yield sse(head | {"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}]})
             yield sse("[DONE]")
@@ -447,7 +462,10 @@ async def whole_batch(request: Request, release: Callable[[], None], prompt: str
     finally:
         stop.set()  # if this handler is cancelled, the batch still ends within a token
     release()  # now, not when the callback's turn comes: that can be after the answer is sent
-    return work.result()[0]
+    try:
+        return work.result()[0]
+    except AbcgptError as e:  # refused before its first token (the batch cannot fit)
+        raise InputError("max_tokens", str(e)) from None
 
 
 def create_app(ckpt_path: Path, device: str | torch.device = "cpu", max_concurrent: int = 2,
