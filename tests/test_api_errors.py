@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import train_synthetic
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -17,18 +17,13 @@ import abcgpt
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.cli import main
 from abcgpt.common import AbcgptError
-from abcgpt.config import load_recipe
 from abcgpt.engine import Engine
-from abcgpt.train import train
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A tiny trained run (two synthetic sources: 'alpha' over a-g, 'omega' over t-z)."""
-    tmp = tmp_path_factory.mktemp("api_errors")
-    train(load_recipe(str(write_recipe(tmp)), ["train.steps=10", "train.eval_every=10"]), tmp / "run",
-          progress=False)
-    return tmp / "run"
+    return train_synthetic(tmp_path_factory.mktemp("api_errors"), "train.steps=10", "train.eval_every=10")
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import train_synthetic
 from fastapi.testclient import TestClient
 
 import abcgpt
 from abcgpt.checkpoint import load_checkpoint
 from abcgpt.cli import main
 from abcgpt.common import AbcgptError
-from abcgpt.config import load_recipe
 from abcgpt.dial import (
     MODES,
     combine_next,
@@ -30,7 +29,6 @@ from abcgpt.engine import Engine
 from abcgpt.model import SubNetwork
 from abcgpt.serve import create_app
 from abcgpt.tokenizer import CharTokenizer
-from abcgpt.train import train
 
 ALPHA, OMEGA = set("abcdefg"), set("tuvwxyz")
 PROMPT = "fed cab\ntu"  # both alphabets and a line break (a boundary for switch)
@@ -41,10 +39,7 @@ TEXT = "abc fed\ntux wyz"  # 15 characters: 14 predictions, within block_size 16
 def run(tmp_path_factory) -> Path:
     # 250 steps: enough for each corner to write its own alphabet at low temperature (at 150 that hung on the
     # batches drawn: one draw of windows left a corner not there yet)
-    tmp = tmp_path_factory.mktemp("engine")
-    train(load_recipe(str(write_recipe(tmp)), ["train.steps=250", "train.eval_every=250"]), tmp / "run",
-          progress=False)
-    return tmp / "run"
+    return train_synthetic(tmp_path_factory.mktemp("engine"), "train.steps=250", "train.eval_every=250")
 
 
 @pytest.fixture(scope="module")

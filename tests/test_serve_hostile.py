@@ -10,14 +10,12 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import write_recipe
+from conftest import train_synthetic
 from fastapi.testclient import TestClient
 
 from abcgpt.common import AbcgptError
-from abcgpt.config import load_recipe
 from abcgpt.engine import MAX_NEW_TOKENS, MAX_SEED, Engine
 from abcgpt.serve import CompletionRequest, GenerateRequest, create_app, serve
-from abcgpt.train import train
 
 NON_FINITE = ["NaN", "Infinity", "-Infinity"]
 GENERATE = {"stream": False, "max_new_tokens": 3}
@@ -26,9 +24,7 @@ COMPLETIONS = {"max_tokens": 3}
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hostile")
-    train(load_recipe(str(write_recipe(tmp)), ["train.steps=30"]), tmp / "run", progress=False)
-    return tmp / "run"
+    return train_synthetic(tmp_path_factory.mktemp("hostile"), "train.steps=30")
 
 
 @pytest.fixture(scope="module")

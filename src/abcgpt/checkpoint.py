@@ -258,9 +258,8 @@ def checkpoint_files(folder: Path) -> set[str] | None:
 
 def read_meta(path: Path) -> dict:
     """path/config.json, checked against Meta."""
-    inside(path, "config.json")
     try:
-        meta = json.loads((path / "config.json").read_text())
+        meta = json.loads(inside(path, "config.json").read_text())
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep, an integer of 5000 digits
         raise AbcgptError(f"{path}/config.json is corrupted: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

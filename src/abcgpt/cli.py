@@ -61,6 +61,7 @@ def cmd_sample(args) -> None:
     from abcgpt.common import AbcgptError, pick_device
     from abcgpt.dial_spec import format_dial
     from abcgpt.engine import Engine
+    from abcgpt.heldout import WIDE_TABLE
 
     specs = args.sweep.split(",") if args.sweep is not None else [args.dial]
     if not all(spec.strip() for spec in specs):
@@ -76,7 +77,7 @@ def cmd_sample(args) -> None:
     if args.n == 1 and not (args.sweep or args.json):  # one sample: stream it to the terminal
         pieces = engine.stream(args.prompt, dials[0], **kw)  # every argument checked here, before the header
         weights = ", ".join(f"{s} {w:.2f}" for s, w in zip(sources, dials[0].tolist())
-                            if w > 0 or len(sources) <= 8)  # (with many sources, the ones in the mix)
+                            if w > 0 or len(sources) <= WIDE_TABLE)  # (with many sources, the ones in the mix)
         print(f"--- dial {format_dial(dials[0], sources)} ({weights}), mode {mode}")
         sys.stdout.write(args.prompt)
         for piece in pieces:

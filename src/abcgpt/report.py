@@ -5,6 +5,7 @@ report_metrics.py into one Report; report_render.py renders it; write_report wri
 `quick=True` runs the same code with fewer batches, points and samples, for tests."""
 
 import copy
+import functools
 import json
 import time
 from pathlib import Path
@@ -52,8 +53,13 @@ ORIGINAL = {
 def is_original(recipe: Recipe) -> bool:
     """A run of the original implementation's setting, which ORIGINAL's numbers were measured at: its method and
     its data (the sources, their text and order, the tokenizer), whatever the recipe file is called."""
+    return (recipe.model.method, data_key(recipe)) == _original_setting()
+
+
+@functools.cache
+def _original_setting() -> tuple[str, dict]:
     original = load_recipe("original")
-    return recipe.model.method == original.model.method and data_key(recipe) == data_key(original)
+    return original.model.method, data_key(original)
 
 
 # ----------------------------------------------------------------------------- what the report measures

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from abcgpt.heldout import WIDE_TABLE
 from abcgpt.neurons import plot_neuron_view
 from abcgpt.report_metrics import ALONE_EQUAL, ALONE_NEVER, Report
 
@@ -212,10 +213,10 @@ def to_markdown(r: Report) -> str:
               "Regret at a dial a = sum_s a_s (L(a, s) − L(corner s, s)): how much worse the dial predicts the text it "
               f"asks for than the corners do ({rg.tokens_per_point:,} held-out tokens per position).", "",
               "| dial | " + " | ".join(sources) + " | regret |", "|---" * (len(sources) + 2) + "|"]
-    if len(sources) > 8:  # a column per source is unreadable: the weights that are not 0, by name
+    if len(sources) > WIDE_TABLE:  # a column per source is unreadable: the weights that are not 0, by name
         lines[-2:] = ["| dial | weights | regret |", "|---|---|---|"]
     for pos in rg.positions:
-        weights = (" | ".join(f"{w:.2f}" for w in pos.weights) if len(sources) <= 8 else
+        weights = (" | ".join(f"{w:.2f}" for w in pos.weights) if len(sources) <= WIDE_TABLE else
                    ", ".join(f"{s} {w:.2f}" for s, w in zip(sources, pos.weights) if w > 0))
         lines.append(f"| {pos.dial} | {weights} | {pos.regret:+.3f} |")
     st = r.style

@@ -174,25 +174,27 @@ def morph_error(ts: Sequence[float], styles: Sequence[Sequence[float]]) -> list[
     if t.ndim != 1 or len(t) < 2 or len(t) != len(styles):
         raise AbcgptError(f"morph error needs >= 2 positions and one list of styles per position, got {len(t)} "
                           f"positions and {len(styles)} lists")
+    scaled = on_corner_scale(styles)
+    if scaled is None:
+        return None
+    return [float(np.abs(x - ti).mean()) if x.size else None for ti, x in zip(t, scaled)]
+
+
+def on_corner_scale(styles: Sequence[Sequence[float]]) -> list[np.ndarray] | None:
+    """Each position's sample styles on the corners' scale (0 = the first position's mean style, 1 = the last's),
+    clipped to [0, 1]; None when a corner has no sample or the two corners read the same."""
     lo, hi = corner_scale(styles)
     if lo is None or hi is None or abs(hi - lo) < 1e-12:
         return None
-    out = []
-    for ti, x in zip(t, styles):
-        x = np.asarray(x, dtype=float)
-        out.append(float(np.abs(np.clip((x - lo) / (hi - lo), 0.0, 1.0) - ti).mean()) if x.size else None)
-    return out
+    return [np.clip((np.asarray(x, dtype=float) - lo) / (hi - lo), 0.0, 1.0) for x in styles]
 
 
 def mean_style(styles: Sequence[Sequence[float]]) -> list[float | None] | None:
     """Per position of an edge, the mean of its samples' styles on the corners' scale, clipped as morph_error clips
     them: the raw calibration of a mode (the diagonal is mean style = t). The morph error at t is at least
     |mean style - t|; the rest is the samples' spread. None where morph_error is undefined."""
-    lo, hi = corner_scale(styles)
-    if lo is None or hi is None or abs(hi - lo) < 1e-12:
-        return None
-    return [float(np.clip((np.asarray(x, dtype=float) - lo) / (hi - lo), 0.0, 1.0).mean()) if len(x) else None
-            for x in styles]
+    scaled = on_corner_scale(styles)
+    return None if scaled is None else [float(x.mean()) if x.size else None for x in scaled]
 
 
 def coin_flip_morph(ts: Sequence[float]) -> list[float]:

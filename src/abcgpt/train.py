@@ -240,7 +240,7 @@ class Trainer:
     def train(self) -> dict:
         t, out, data = self.t, self.out, self.data
         if self.master:  # a fresh start drops what a run killed before its first checkpoint logged
-            _truncate_log(out / "metrics.jsonl", self.step if self.step else -1)
+            _truncate_log(out / "metrics.jsonl", self.step or -1)
             atomic_write_text(out / "recipe.json", json.dumps(self.recipe.to_dict(), indent=2))
         if self.step >= t.steps:
             print(f"{out} is already at step {self.step} of {t.steps}: nothing to do (raise it with --steps)")
@@ -313,11 +313,13 @@ class Trainer:
         table = self.table or loss_table(model, data, t.batch_size, t.eval_batches, self.autocast)
         # the loss across the dial: none for an ungated baseline (it has no dial), nor for a bank of corners (no
         # network between them: `abcgpt eval` mixes them)
+        curve_png = None
         if model.has_interior and model.config.gates == "abc":
             curve = gates_loss_curve(model, data, t.batch_size, max(1, t.eval_batches // 2),
                                      autocast=self.autocast)
             atomic_write_text(out / "gates_loss_vs_dial.json", json.dumps(curve, indent=2))
-            plot_gates_loss_curve(curve, out / "gates_loss_vs_dial.png",
+            curve_png = out / "gates_loss_vs_dial.png"
+            plot_gates_loss_curve(curve, curve_png,
                                   f"{self.recipe.name}, {self.step} steps: held-out loss across the dial through the "
                                   "network's own gates (mode gates)")
         if self.progress:
@@ -328,9 +330,8 @@ class Trainer:
             if "middle" in table and self.cfg.gates == "abc" and model.method.default_mode != "gates":
                 print(f"(middle: the network's own gates, mode gates, which training never visits; the dial's "
                       f"default mode is {model.method.default_mode}: `abcgpt eval --ckpt {out}` scores it)")
-            curve_png = out / "gates_loss_vs_dial.png"
             print(f"checkpoints in {out}/best and {out}/last"
-                  + (f"; loss across the dial in mode gates: {curve_png}" if curve_png.is_file() else ""))
+                  + (f"; loss across the dial in mode gates: {curve_png}" if curve_png else ""))
         return table
 
 
