@@ -198,7 +198,9 @@ def check_output(final: Path, kind: str, legacy: Callable[[Path], set[str] | Non
     present = {p.relative_to(final).as_posix() for p in final.rglob("*") if not p.is_dir() or p.is_symlink()}
     if not present:
         return final
-    made, other = _marked_files(final, kind), _marked_kind(final)
+    mark = _read_mark(final)
+    other = None if mark is None else mark["kind"]
+    made = set(mark["files"]) if other == kind else None
     if made is None and legacy is not None:
         made = legacy(final)
     if made is None:
@@ -227,16 +229,6 @@ def _read_mark(folder: Path) -> dict | None:
     return mark if ok and all(isinstance(f, str) for f in mark["files"]) else None
 
 
-def _marked_kind(folder: Path) -> str | None:
-    mark = _read_mark(folder)
-    return None if mark is None else mark["kind"]
-
-
-def _marked_files(folder: Path, kind: str) -> set[str] | None:
-    mark = _read_mark(folder)
-    return set(mark["files"]) if mark is not None and mark["kind"] == kind else None
-
-
 @contextmanager
 def atomic_dir(final: Path, kind: str, legacy: Callable[[Path], set[str] | None] | None = None,
                lock: bool = True) -> Iterator[Path]:
@@ -250,7 +242,8 @@ def atomic_dir(final: Path, kind: str, legacy: Callable[[Path], set[str] | None]
     except OSError as e:
         raise write_error(final, e) from None
     with output_lock(final, wait=False) if lock else nullcontext():
-        check_output(final, kind, legacy)  # again, now that no other writer can change it
+        if lock:
+            check_output(final, kind, legacy)  # again, now that no other writer can change it
         for stale in final.parent.glob(f"{glob.escape(final.name)}.*.tmp"):  # left by a killed writer
             if re.fullmatch(re.escape(final.name) + r"\.[a-z0-9_]{8}\.tmp", stale.name) and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)

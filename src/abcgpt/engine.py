@@ -51,17 +51,19 @@ from abcgpt.tokenizer import Tokenizer
 BOUNDARY_CHARS = ".!?"  # a token ending in one of these (or holding a line break) ends a sentence for `switch`
 MAX_ROWS = 1024  # sequences in one call (dial positions x n): each holds a KV cache of its own
 MAX_NEW_TOKENS = 100_000
+GREEDY_BELOW = 1e-4  # a temperature below this is greedy: dividing the logits by less overflows
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; JSON clients and numpy agree on int64
 ATTRIBUTION_MODES = tuple(m for m in MODES if MODE[m].posterior)  # corner weights that are a posterior over sources
 SCORE_ELEMENTS = 2**24  # windows x tokens x vocabulary scored in one forward when attributing (64 MB of logits)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gumbel: torch.Tensor) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gumbel: torch.Tensor | None
+                ) -> torch.Tensor:
     """(B, V) logits or log-probs -> (B,) token ids, by the Gumbel-max trick: argmax(logits / T + g) with g (B, V)
     standard Gumbel noise is a draw from softmax(logits / T). Rows given the same g pick the same token wherever
     their distributions nearly agree (CommonNoise). A temperature below 1e-4 means greedy (dividing by less
     overflows)."""
-    if temperature < 1e-4:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k:
@@ -78,13 +80,16 @@ class CommonNoise:
     fixed order whatever the mode and the dial: the corner offset u, the order of the n samples, then Gumbel noise
     for each new token."""
 
-    def __init__(self, gen: torch.Generator, n: int):
-        self.gen, self.n = gen, n
+    def __init__(self, gen: torch.Generator, n: int, temperature: float):
+        self.gen, self.n, self.greedy = gen, n, temperature < GREEDY_BELOW
         self.u = torch.rand(1, generator=gen, device=gen.device)  # a corner is the dial's inverse CDF at u
         self.order = torch.randperm(n, generator=gen, device=gen.device)  # which of the n draws each sample gets
 
-    def gumbel(self, rows: int, vocab: int) -> torch.Tensor:
-        """(rows, vocab) Gumbel noise for the next token; row r is sample r % n of its position."""
+    def gumbel(self, rows: int, vocab: int) -> torch.Tensor | None:
+        """(rows, vocab) Gumbel noise for the next token; row r is sample r % n of its position. None when greedy:
+        argmax needs none."""
+        if self.greedy:
+            return None
         u = torch.rand(self.n, vocab, generator=self.gen, device=self.gen.device).clamp_(min=1e-20)
         return (-torch.log(-torch.log(u))).repeat(rows // self.n, 1)
 
@@ -152,7 +157,7 @@ def generate_tokens(model: GPT, prompt: torch.Tensor, dial: torch.Tensor | None,
     gen = torch.Generator(device=prompt.device)
     gen.manual_seed(seed) if seed is not None else gen.seed()
     return decode(model, prompt, None if dial is None else dial.to(prompt.device), max_new_tokens,
-                  plain_step(temperature, top_k, CommonNoise(gen, prompt.size(0))), use_cache)
+                  plain_step(temperature, top_k, CommonNoise(gen, prompt.size(0), temperature)), use_cache)
 
 
 def _target_logprobs(model: GPT, x: torch.Tensor, y: torch.Tensor, dial: torch.Tensor | None = None) -> torch.Tensor:
@@ -478,7 +483,7 @@ class Engine:
                                  device=self.device)
         require_memory(sum(parts.values()), "generation", self.device, "n or the number of dial positions", parts)
 
-        noise = CommonNoise(gen, group)
+        noise = CommonNoise(gen, group, temperature)
         corners_only = bool(((dials > 0).sum(dim=1) == 1).all())
         if not self.gated or MODE[mode].folds_gates or corners_only:  # one network a row: all modes agree at a corner
             return self._decode_rows(ids, dials, max_new_tokens, temperature, top_k, noise, use_cache)
@@ -517,9 +522,7 @@ class Engine:
         rows = F.one_hot(active, N).to(dials).repeat(B, 1)
         boundary, every = self._boundaries(), torch.arange(B, device=self.device)
         # switch: the first sentence's corner is drawn from the posterior given the prompt (its inverse CDF at u)
-        cdf = log_w.exp().cumsum(dim=1)
-        u = noise.u.expand(B, 1).contiguous()
-        first = torch.searchsorted(cdf / cdf[:, -1:], u).squeeze(1).clamp_(max=K - 1)
+        first = systematic_draw(log_w.exp(), 1, noise.u.expand(B)).squeeze(1)
         state = {"writer": first, "written": torch.zeros(B, K, device=self.device)}
 
         def step(logits):

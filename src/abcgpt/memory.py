@@ -12,6 +12,7 @@ peak RSS of real runs (benchmarks/memory_estimate.py), plus the logits and their
 F.scaled_dot_product_attention, whose flash kernels (CPU and CUDA) save no T x T matrix. They are meant to be
 right within 2x: enough to tell a size that cannot fit from one that can."""
 
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -39,8 +40,16 @@ SKIP_ENV = "ABCGPT_SKIP_MEMORY_CHECK"  # set (not 0): refuse nothing, the run tr
 def _shapes(config: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of the parameters of an ungated GPT of the config's size, built on the meta device: the
     model's own code sizes it, and nothing is allocated."""
+    c = corner_config(config)
+    return _shapes_of(c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd, c.bias)
+
+
+@functools.lru_cache(maxsize=16)  # an engine asks at every generation; building even a meta model takes ~10 ms
+def _shapes_of(vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int, bias: bool
+               ) -> list[tuple[str, tuple[int, ...]]]:
     with torch.device("meta"):
-        gpt = GPT(corner_config(config))
+        gpt = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                            n_embd=n_embd, bias=bias, gates="none"))
     return [(n, tuple(p.shape)) for n, p in gpt.named_parameters()]
 
 
