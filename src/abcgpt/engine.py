@@ -559,16 +559,25 @@ class Engine:
         n = len(self.sources)
         return torch.stack([_target_logprobs(self._at(corner(int(k), n)), x, y) for k in corners], dim=1)
 
+    def _check_ids(self, name: str, t: object, max_len: int | None = None) -> None:
+        """t: a non-empty (batch, tokens) tensor of torch.long ids in the model's vocabulary, at most max_len tokens
+        a row."""
+        V = self.model.config.vocab_size
+        ok = (isinstance(t, torch.Tensor) and t.dtype == torch.long and t.dim() == 2 and t.numel() > 0
+              and (max_len is None or t.size(1) <= max_len))
+        if ok:
+            lo, hi = torch.aminmax(t)
+            ok = 0 <= int(lo) and int(hi) < V
+        if not ok:
+            got = f"shape {tuple(t.shape)}, {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            rows = "" if max_len is None else f", 1 to {max_len} tokens a row"
+            raise AbcgptError(f"{name} must be a (batch, tokens) tensor of torch.long token ids in [0, {V}){rows}; "
+                              f"got {got}")
+
     def _check_tokens(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """x and y: (B, T) tensors of token ids (torch.long) of one shape, 1 <= T <= block_size, every id in the
-        model's vocabulary."""
-        V, block = self.model.config.vocab_size, self.model.config.block_size
+        """x and y: (B, T) tensors of token ids of one shape, 1 <= T <= block_size (see _check_ids)."""
         for name, t in (("x", x), ("y", y)):
-            if not (isinstance(t, torch.Tensor) and t.dtype == torch.long and t.dim() == 2 and t.size(0) >= 1
-                    and 1 <= t.size(1) <= block and 0 <= int(t.min()) and int(t.max()) < V):
-                got = f"shape {tuple(t.shape)}, {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise AbcgptError(f"{name} must be a (batch, tokens) tensor of torch.long token ids in [0, {V}), "
-                                  f"1 to {block} tokens a row; got {got}")
+            self._check_ids(name, t, self.model.config.block_size)
         if x.shape != y.shape:
             raise AbcgptError(f"x and y must have one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
 
@@ -659,10 +668,7 @@ class Engine:
         if not self.gated:
             raise AbcgptError("attribution needs a dial model: this one is ungated, with no sources to attribute to")
         modes = tuple(_attribution_mode(m) for m in modes)
-        V = self.model.config.vocab_size
-        if not (isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.dim() == 2 and ids.numel() > 0
-                and 0 <= int(ids.min()) and int(ids.max()) < V):
-            raise AbcgptError(f"ids must be a non-empty (batch, tokens) tensor of torch.long token ids in [0, {V})")
+        self._check_ids("ids", ids)
         d = self.dial_tensor(dial, mode=modes[0]).to(self.device)
         ids = ids.to(self.device)
         active = (d > 0).nonzero().flatten().tolist()  # a corner the dial leaves out keeps posterior 0: not run

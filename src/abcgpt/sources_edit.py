@@ -262,11 +262,10 @@ def _resuming(out: Path, edit: dict) -> bool:
 
 
 def _train_edit(out: Path, ckpt: Checkpoint, model, recipe: Recipe, edits: list[dict],
-                freeze: Callable[[Trainer], None], progress: bool) -> Path:
+                freeze: Callable[[Trainer], None], resume: bool, progress: bool) -> Path:
     """Train the edited model in the run folder out through train.Trainer, from a step-0 checkpoint of it (fresh
-    optimizer, the recipe's first batches); a run that was stopped resumes from its last checkpoint. The
-    recipe's data must be prepared (edited_data)."""
-    resume = _resuming(out, edits[-1])
+    optimizer, the recipe's first batches); a run that was stopped (resume, as _resuming said) resumes from its last
+    checkpoint. The recipe's data must be prepared (edited_data)."""
     with run_lock(out):
         if not resume:
             t = recipe.train
@@ -347,9 +346,9 @@ def forget(ckpt_path: Path, source: str, out: Path, retrain_shared: int = 0, ove
     recipe = edited_recipe(ckpt.recipe, specs, f"without-{source}")
     if retrain_shared:
         recipe = with_training(recipe, retrain_shared, list(overrides))
-        _resuming(out, edits[-1])  # (refuses a folder that is not this edit's run, before any work)
+        resume = _resuming(out, edits[-1])  # (refuses a folder that is not this edit's run, before any work)
         edited_data(recipe, ckpt.tokenizer, None, progress)
-        _train_edit(out, ckpt, model, recipe, edits, train_shared, progress)
+        _train_edit(out, ckpt, model, recipe, edits, train_shared, resume, progress)
         return out, notes
     with output_lock(out, wait=False):
         _check_new_out(out)
@@ -376,7 +375,7 @@ def add_source(ckpt_path: Path, spec: SourceSpec, steps: int, out: Path, replace
         raise AbcgptError(f"--steps must be at least 1, got {steps}")
     edits = (ckpt.meta.get("edits") or []) + [{"added": spec.name, "how": "", "steps": steps,
                                                "from_model": ckpt.meta["files"]["model.safetensors"]}]
-    _resuming(out, edits[-1])  # (refuses a folder that is not this edit's run, before any work)
+    resume = _resuming(out, edits[-1])  # (refuses a folder that is not this edit's run, before any work)
     recipe = edited_recipe(ckpt.recipe, [*ckpt.recipe.data.sources, spec], f"plus-{spec.name}")
     recipe = with_training(recipe, steps, list(overrides))
     text = load_source(spec, recipe.data.heldout_fraction, progress)
@@ -387,4 +386,4 @@ def add_source(ckpt_path: Path, spec: SourceSpec, steps: int, out: Path, replace
                            f"({''.join(sorted(unknown))!r}) written as {replace!r}" if unknown else ""))
     edited_data(recipe, ckpt.tokenizer, replace, progress)
     model = with_new_source(ckpt.model.cpu(), recipe.train.seed)
-    return _train_edit(out, ckpt, model, recipe, edits, train_own(len(ckpt.sources)), progress)
+    return _train_edit(out, ckpt, model, recipe, edits, train_own(len(ckpt.sources)), resume, progress)
