@@ -57,16 +57,22 @@ def shared_counts(config: GPTConfig) -> dict[str | None, int]:
     return {"res": shared_units(C, f), "head": shared_units(H, f) * (C // H), "unit": shared_units(4 * C, f)}
 
 
+def piece_view(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple]:
+    """A corner weight's shape as the bank views it ((3, C, ...) for c_attn: q, k, v apart) and the unit group of
+    each axis (None: not a unit axis)."""
+    groups = next(axes for suffix, axes in AXES if name.endswith(suffix))
+    return (shape if len(groups) == len(shape) else (3, shape[0] // 3, *shape[1:])), groups
+
+
 class Piece:
     """How one corner weight is stored: its shape (as the bank views it) and the leading shared count of each axis.
     The shared block is w[:c0, :c1, ...]; the own pieces, one per axis i whose shared count is below its size, are
     w[:c0, ..., :c_{i-1}, c_i:, ...]: the L-shaped rest, disjoint, in axis order."""
 
     def __init__(self, name: str, shape: tuple[int, ...], counts: dict):
-        suffix = next(axes for s, axes in AXES if name.endswith(s))
-        self.name, self.view = name, shape if len(suffix) == len(shape) else (3, shape[0] // 3, *shape[1:])
-        self.shape = shape
-        self.counts = tuple(self.view[i] if g is None else counts[g] for i, g in enumerate(suffix))
+        self.view, groups = piece_view(name, shape)
+        self.name, self.shape = name, shape
+        self.counts = tuple(self.view[i] if g is None else counts[g] for i, g in enumerate(groups))
 
     def split(self, w: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         w, c = w.reshape(self.view), self.counts

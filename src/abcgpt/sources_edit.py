@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from abcgpt.bank import AXES, CornerBank
+from abcgpt.bank import CornerBank, piece_view
 from abcgpt.checkpoint import Checkpoint, load_checkpoint, read_meta, save_checkpoint
 from abcgpt.common import AbcgptError, declared, existing_dir, output_lock, run_lock
 from abcgpt.config import Recipe, parse_override, validate
@@ -50,13 +50,6 @@ def unit_owners(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m.amax(dim=-1) == 0, RETIRED, owner)
 
 
-def _axes(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple]:
-    """A weight's shape as bank.Piece views it ((3, C, ...) for c_attn) and the unit group of each axis."""
-    groups = next(axes for suffix, axes in AXES if name.endswith(suffix))
-    view = shape if len(groups) == len(shape) else (3, shape[0] // 3, *shape[1:])
-    return view, groups
-
-
 def entry_masks(model: GPT, test: Callable[[torch.Tensor], torch.Tensor], every: bool) -> dict[str, torch.Tensor]:
     """For each parameter of a total-width partition GPT, a bool mask (its shape) of the entries whose unit axes
     pass `test(owners)`: any of them (every=False) or all of them (every=True)."""
@@ -67,7 +60,7 @@ def entry_masks(model: GPT, test: Callable[[torch.Tensor], torch.Tensor], every:
     layers = [(parts[1 + 2 * i].repeat_interleave(hd), parts[2 + 2 * i]) for i in range(cfg.n_layer)]
     masks = {}
     for name, p in model.named_parameters():
-        view, groups = _axes(name, tuple(p.shape))
+        view, groups = piece_view(name, tuple(p.shape))
         layer = int(name.split(".h.")[1].split(".")[0]) if ".h." in name else None
         owners = {"res": res, "head": layers[layer][0] if layer is not None else None,
                   "unit": layers[layer][1] if layer is not None else None}
