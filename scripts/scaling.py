@@ -77,8 +77,8 @@ def finished(run: Path, steps: int) -> bool:
     return cfg.is_file() and read_meta(run / "last")["step"] >= steps
 
 
-def jobs_for(root: Path, n: int, shared: list[float], seeds: list[int], steps: int, sets: list[str], tag: str
-             ) -> list[tuple[Path, list[str]]]:
+def jobs_for(root: Path, n: int, shared: list[float], seeds: list[int], steps: int, sets: list[str], tag: str,
+             isolation: int | None = None) -> list[tuple[Path, list[str]]]:
     """(run folder, `abcgpt train` overrides) of every run one N needs."""
     recipe = write_recipe(root, n, steps)
     names = VOICES[:n]
@@ -91,7 +91,7 @@ def jobs_for(root: Path, n: int, shared: list[float], seeds: list[int], steps: i
         jobs.append((root / f"n{n}" / f"alone_{s}",
                      base + [f"train.only_sources=['{s}']", f"train.steps={a}", f"train.warmup_steps={min(50, a)}",
                              f"train.eval_every={a}"]))
-    isolated = names[:min(n, ISOLATION_SOURCES if n <= 8 else 6)]
+    isolated = names[:min(n, (ISOLATION_SOURCES if n <= 8 else 6) if isolation is None else isolation)]
     for s in isolated:
         rest = ",".join(f"'{x}'" for x in names if x != s)
         jobs.append((root / f"n{n}" / f"without_{s}", base + [f"train.only_sources=[{rest}]"]))
@@ -103,7 +103,7 @@ def cmd_run(args) -> None:
     todo = []
     for n in args.n:
         for run, (recipe, *overrides) in jobs_for(root, n, args.shared, args.seeds, args.steps, args.set,
-                                                  f"-{args.tag}" if args.tag else ""):
+                                                  f"-{args.tag}" if args.tag else "", args.isolation):
             steps = next((int(o.split("=")[1]) for o in overrides if o.startswith("train.steps=")), args.steps)
             if not finished(run, steps):
                 todo.append((run, recipe, overrides, steps))
@@ -279,6 +279,8 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=1000)
     r.add_argument("--jobs", type=int, default=2)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides of the dial runs")
+    r.add_argument("--isolation", type=int, default=None,
+                   help=f"without_<s> baselines for the first this many sources ({ISOLATION_SOURCES}; 6 past N = 8)")
     r.add_argument("--tag", default="", help="their variant's name: runs go to nN/sharedF-TAG/")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("score")
