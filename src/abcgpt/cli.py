@@ -336,10 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
         from abcgpt.dial import MODES
 
         sp.add_argument("--mode", choices=MODES, default=None,
-                        help="what the dial does between corners: mixture (the default for the partition method: each "
-                             "sample from one source, drawn with the dial's odds), switch (a blend: the source may "
-                             "change at each line or sentence), tokens, product, gates (the network's own gates; the "
-                             "default for method=reference)")
+                        help="what the dial does between corners: switch (the default for the partition method: a "
+                             "blend, one source writes each line or sentence, in the dial's shares), mixture (each "
+                             "sample from one source, drawn with the dial's odds), tokens, product, gates (the "
+                             "network's own gates; the default for method=reference)")
 
     sp = sub.add_parser("prepare", help="fetch the sources, train the tokenizer, write token shards")
     recipe_args(sp)

@@ -56,7 +56,7 @@ def export_gpt2(ckpt_path: Path, dial: str, out: Path, force: bool = False, mode
     replaced atomically (the new folder is written to out.tmp, then swapped in).
 
     Only a dial that one network computes can be exported (Engine.network): a corner in any mode, or any dial in
-    mode gates. Between corners, the combining modes (the default mixture among them) run several corner networks
+    mode gates. Between corners, the combining modes (the default, switch, among them) run several corner networks
     at generation time; that is refused with a one-line error, before anything is written. Where the dial's own
     width is not a standard GPT-2, the full-width network is written and `notes` gets a line saying why."""
     out = check_output(out, "export", exported_files)  # never a folder it did not write, even with force
