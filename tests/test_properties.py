@@ -13,6 +13,7 @@ from abcgpt.common import AbcgptError
 from abcgpt.config import Recipe, build_recipe, parse_override, recipe_from_dict
 from abcgpt.dial import draw_specialties, gate
 from abcgpt.dial_spec import parse_dial
+from abcgpt.sources import check_source_name
 from abcgpt.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_json
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -20,7 +21,17 @@ SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 # ----------------------------------------------------------------------------- dial parser
 
-NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8).filter(lambda s: s != "uniform")
+
+def allowed_name(name: str) -> bool:
+    """A name check_source_name accepts: letters alone may still spell a number ("nan", "inf") or a reserved word."""
+    try:
+        check_source_name(name)
+    except AbcgptError:
+        return False
+    return True
+
+
+NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8).filter(allowed_name)
 SOURCES = st.lists(NAME, min_size=2, max_size=6, unique=True)
 WEIGHT = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
 
