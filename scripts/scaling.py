@@ -74,7 +74,7 @@ def write_recipe(root: Path, n: int, steps: int) -> Path:
 
 def finished(run: Path, steps: int) -> bool:
     cfg = run / "last" / "config.json"
-    return cfg.is_file() and read_meta(run / "last")["step"] >= steps
+    return cfg.is_file() and read_meta(run / "last").step >= steps
 
 
 def jobs_for(root: Path, n: int, shared: list[float], seeds: list[int], steps: int, sets: list[str], tag: str,
@@ -115,8 +115,10 @@ def cmd_run(args) -> None:
         run, recipe, overrides, steps = job
         resume = (run / "last" / "config.json").is_file()
         cmd = [sys.executable, "-m", "abcgpt", "train", "--config", recipe, "--out", str(run)]
-        cmd = ([sys.executable, "-m", "abcgpt", "train", "--resume", str(run)] if resume else cmd)
-        cmd += [x for o in overrides for x in ("--set", o)]
+        if resume:  # (the run holds its recipe and overrides)
+            cmd = [sys.executable, "-m", "abcgpt", "train", "--resume", str(run)]
+        else:
+            cmd += [x for o in overrides for x in ("--set", o)]
         t0 = time.time()
         log = run.parent / f"{run.name}.log"
         run.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +166,7 @@ def score_run(run: Path, base: dict[str, Path], batch: int, batches: int) -> dic
     tag = run.parent.name.partition("-")[2]  # shared0.25-TAG: a variant of the same setting (scaling.py run --tag)
     row = {"run": str(run), "n": n, "shared": ckpt.recipe.model.shared_fraction, "tag": tag,
            "seed": ckpt.recipe.train.seed,
-           "steps": ckpt.meta["step"], "sources": names, "params": ckpt.model.num_params(),
+           "steps": ckpt.meta.step, "sources": names, "params": ckpt.model.num_params(),
            "corner_params": ckpt.model.corner_params(), "tokens_per_cell": batch * batches * block,
            "corner": {s: L[s][i] for i, s in enumerate(names)},
            "joint": bl["joint"], "alone": {s: bl[f"alone_{s}"][s] for s in names if f"alone_{s}" in bl},
@@ -187,7 +189,7 @@ def cmd_score(args) -> None:
             if str(run) in done or not (run / "last" / "config.json").is_file():
                 continue
             steps = load_recipe(str(root / "recipes" / f"{nd.name.replace('n', 'voices')}.toml")).train.steps
-            if read_meta(run / "last")["step"] < steps or "joint" not in base:
+            if read_meta(run / "last").step < steps or "joint" not in base:
                 continue
             row = score_run(run, base, args.batch, args.batches)
             with open(out, "a") as f:
