@@ -268,37 +268,75 @@ def dial_path(n_sources: int, ts: list[float], start: int = 0, end: int | None =
 #   product  a product of experts (logit interpolation): p proportional to prod_k p_k ** a_k.
 #   gates    the network's own gates at the dial (model.unit_gates), folded into one ordinary network (SubNetwork).
 
-@dataclass(frozen=True)
 class Mode:
-    """What one mode does, as the engine, the server and the memory estimate ask it: adding a mode is adding an
-    entry to MODE (and, for a new way to combine distributions, a branch in combine_next)."""
-    name: str
-    folds_gates: bool = False  # the network's own gates at the dial: one ordinary network (gates)
-    draws_corner: bool = False  # each sample one corner's network, drawn from the posterior (mixture)
-    posterior: bool = False  # the corners' weights follow the text by Bayes' rule (mixture, switch)
-    restarts: bool = False  # ... restarted from the dial after each line or sentence end (switch)
-    hands_over: bool = False  # one corner writes each sentence, the next to the one below its share (switch)
-    product: bool = False  # a product of experts, not a mixture (product)
+    """What one mode does, as the engine, the server and the memory estimate ask it: how its corners' next-token
+    distributions combine (combine), how their weights follow the text (update), and what runs (the flags, which
+    fix the batch's shape and so the cost). A mode is one subclass and its entry in MODE."""
+    name: ClassVar[str]
+    folds_gates: ClassVar[bool] = False  # the network's own gates at the dial: one ordinary network (gates)
+    draws_corner: ClassVar[bool] = False  # each sample one corner's network, drawn from the posterior (mixture)
+    posterior: ClassVar[bool] = False  # the corners' weights follow the text by Bayes' rule (mixture, switch)
+    restarts: ClassVar[bool] = False  # ... restarted from the dial after each line or sentence end (switch)
+    hands_over: ClassVar[bool] = False  # one corner writes each sentence, the next to the one below its share (switch)
+    whole_distributions: ClassVar[bool] = False  # combine needs the corners' whole next-token distributions, not
+    # only their log-probs of the text (product renormalises): scoring runs each corner on the text itself
 
     @property
     def runs_every_corner(self) -> bool:
         """Every corner with weight runs at every token (switch, tokens, product)."""
         return not (self.folds_gates or self.draws_corner)
 
+    def combine(self, logp: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
+        """(B, ..., V) next-token log-probs from the corners' (B, K, ..., V) and their log-weights (B, K, 1...): the
+        mixture sum_k w_k p_k."""
+        return torch.logsumexp(log_w + logp, dim=1)
 
-MODE = {m.name: m for m in (Mode("mixture", draws_corner=True, posterior=True),
-                            Mode("switch", posterior=True, restarts=True, hands_over=True),
-                            Mode("tokens"), Mode("product", product=True), Mode("gates", folds_gates=True))}
+    def update(self, log_w: torch.Tensor, token_logp: torch.Tensor, log_a: torch.Tensor,
+               boundary: torch.Tensor | None) -> torch.Tensor:
+        """The log-weights (B, K) for the next token, given each corner's log-prob (B, K) of the token just seen:
+        the dial's own, fixed."""
+        return log_w
+
+
+class Mixture(Mode):
+    name, draws_corner, posterior = "mixture", True, True
+
+    def update(self, log_w, token_logp, log_a, boundary):
+        joint = log_w + token_logp  # Bayes' rule
+        return joint - torch.logsumexp(joint, dim=1, keepdim=True)
+
+
+class Switch(Mixture):
+    name, draws_corner, restarts, hands_over = "switch", False, True, True
+
+    def update(self, log_w, token_logp, log_a, boundary):
+        log_w = super().update(log_w, token_logp, log_a, boundary)
+        return log_w if boundary is None else torch.where(boundary[:, None], log_a, log_w)
+
+
+class Tokens(Mode):
+    name = "tokens"
+
+
+class Product(Mode):
+    name, whole_distributions = "product", True
+
+    def combine(self, logp, log_w):  # prod_k p_k ** a_k, renormalised
+        return torch.log_softmax((log_w.exp() * logp).sum(1), dim=-1)
+
+
+class Gates(Mode):
+    name, folds_gates = "gates", True
+
+
+MODE: dict[str, Mode] = {m.name: m for m in (Mixture(), Switch(), Tokens(), Product(), Gates())}
 MODES = tuple(MODE)
 
 
 def combine_next(logp: torch.Tensor, log_w: torch.Tensor, mode: str) -> torch.Tensor:
     """(B, ..., V) next-token log-probs of the dial from the corners' (B, K, ..., V) log-probs and their log-weights
-    (B, K): a product of experts (product) or a mixture (the others); `...` is any number of positions."""
-    log_w = log_w.reshape(*log_w.shape, *[1] * (logp.dim() - log_w.dim()))
-    if MODE[mode].product:
-        return torch.log_softmax((log_w.exp() * logp).sum(1), dim=-1)
-    return torch.logsumexp(log_w + logp, dim=1)
+    (B, K), in a mode; `...` is any number of positions."""
+    return MODE[mode].combine(logp, log_w.reshape(*log_w.shape, *[1] * (logp.dim() - log_w.dim())))
 
 
 def update_weights(log_w: torch.Tensor, token_logp: torch.Tensor, mode: str, log_a: torch.Tensor,
@@ -306,13 +344,7 @@ def update_weights(log_w: torch.Tensor, token_logp: torch.Tensor, mode: str, log
     """Log-weights (B, K) for the next token, given each corner's log-prob (B, K) of the token just seen:
     Bayes' rule for mixture and switch (switch restarts from the dial after a boundary token), the dial itself
     for tokens and product."""
-    if not MODE[mode].posterior:
-        return log_w
-    joint = log_w + token_logp
-    log_w = joint - torch.logsumexp(joint, dim=1, keepdim=True)
-    if MODE[mode].restarts and boundary is not None:
-        log_w = torch.where(boundary[:, None], log_a, log_w)
-    return log_w
+    return MODE[mode].update(log_w, token_logp, log_a, boundary)
 
 
 def combine_scores(token_logp: torch.Tensor, log_a: torch.Tensor, mode: str,

@@ -598,12 +598,12 @@ class Engine:
                 out.append(_target_logprobs(self._at(d), x, y))
             elif MODE[mode].folds_gates:
                 out.append(_target_logprobs(self.model, x, y, d))
-            elif MODE[mode].product:  # the whole distributions, not only the targets' log-probs: renormalised
+            elif MODE[mode].whole_distributions:
                 active = (d > 0).nonzero().flatten().tolist()
                 logp = torch.stack([torch.log_softmax(self._at(corner(k, len(self.sources)))(x, targets=y)[0].float(),
                                                       dim=-1) for k in active], dim=1)
                 log_a = d[active].log()[None].expand(x.size(0), -1)
-                out.append(combine_next(logp, log_a, "product").gather(-1, y[..., None]).squeeze(-1))
+                out.append(combine_next(logp, log_a, mode).gather(-1, y[..., None]).squeeze(-1))
             else:
                 if cached is None:
                     cached = self._corner_logprobs(x, y, range(len(self.sources)))
