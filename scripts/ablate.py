@@ -52,33 +52,48 @@ def at_positions(ts: list[float], values: list | None) -> dict[str, float | None
     return out
 
 
+def read_report(path: Path) -> dict:
+    """A report.json. One written before report.json took the Report's own field names (corner_table, style_curve
+    and the style's summaries at the top) is read into that shape."""
+    r = json.loads(path.read_text())
+    if "corners" not in r:
+        r["corners"] = {"table": r.pop("corner_table"), "own": r.pop("corner_loss"), "contrast": r.pop("contrast"),
+                        "middle": r.pop("middle")}
+        corner, near = r.pop("isolation"), r.pop("isolation_near", None)
+        r["isolation"] = None if corner is None else {"corner": corner, "near": near}
+        r["style"] = r.pop("style_curve") | {k: r.pop(k, None) for k in (
+            "calibration_error", "monotone", "mixing_mid", "morph_mid", "morph_mid_edges", "morph_mid_samples",
+            "coin_flip_mid")}
+    return r
+
+
 def headline(report: dict) -> dict:
     """The report's headline numbers, one value each (the worst source where there are several)."""
-    sources = report["sources"]
-    corner = report["corner_loss"]
-    edge = report["style_curve"]["edges"][0]
+    sources, corners, style, isolation = report["sources"], report["corners"], report["style"], report["isolation"]
+    corner = corners["own"]
+    edge = style["edges"][0]
     mid = len(edge["t"]) // 2
     row = {
         "corner": {s: corner[s]["mean"] for s in sources},
         "vs_joint": {s: corner[s].get("vs_joint") for s in sources},
         "vs_alone": {s: corner[s].get("vs_alone") for s in sources},
-        "contrast": report["contrast"],
-        "isolation": ({s: min(v.values()) for s, v in report["isolation"].items()} if report["isolation"] else None),
-        "middle_vs_joint": {s: report["middle"][s].get("vs_joint") for s in sources},
-        "calibration_error": report["calibration_error"],
-        "monotone": report["monotone"],
+        "contrast": corners["contrast"],
+        "isolation": {s: min(v.values()) for s, v in isolation["corner"].items()} if isolation else None,
+        "middle_vs_joint": {s: corners["middle"][s].get("vs_joint") for s in sources},
+        "calibration_error": style["calibration_error"],
+        "monotone": style["monotone"],
         "share_mid": edge["share_to"][mid],
         "mixing_mid": edge["mixing"][mid],
-        "morph_mid": report.get("morph_mid"),  # mean over edges; None: undefined, or a report from before it
-        "morph_mid_samples": report.get("morph_mid_samples"),
+        "morph_mid": style["morph_mid"],  # mean over edges; None: undefined, or a report from before it
+        "morph_mid_samples": style["morph_mid_samples"],
         # the first edge at STYLE_AT (nearest positions, see at_positions; none in rows from before them)
         "style_t": at_positions(edge["t"], edge["t"]),
         "morph_error": at_positions(edge["t"], edge.get("morph_error")),
         "mean_style": at_positions(edge["t"], edge_mean_style(edge)),
         "mode": report["mode"],
         "regret_max": report["regret"]["max"],
-        "isolation_near": ({s: min(v.values()) for s, v in report["isolation_near"].items()}
-                           if report.get("isolation_near") else None),
+        "isolation_near": ({s: min(v.values()) for s, v in isolation["near"].items()}
+                           if isolation and isolation["near"] else None),
         "fluency_gap": report["fluency"]["max_gap"] if report.get("fluency") else None,
         "calibrated_error": report.get("calibrated", {}).get("calibration_error"),
         "samples_per_point": edge["samples_per_point"],
@@ -108,7 +123,7 @@ def cmd_run(args) -> None:
             run([sys.executable, "-m", "abcgpt", "eval", "--ckpt", str(out / "last"), *base, *mode,
                  "--out", str(folder)], args.threads)
         row = {"name": args.name, "config": args.config, "set": args.set, "seed": seed,
-               "command": shlex.join(["abcgpt", *train[3:]])} | headline(json.loads(report.read_text()))
+               "command": shlex.join(["abcgpt", *train[3:]])} | headline(read_report(report))
         with open(root / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -227,7 +242,7 @@ def cmd_modes(args) -> None:
     the style share and the mean style on the corners' scale (top), mixing inside samples and the morph error
     (bottom, with a coin flip's 2t(1 - t) for reference). It only reads reports: it scores nothing."""
     run = Path(args.root) / args.name / f"s{args.seed}"
-    reports = sorted((json.loads(p.read_text()) for p in run.glob("report*/report.json")), key=lambda r: r["mode"])
+    reports = sorted((read_report(p) for p in run.glob("report*/report.json")), key=lambda r: r["mode"])
     if not reports:
         raise SystemExit(f"no report*/report.json under {run}: score it with `run --name {args.name} --mode ...`")
     draw_modes(reports, f"{args.name}, seed {args.seed}", args.out)
@@ -244,7 +259,7 @@ def draw_modes(reports: list[dict], label: str, out: str) -> None:
     regret, share, style = ax[0]
     fluency, mixing, morph = ax[1]
     for k, r in enumerate(reports):
-        e, c = r["style_curve"]["edges"][0], f"C{k}"
+        e, c = r["style"]["edges"][0], f"C{k}"
         pos = r["regret"]["positions"]
         regret.plot([p["weights"][1] for p in pos], [p["regret"] for p in pos], marker=".", color=c, label=r["mode"])
         share.plot(e["t"], e["share_to"], marker=".", color=c)

@@ -89,7 +89,7 @@ def test_report_reads_alone_and_gives_corner_minus_alone(runs):
     d = report.to_dict()
     assert {"alone_alpha", "alone_omega"} <= set(d["baselines"])
     for j, src in enumerate(["alpha", "omega"]):
-        c = d["corner_loss"][src]
+        c = d["corners"]["own"][src]
         alone = _heldout_loss(tmp / "base" / f"alone_{src}", recipe, j, recipe.train.batch_size, settings.batches)
         assert c["alone"] == pytest.approx(alone, abs=1e-5)
         assert c["alone_kind"] == ALONE_EQUAL
@@ -99,7 +99,7 @@ def test_report_reads_alone_and_gives_corner_minus_alone(runs):
     md = to_markdown(report)
     assert "| alone | corner − alone |" in md and "**alone (equal compute)**" in md
     row = next(line for line in md.splitlines() if line.startswith("| alpha | "))
-    assert f"{d['corner_loss']['alpha']['vs_alone']:+.3f}" in row
+    assert f"{d['corners']['own']['alpha']['vs_alone']:+.3f}" in row
 
 
 def test_alone_may_differ_in_steps_and_warmup_only(runs):

@@ -134,9 +134,9 @@ def test_config_card_and_files(char_run, tmp_path):
 
 def test_card_has_the_reports_numbers(char_run, tmp_path):
     cell = {"mean": 1.234, "ci95": [1.2, 1.3], "batches": 2}
-    report = {"step": 40, "corner_table": {"alpha": {"alpha": cell, "omega": dict(cell, mean=4.321)},
-                                           "omega": {"alpha": cell, "omega": cell}},
-              "middle": {"alpha": dict(cell, mean=2.5), "omega": dict(cell, mean=2.75)}}
+    report = {"step": 40, "corners": {"table": {"alpha": {"alpha": cell, "omega": dict(cell, mean=4.321)},
+                                                "omega": {"alpha": cell, "omega": cell}},
+                                      "middle": {"alpha": dict(cell, mean=2.5), "omega": dict(cell, mean=2.75)}}}
     (char_run / "report").mkdir(exist_ok=True)
     (char_run / "report" / "report.json").write_text(json.dumps(report))
     try:

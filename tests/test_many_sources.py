@@ -73,12 +73,12 @@ def test_report_for_three_sources(tmp_path):
     settings = dataclasses.replace(Settings.quick(samples=6), prompt=" ")
     report, figures = build_report(tmp_path / "run", None, quick=True, settings=settings, progress=False)
     numbers = report.to_dict()  # as report.json holds them
-    assert set(numbers["corner_table"]) == {"s0", "s1", "s2"}
-    edges = numbers["style_curve"]["edges"]
+    assert set(numbers["corners"]["table"]) == {"s0", "s1", "s2"}
+    edges = numbers["style"]["edges"]
     assert [(e["source_from"], e["source_to"]) for e in edges] == [("s0", "s1"), ("s0", "s2"), ("s1", "s2")]
     for e in edges:  # along each edge the share of its far end rises from its start
         assert e["share_to"][0] < e["share_to"][-1]
-    assert numbers["calibration_error"] == pytest.approx(np.mean([e["calibration_error"] for e in edges]))
+    assert numbers["style"]["calibration_error"] == pytest.approx(np.mean([e["calibration_error"] for e in edges]))
     assert figures["corners.png"].startswith(b"\x89PNG")
     write_report(report, figures, tmp_path / "report")
     assert "**s1 → s2**" in (tmp_path / "report" / "report.md").read_text()

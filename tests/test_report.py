@@ -11,6 +11,7 @@ from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
 from abcgpt.dial import dial_path
 from abcgpt.report import Settings, build_report, write_report
+from abcgpt.report_metrics import Report
 from abcgpt.train import train, train_baselines
 
 STEPS = ["train.steps=200", "train.eval_every=100"]
@@ -54,32 +55,35 @@ def test_quick_report_numbers_follow_their_definitions(runs):
                                      mode="mixture")
     report = measured.to_dict()  # the numbers as report.json has them
     s = ["alpha", "omega"]
-    table = {t: {x: report["corner_table"][t][x]["mean"] for x in s} for t in s}
-    assert report["contrast"]["alpha"] == pytest.approx(table["omega"]["alpha"] - table["alpha"]["alpha"])
-    assert report["contrast"]["omega"] == pytest.approx(table["alpha"]["omega"] - table["omega"]["omega"])
+    table = {t: {x: report["corners"]["table"][t][x]["mean"] for x in s} for t in s}
+    contrast = report["corners"]["contrast"]
+    assert contrast["alpha"] == pytest.approx(table["omega"]["alpha"] - table["alpha"]["alpha"])
+    assert contrast["omega"] == pytest.approx(table["alpha"]["omega"] - table["omega"]["omega"])
     joint, never = report["baselines"]["joint"], report["baselines"]["without_alpha"]
-    assert report["isolation"]["alpha"]["omega"] == pytest.approx(
+    assert report["isolation"]["corner"]["alpha"]["omega"] == pytest.approx(
         (table["omega"]["alpha"] - joint["alpha"]) / (never["alpha"] - joint["alpha"]))
-    own = report["corner_loss"]["alpha"]  # alone: the equal-compute alone_alpha
+    own = report["corners"]["own"]["alpha"]  # alone: the equal-compute alone_alpha
     assert own["alone"] == report["baselines"]["alone_alpha"]["alpha"] and own["alone_kind"] == "alone (equal compute)"
     assert own["vs_alone"] == pytest.approx(own["mean"] - own["alone"])
-    ci = report["corner_loss"]["alpha"]["ci95"]
-    assert ci[0] <= report["corner_loss"]["alpha"]["mean"] <= ci[1]
-    for key in ("corner_loss", "contrast", "isolation", "middle", "style_curve", "calibration_error"):
-        assert key in report
-    assert report["style_curve"]["samples_per_point"] == 8
-    (st,) = report["style_curve"]["edges"]  # two sources: one edge, the dial
+    ci = own["ci95"]
+    assert ci[0] <= own["mean"] <= ci[1]
+    # report.json's keys are the Report dataclass's fields, nested as they are there
+    names = [f.name for f in dataclasses.fields(Report)]
+    assert list(report) == [x for x in names if x in report] and set(names) - set(Report.OPTIONAL) <= set(report)
+    assert list(report["corners"]) == ["table", "own", "contrast", "middle"]
+    assert report["style"]["samples_per_point"] == 8 and "calibration_error" in report["style"]
+    (st,) = report["style"]["edges"]  # two sources: one edge, the dial
     assert len(st["share"]) == 3 and (st["source_from"], st["source_to"]) == ("alpha", "omega")
     # the style curve goes the right way on sources told apart by their letters
     assert st["share"][0][1] < 0.5 < st["share"][-1][1]
-    assert report["calibration_error"] == pytest.approx(
+    assert report["style"]["calibration_error"] == pytest.approx(
         sum(abs(sh[1] - t) for sh, t in zip(st["share"], st["t"])) / 3)
     assert set(figures) == {"loss_vs_dial.png", "corners.png", "style_curve.png", "regret_fluency.png", "neurons.png"}
     assert all(b.startswith(b"\x89PNG") for b in figures.values())
 
     # dial regret at every grid position (two sources: the loss curve's points), as DESIGN §3 defines it
     assert report["mode"] == "mixture"
-    curve, corner = report["loss_curve"]["loss"], report["corner_loss"]
+    curve, corner = report["loss_curve"]["loss"], report["corners"]["own"]
     for i, pos in enumerate(report["regret"]["positions"]):
         a = pos["weights"]
         assert pos["regret"] == pytest.approx(sum(w * (curve[x][i]["mean"] - corner[x]["mean"]) for w, x in zip(a, s)))
@@ -93,9 +97,9 @@ def test_quick_report_numbers_follow_their_definitions(runs):
     assert st["fluency_gap"][1] == pytest.approx(st["fluency"][1] - (st["fluency"][0] + st["fluency"][-1]) / 2)
     assert report["fluency"]["max_gap"] == max(st["fluency_gap"])
     # near-corner isolation: a tenth of the dial on a source
-    assert set(report["isolation_near"]["alpha"]) == {"omega"}
+    assert set(report["isolation"]["near"]["alpha"]) == {"omega"}
     # morph error at every position: each sample's own style on the corners' scale, against the dial
-    for e in report["style_curve"]["edges"]:
+    for e in report["style"]["edges"]:
         assert len(e["morph_error"]) == len(e["t"]) == len(e["sample_style"]) == len(e["coin_flip"])
         assert all(m is not None and 0 <= m <= 1 for m in e["morph_error"])
         assert e["morph_samples"] == [len(x) for x in e["sample_style"]] and all(0 < n <= 8 for n in e["morph_samples"])
@@ -106,8 +110,9 @@ def test_quick_report_numbers_follow_their_definitions(runs):
             sum(abs(min(1, max(0, (v - lo) / (hi - lo))) - t) for v in x) / len(x))
         assert e["coin_flip"][1] == 2 * t * (1 - t) == 0.5
         assert "line_proba" not in e  # the edge keeps only its second source's column, as sample_style
-    assert report["morph_mid"] == st["morph_error"][1] and report["morph_mid_samples"] == st["morph_samples"][1]
-    assert report["coin_flip_mid"] == 0.5
+    style = report["style"]
+    assert style["morph_mid"] == st["morph_error"][1] and style["morph_mid_samples"] == st["morph_samples"][1]
+    assert style["coin_flip_mid"] == 0.5
 
 
 def test_eval_cli_writes_every_file(runs, capsys):
@@ -126,7 +131,7 @@ def test_eval_cli_writes_every_file(runs, capsys):
     assert "report.html" in capsys.readouterr().out
     # the default mode, switch, and its samples' mean style on the corners' scale beside their morph error
     report = json.loads((out / "report.json").read_text())
-    (edge,) = report["style_curve"]["edges"]
+    (edge,) = report["style"]["edges"]
     assert report["mode"] == "switch" and "mean style (corners' scale)" in md
     assert edge["mean_style"][0] < 0.2 < 0.8 < edge["mean_style"][-1]  # the corners set the scale
     assert edge["style_error"] == pytest.approx(sum(abs(m - t) for m, t in zip(edge["mean_style"], edge["t"])) / 3)

@@ -252,12 +252,12 @@ def _heldout_lines(ckpt: Checkpoint, given: Path, weights: torch.Tensor) -> list
     if report is None:
         return ["No report was found for this run (`abcgpt eval` writes `<run>/report/report.json`)."]
     sources, w = ckpt.sources, weights.tolist()
-    row, where = None, None
+    row, where, corners = None, None, report.get("corners") or {}
     if max(w) > 1 - 1e-6:
         t = sources[w.index(max(w))]
-        row, where = (report.get("corner_table") or {}).get(t), f"the {t} corner"
+        row, where = (corners.get("table") or {}).get(t), f"the {t} corner"
     elif all(abs(x - 1.0 / len(w)) < 1e-6 for x in w):
-        row, where = report.get("middle"), "the middle (uniform dial)"
+        row, where = corners.get("middle"), "the middle (uniform dial)"
     else:  # a point of the report's loss curve (first source's corner to the last's)
         curve = report.get("loss_curve") or {}
         for i, t in enumerate(curve.get("t", [])):

@@ -5,6 +5,7 @@ Nothing here draws or writes: report_render.py renders a Report, report.py measu
 carries what it rests on (batches, tokens, samples)."""
 
 from dataclasses import dataclass, fields, is_dataclass
+from typing import ClassVar
 
 import numpy as np
 import pydantic
@@ -478,7 +479,7 @@ class NeuronView:
     histogram: dict  # neurons.specialty_histogram
     firing: dict  # neurons.firing_fractions along the first edge
     response: dict  # neurons.band_response
-    dial: list[str]  # labels of firing's dials (the figure's; not in report.json)
+    dial: list[str]  # labels of firing's dials
 
 
 def neuron_view(model: GPT, data: PreparedData, s: Settings, batch_size: int) -> NeuronView:
@@ -495,6 +496,7 @@ def neuron_view(model: GPT, data: PreparedData, s: Settings, batch_size: int) ->
 @dataclass
 class Report:
     """Everything measured on one checkpoint in one dial mode; to_dict() is report.json."""
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("baselines", "fluency", "calibrated", "neurons", "attribution", "original")
     checkpoint: str
     recipe: str
     step: int
@@ -518,31 +520,6 @@ class Report:
     seconds: float
 
     def to_dict(self) -> dict:
-        """report.json, as scripts/ablate.py reads it: a section that was not measured is left out, except the
-        isolation, which is null."""
-        d = {"checkpoint": self.checkpoint, "recipe": self.recipe, "step": self.step, "sources": self.sources,
-             "mode": self.mode, "settings": self.settings, "quick": self.quick,
-             "heldout_tokens_per_cell": self.heldout_tokens_per_cell, "corner_table": self.corners.table,
-             "corner_loss": self.corners.own, "contrast": self.corners.contrast, "middle": self.corners.middle,
-             "regret": self.regret}
-        if self.baselines is not None:
-            d["baselines"] = self.baselines
-        d["isolation"] = None if self.isolation is None else self.isolation.corner
-        d["isolation_near"] = None if self.isolation is None else self.isolation.near
-        st = self.style
-        d |= {"loss_curve": self.loss_curve, "classifier": self.classifier,
-              "style_curve": {"edges": st.edges, "samples_per_point": st.samples_per_point,
-                              "new_tokens": st.new_tokens, "prompt": st.prompt},
-              "calibration_error": st.calibration_error, "monotone": st.monotone, "mixing_mid": st.mixing_mid,
-              "morph_mid": st.morph_mid, "morph_mid_edges": st.morph_mid_edges,
-              "morph_mid_samples": st.morph_mid_samples, "coin_flip_mid": st.coin_flip_mid}
-        for key in ("fluency", "calibrated", "attribution"):
-            if getattr(self, key) is not None:
-                d[key] = getattr(self, key)
-        if self.neurons is not None:
-            d["neurons"] = {"histogram": self.neurons.histogram, "firing": self.neurons.firing,
-                            "response": self.neurons.response}
-        if self.original is not None:
-            d["original"] = self.original
-        d["seconds"] = self.seconds
-        return as_json(d)
+        """report.json: the fields as they are named here, nested as here; a section that was not measured is left
+        out (OPTIONAL), except the isolation, which is null."""
+        return as_json(self)
