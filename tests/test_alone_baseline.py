@@ -113,13 +113,13 @@ def test_alone_may_differ_in_steps_and_warmup_only(runs):
                               ("lr", 0.5, "differs from the dial model in train.lr: 0.5")]:
         bad = copy.copy(base)
         bad.meta = copy.deepcopy(base.meta)
-        bad.meta["recipe"]["train"][key] = value
+        bad.meta.recipe.train[key] = value
         with pytest.raises(AbcgptError, match=match):
             check_baseline(dial, bad, "alone_alpha")
     # the joint model may not take alone's steps
     joint = load_checkpoint(tmp / "base" / "joint" / "last", "cpu")
     joint.meta = copy.deepcopy(joint.meta)
-    joint.meta["recipe"]["train"]["steps"] = 10
+    joint.meta.recipe.train["steps"] = 10
     with pytest.raises(AbcgptError, match="baseline joint .* differs from the dial model in train.steps: 10 vs 40"):
         check_baseline(dial, joint, "joint")
 

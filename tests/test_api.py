@@ -7,6 +7,7 @@ import torch
 from conftest import REPO, write_recipe
 
 from abcgpt.api import load
+from abcgpt.checkpoint import Calibration
 from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
 from abcgpt.engine import Engine
@@ -32,7 +33,7 @@ def m(run_dir) -> Engine:
 def test_load_run_dir_and_sources(m, run_dir):
     assert m.sources == ["alpha", "omega"]
     assert m.path.parent == run_dir  # the run's best (or last) checkpoint
-    assert m.model is not None and m.tokenizer is not None and m.meta["sources"] == m.sources
+    assert m.model is not None and m.tokenizer is not None and m.meta.sources == m.sources
     r = repr(m)
     assert "alpha" in r and "omega" in r and "step=" in r and "params=" in r
 
@@ -154,13 +155,13 @@ def test_calibrated_without_calibration_raises(m):
 
 
 def test_calibrated_maps_share_to_dial(m):
-    m.meta["calibration"] = {"share": [0.0, 1.0], "dial": [0.2, 0.6], "mode": "switch"}
+    m.meta.calibration = Calibration(share=[0.0, 1.0], dial=[0.2, 0.6], mode="switch")
     try:
         assert m.dial(0.5, calibrated=True) == pytest.approx({"alpha": 0.6, "omega": 0.4})
         with pytest.raises(AbcgptError):
             m.dial("omega", calibrated=True)
     finally:
-        del m.meta["calibration"]
+        m.meta.calibration = None
 
 
 @pytest.mark.parametrize("kwargs", [dict(n=0), dict(max_new_tokens=0), dict(temperature=-1), dict(top_k=-2)])

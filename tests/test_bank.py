@@ -140,15 +140,15 @@ def test_a_bank_trains_resumes_samples_and_mixes(tmp_path, capsys):
                                                        "train.steps=30"])
     train(recipe, tmp_path / "run", resume=True, progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "last")
-    assert isinstance(ckpt.model, CornerBank) and ckpt.meta["step"] == 30
-    assert set(ckpt.meta["metrics"]["heldout"]) == {"alpha", "omega"}  # corners only: nothing in between
+    assert isinstance(ckpt.model, CornerBank) and ckpt.meta.step == 30
+    assert set(ckpt.meta.metrics.heldout) == {"alpha", "omega"}  # corners only: nothing in between
     engine = Engine(ckpt)
     assert engine.default_mode == "switch"
     texts = engine.generate("a", dial=0.5, n=4, max_new_tokens=8, seed=0)
     assert len(texts) == 4
     with pytest.raises(AbcgptError, match="between corners"):
         engine.generate("a", dial=0.5, mode="gates", max_new_tokens=4)
-    table = ckpt.meta["metrics"]["heldout"]
+    table = ckpt.meta.metrics.heldout
     assert table["alpha"]["alpha"] < table["omega"]["alpha"] and table["omega"]["omega"] < table["alpha"]["omega"]
 
 

@@ -13,7 +13,7 @@ from conftest import write_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from abcgpt.checkpoint import load_checkpoint
+from abcgpt.checkpoint import load_checkpoint, meta_json
 from abcgpt.cli import main
 from abcgpt.common import AbcgptError
 from abcgpt.config import load_recipe
@@ -149,7 +149,7 @@ def _refused(capsys, argv: list[str]) -> str:
 
 def test_untouched_checkpoint_loads_and_samples_calibrated(pristine, capsys):
     """The baseline: every command below succeeds on the checkpoint as written."""
-    assert load_checkpoint(pristine).meta["calibration"]["mode"] == "switch"
+    assert load_checkpoint(pristine).meta.calibration.mode == "switch"
     for argv in (["info", "--ckpt", str(pristine)],
                  ["sample", "--ckpt", str(pristine), "--max-new-tokens", "3"],
                  ["sample", "--ckpt", str(pristine), "--calibrated", "--dial", "0.5", "--max-new-tokens", "3"]):
@@ -198,12 +198,14 @@ def test_older_checkpoints_still_load(ckpt):
     del old["calibration"]["mode"], old["calibration"]["curve"]
     write_meta(ckpt, old)
     loaded = load_checkpoint(ckpt)
-    assert loaded.model.config.method == "partition" and "mode" not in loaded.meta["calibration"]
-    assert loaded.model.config.n_sources == 2 and "model" not in loaded.meta
+    assert loaded.model.config.method == "partition" and loaded.meta.calibration.mode == "gates"  # the schema's
+    assert loaded.model.config.n_sources == 2 and loaded.meta.recipe.model["n_sources"] == 2
+    written = json.loads(meta_json(loaded.meta))  # written back as read: no key filled in by a default
+    assert "model" not in written and "mode" not in written["calibration"]
     for key in ("metrics", "calibration", "trainer"):
         del meta[key]
     write_meta(ckpt, meta)
-    assert load_checkpoint(ckpt).meta["step"] == 6
+    assert load_checkpoint(ckpt).meta.step == 6
 
 
 def _sample(ckpt: Path, capsys, *args: str) -> tuple[int, str, str]:

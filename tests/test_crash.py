@@ -129,7 +129,7 @@ def test_repeated_sigkill_keeps_a_verified_checkpoint_and_resumes_exactly(tmp_pa
             ckpt = load_checkpoint(run / "last")  # verifies every file against its recorded sha256
             assert ckpt.path.name in ("last", "last.old"), ckpt.path  # never last.*.tmp
             assert resolve(run).name in ("last", "last.old")  # nor when resolving the run directory
-            step = ckpt.meta["step"]
+            step = ckpt.meta.step
             assert step >= ready_at > steps[-1], (step, ready_at, steps)  # never backwards
             assert step < STEPS
             try:  # a last.*.tmp that got as far as its config.json holds the next step, the write cut short
@@ -153,7 +153,7 @@ def test_repeated_sigkill_keeps_a_verified_checkpoint_and_resumes_exactly(tmp_pa
     print(f"\n{KILLS} kills at steps {steps[1:]}; {during_write} during a checkpoint write: {hits}")
     assert during_write >= 1, "no kill landed during a checkpoint write"
     assert not _writing(run) and not (run / "last.old").exists()
-    assert load_checkpoint(run / "last").meta["step"] == STEPS
+    assert load_checkpoint(run / "last").meta.step == STEPS
     a = load_file(str(run / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -191,7 +191,7 @@ def test_crash_while_replacing_a_recovered_checkpoint_keeps_one(tmp_path, monkey
     with pytest.raises(Crash):
         save_checkpoint(run / "last", ckpt.model, ckpt.recipe, ckpt.tokenizer, ckpt.sources, 5)
     monkeypatch.undo()
-    assert load_checkpoint(run / "last").meta["step"] in (4, 5)
+    assert load_checkpoint(run / "last").meta.step in (4, 5)
 
 
 def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
@@ -210,7 +210,7 @@ def test_failed_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     with pytest.raises(AbcgptError, match=f"cannot write {last}: No space left on device"):
         save_checkpoint(last, ckpt.model, ckpt.recipe, ckpt.tokenizer, ckpt.sources, 5, optimizer=optimizer)
     assert not _writing(tmp_path / "run")
-    assert load_checkpoint(last).meta["step"] == 4
+    assert load_checkpoint(last).meta.step == 4
 
 
 # ----------------------------------------------------------------------------- 2. hostile files
@@ -269,7 +269,7 @@ def test_untouched_copy_loads_and_resumes(run, capsys):
     """The baseline for the tests below: the same commands succeed on the checkpoint as written."""
     assert main(_sample(run)) == 0
     assert main(_resume(run)) == 0
-    assert load_checkpoint(run / "last").meta["step"] == 9
+    assert load_checkpoint(run / "last").meta.step == 9
 
 
 @pytest.mark.parametrize("rehash", [False, True], ids=["hash-stale", "hash-recomputed"])

@@ -13,7 +13,7 @@ from conftest import train_synthetic
 from fastapi.testclient import TestClient
 
 import abcgpt
-from abcgpt.checkpoint import load_checkpoint
+from abcgpt.checkpoint import Calibration, load_checkpoint
 from abcgpt.cli import main
 from abcgpt.common import AbcgptError
 from abcgpt.dial import (
@@ -405,7 +405,7 @@ def test_bad_mode_everywhere(engine, run, client, capsys):
 def test_calibration_of_another_mode_is_refused(engine, monkeypatch):
     """A calibration maps a wanted style share to a dial *in the mode it was measured in*; read in another mode it
     would give the wrong share silently, so it is refused, naming both modes."""
-    monkeypatch.setitem(engine.meta, "calibration", {"share": [0.0, 1.0], "dial": [0.2, 0.6], "mode": "gates"})
+    monkeypatch.setattr(engine.meta, "calibration", Calibration(share=[0.0, 1.0], dial=[0.2, 0.6], mode="gates"))
     with pytest.raises(AbcgptError) as e:
         engine.dial_tensor(0.5, calibrated=True, mode="mixture")
     assert "gates" in str(e.value) and "mixture" in str(e.value)
@@ -413,7 +413,7 @@ def test_calibration_of_another_mode_is_refused(engine, monkeypatch):
         engine.dial_tensor(0.5, calibrated=True)  # the default mode of a partition model is switch
     torch.testing.assert_close(engine.dial_tensor(0.5, calibrated=True, mode="gates"), torch.tensor([0.6, 0.4]))
     # a calibration stored before modes existed was measured in gates
-    monkeypatch.setitem(engine.meta, "calibration", {"share": [0.0, 1.0], "dial": [0.0, 1.0]})
+    monkeypatch.setattr(engine.meta, "calibration", Calibration(share=[0.0, 1.0], dial=[0.0, 1.0]))
     torch.testing.assert_close(engine.dial_tensor(0.25, calibrated=True, mode="gates"), torch.tensor([0.75, 0.25]))
     with pytest.raises(AbcgptError, match="mixture"):
         engine.dial_tensor(0.25, calibrated=True, mode="mixture")

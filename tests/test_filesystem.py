@@ -128,7 +128,7 @@ def test_full_disk_during_resume_keeps_the_checkpoints(run, tmp_path, capsys):
         shutil.copytree(run, disk / "run")
         err = one_line_error(capsys, "train", "--resume", disk / "run", "--steps", "40")
         assert "No space left on device" in err and str(disk / "run") in err
-        assert load_checkpoint(disk / "run" / "last").meta["step"] in (20, 30)  # intact, verified by its hashes
+        assert load_checkpoint(disk / "run" / "last").meta.step in (20, 30)  # intact, verified by its hashes
         assert not temporaries(disk)
 
 
@@ -146,7 +146,7 @@ def test_file_size_limit_during_resume_keeps_the_checkpoints(run, recipe):
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and err[-1].startswith("abcgpt: error: cannot write ") and "File too large" in err[-1]
     assert not any("Traceback" in line for line in err)
-    assert load_checkpoint(run / "last").meta["step"] in (20, 30) and not temporaries(run)
+    assert load_checkpoint(run / "last").meta.step in (20, 30) and not temporaries(run)
 
 
 @pytest.mark.parametrize("failure", ["oserror", "safetensors"])
@@ -236,7 +236,7 @@ def test_second_trainer_on_a_run_is_refused_naming_the_first(recipe, tmp_path, c
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if r["type"] == "train"]
     assert steps == sorted(set(steps))  # one trainer wrote the log: no step twice
-    step = load_checkpoint(tmp_path / "run" / "last").meta["step"]
+    step = load_checkpoint(tmp_path / "run" / "last").meta.step
     assert main(["train", "--resume", str(tmp_path / "run"), "--steps", str(step + 10)]) == 0
 
 
@@ -254,7 +254,7 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_it(run, tmp_path, monkeypatc
     monkeypatch.setattr(cp, "save_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cp.save_checkpoint(tmp_path / "ckpt", ckpt.model, ckpt.recipe, ckpt.tokenizer, ckpt.sources, 5)
-    assert load_checkpoint(tmp_path / "ckpt").meta["step"] == 5 and not temporaries(tmp_path)
+    assert load_checkpoint(tmp_path / "ckpt").meta.step == 5 and not temporaries(tmp_path)
 
 
 @pytest.mark.slow
@@ -269,7 +269,7 @@ def test_sigterm_is_taken_as_ctrl_c_with_exit_143(recipe, tmp_path):
     assert proc.returncode == 143 and "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("abcgpt: error: interrupted at step"), lines
     assert not temporaries(tmp_path / "run")
-    step = load_checkpoint(tmp_path / "run" / "last").meta["step"]
+    step = load_checkpoint(tmp_path / "run" / "last").meta.step
     assert main(["train", "--resume", str(tmp_path / "run"), "--steps", str(step + 5)]) == 0
 
     proc = start("sample", "--ckpt", tmp_path / "run", "--max-new-tokens", "100000")
@@ -299,7 +299,7 @@ def test_sigterm_during_a_checkpoint_write_waits_for_it(run, tmp_path, monkeypat
             cp.save_checkpoint(tmp_path / "ckpt", ckpt.model, ckpt.recipe, ckpt.tokenizer, ckpt.sources, 5)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert load_checkpoint(tmp_path / "ckpt").meta["step"] == 5 and not temporaries(tmp_path)
+    assert load_checkpoint(tmp_path / "ckpt").meta.step == 5 and not temporaries(tmp_path)
 
 
 @pytest.mark.slow

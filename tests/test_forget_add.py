@@ -65,9 +65,9 @@ def test_forget_keeps_every_other_corner_bit_for_bit(runs, kind, tmp_path):
         # and the network the engine generates with and export writes
         a, b = old.model.network_at(corner(j_old, 3)), new.model.network_at(corner(j_new, 2))
         assert a.weights.keys() == b.weights.keys() and all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
-    edit = new.meta["edits"][-1]
-    assert edit["removed"] == "beta" and edit["from_model"] == old.meta["files"]["model.safetensors"]
-    assert "beta" not in json.dumps(new.meta["metrics"]) and new.meta["trainer"] is None  # no Adam moments of beta
+    edit = new.meta.edits[-1]
+    assert edit.removed == "beta" and edit.from_model == old.meta.files["model.safetensors"]
+    assert "beta" not in new.meta.metrics.model_dump_json() and new.meta.trainer is None  # no Adam moments of beta
     if isinstance(new.model, CornerBank):
         assert len(new.model.own) == 2
     else:  # beta's units: every weight that reads or writes them is 0, and they are off at every dial
@@ -130,7 +130,7 @@ def test_retrain_shared_trains_the_shared_units_only(runs, kind, tmp_path, capsy
                  "--retrain-shared", "12", "--set", "train.threads=1", "--set", "train.eval_every=6"]) == 0
     assert "learnt from beta too; retrained for 12 steps" in capsys.readouterr().out
     a, b = load_checkpoint(plain), load_checkpoint(tmp_path / "re")
-    assert b.meta["step"] == 12 and b.meta["edits"][-1]["steps"] == 12
+    assert b.meta.step == 12 and b.meta.edits[-1].steps == 12
     if isinstance(a.model, CornerBank):
         for j in range(2):
             for name, p in a.model.own[j].named_parameters():
@@ -178,16 +178,16 @@ def test_add_source_trains_its_corner_and_keeps_every_other_bit_for_bit(runs, tm
                      overrides=["train.threads=1", "train.eval_every=6"], progress=False)
     old, new = load_checkpoint(run), load_checkpoint(out)
     assert files_of(run) == before
-    assert new.sources == ["alpha", "beta", "gamma", "delta"] and new.meta["step"] == 12
+    assert new.sources == ["alpha", "beta", "gamma", "delta"] and new.meta.step == 12
     x = torch.randint(0, new.tokenizer.vocab_size, (4, 16))
     for k in range(3):
         assert torch.equal(logits_at(old.model, k, 3, x), logits_at(new.model, k, 4, x))
     for key, p in old.model.shared.items():
         assert torch.equal(p, new.model.shared[key])
-    heldout = new.meta["metrics"]["heldout"]
+    heldout = new.meta.metrics.heldout
     assert heldout["delta"]["delta"] < min(heldout[s]["delta"] for s in ("alpha", "beta", "gamma"))
-    edit = new.meta["edits"][-1]
-    assert edit["added"] == "delta" and edit["steps"] == 12 and "every other parameter frozen" in edit["how"]
+    edit = new.meta.edits[-1]
+    assert edit.added == "delta" and edit.steps == 12 and "every other parameter frozen" in edit.how
 
 
 def test_add_source_refuses_bad_input_in_one_line_and_writes_nothing(runs, tmp_path, capsys):
@@ -214,8 +214,8 @@ def test_add_source_refuses_bad_input_in_one_line_and_writes_nothing(runs, tmp_p
     # the same characters, written as a space of the vocabulary
     assert main(["add-source", "--ckpt", str(bank), "--source", "epsilon", "--path", str(tmp_path / "digits.txt"),
                  "--replace-unknown", " ", *common]) == 0
-    edit = load_checkpoint(tmp_path / "out").meta["edits"][-1]
-    assert "characters outside the vocabulary ('0123') written as ' '" in edit["how"]
+    edit = load_checkpoint(tmp_path / "out").meta.edits[-1]
+    assert "characters outside the vocabulary ('0123') written as ' '" in edit.how
     assert main(["train", "--resume", str(tmp_path / "out"), "--steps", "8"]) == 2
     assert "rerun that command to resume it" in capsys.readouterr().err
 
@@ -236,7 +236,7 @@ def test_a_stopped_add_source_resumes_exactly(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", stop_at_7)
     with pytest.raises(Exception, match="interrupted at step 7"):
         add_source(run, spec, 12, tmp_path / "stopped", **args)
-    assert read_meta(tmp_path / "stopped" / "last")["step"] == 5
+    assert read_meta(tmp_path / "stopped" / "last").step == 5
     monkeypatch.setattr(Trainer, "train_step", step)
     add_source(run, spec, 12, tmp_path / "stopped", **args)  # the same command again: resumes at step 5
     a, b = (load_file(str(tmp_path / r / "last" / "model.safetensors")) for r in ("whole", "stopped"))

@@ -39,7 +39,7 @@ def test_training_separates_two_sources(tmp_path):
     train_losses = [r["loss"] for r in log if r["type"] == "train"]
     assert train_losses[-1] < train_losses[0] - 0.3
     ckpt = load_checkpoint(tmp_path / "run" / "last")
-    assert ckpt.meta["step"] == 150 and ckpt.sources == ["alpha", "omega"]
+    assert ckpt.meta.step == 150 and ckpt.sources == ["alpha", "omega"]
     # the checkpoint reproduces the losses logged at the last evaluation
     data = load_data(recipe.data_dir)
     got = heldout_loss(ckpt.model, data.heldout[0], torch.tensor([1.0, 0.0]), 8, 2)
@@ -169,13 +169,13 @@ def test_killed_run_resumes_exactly(tmp_path):
     time.sleep(0.3)  # let it get into the middle of later steps or checkpoint writes
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = load_checkpoint(tmp_path / "killed" / "last").meta["step"]
+    killed_at = load_checkpoint(tmp_path / "killed" / "last").meta.step
     assert 0 < killed_at < 400, "the run should have been killed midway"
 
     resumed = _cli("train", "--resume", str(tmp_path / "killed"))
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert load_checkpoint(tmp_path / "killed" / "last").meta["step"] == 400
+    assert load_checkpoint(tmp_path / "killed" / "last").meta.step == 400
 
     whole = _cli("train", "--config", str(recipe), "--out", str(tmp_path / "whole"), "--steps", steps, *args)
     _, err = whole.communicate(timeout=300)
@@ -206,8 +206,8 @@ def test_interrupted_checkpoint_swap_is_recovered(tmp_path):
     train(recipe, tmp_path / "run", progress=False)
     last = tmp_path / "run" / "last"
     last.rename(tmp_path / "run" / "last.old")
-    assert load_checkpoint(tmp_path / "run").meta["step"] == 10  # via best/ ...
-    assert load_checkpoint(last).meta["step"] == 10  # ... and last.old
+    assert load_checkpoint(tmp_path / "run").meta.step == 10  # via best/ ...
+    assert load_checkpoint(last).meta.step == 10  # ... and last.old
     assert Path(load_checkpoint(last).path).name == "last.old"
 
 
@@ -260,10 +260,10 @@ def test_fsdp_run_resumes_exactly(tmp_path):
             if run.returncode and "terminate called without an active exception" in run.stderr:
                 # a rare abort of a gloo worker at process exit (about 1 run in 10 here), after the work is
                 # done: the checkpoint must then be complete
-                assert load_checkpoint(tmp_path / out / "last").meta["step"] == step, run.stderr[-3000:]
+                assert load_checkpoint(tmp_path / out / "last").meta.step == step, run.stderr[-3000:]
                 continue
             assert run.returncode == 0, run.stderr[-3000:]
-        assert load_checkpoint(tmp_path / out / "last").meta["step"] == 20
+        assert load_checkpoint(tmp_path / out / "last").meta.step == 20
     a = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
     for k in a:
@@ -286,7 +286,7 @@ def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, ca
     last = err.strip().splitlines()[-1]  # after the progress bar, one line
     assert last.startswith("abcgpt: error: loss became") and "training stopped, the last good checkpoint" in last
     ckpt = load_checkpoint(tmp_path / "run" / "last")
-    assert ckpt.meta["step"] == 10 and (tmp_path / "run" / "last" / "model.safetensors").read_bytes() == good
+    assert ckpt.meta.step == 10 and (tmp_path / "run" / "last" / "model.safetensors").read_bytes() == good
     assert all(torch.isfinite(p).all() for p in ckpt.model.parameters())
 
 

@@ -52,11 +52,11 @@ class Checkpoint:
     model: GPT
     recipe: Recipe
     tokenizer: Tokenizer
-    meta: dict  # the whole config.json, as written (checked on load)
+    meta: "Meta"  # config.json, parsed once (and checked) on load
 
     @property
     def sources(self) -> list[str]:
-        return self.meta["sources"]
+        return self.meta.sources
 
     @property
     def run(self) -> Path | None:
@@ -256,8 +256,8 @@ def checkpoint_files(folder: Path) -> set[str] | None:
     return {"config.json", *meta["files"]}
 
 
-def read_meta(path: Path) -> dict:
-    """path/config.json, checked against Meta."""
+def read_meta(path: Path) -> Meta:
+    """path/config.json, parsed into Meta (its schema's defaults filled in): the one place config.json is read."""
     try:
         meta = json.loads(inside(path, "config.json").read_text())
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep, an integer of 5000 digits
@@ -268,10 +268,14 @@ def read_meta(path: Path) -> dict:
     if type(version) is not int or version != VERSION:  # (True == 1.0 == 1 in Python)
         raise AbcgptError(f"{path} is checkpoint version {reprlib.repr(version)}; this abcgpt reads {VERSION}")
     try:
-        Meta.model_validate(migrate(meta, path))
+        return Meta.model_validate(migrate(meta, path))
     except ValidationError as e:
         raise _malformed(path, validation_message(e)) from None
-    return meta
+
+
+def meta_json(meta: Meta) -> str:
+    """config.json's text for a Meta: the keys it was read with (or set since), nothing filled in by defaults."""
+    return json.dumps(meta.model_dump(exclude_unset=True), indent=2)
 
 
 def migrate(meta: dict, path: Path) -> dict:
@@ -328,7 +332,7 @@ def sha256(path: Path) -> str:
 
 def save_checkpoint(path: Path, model: GPT, recipe: Recipe, tokenizer: Tokenizer, sources: list[str],
                     step: int, metrics: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
-                    trainer: dict | None = None, edits: list[dict] | None = None) -> None:
+                    trainer: dict | None = None, edits: "list[Edit | dict] | None" = None) -> None:
     """Write into a temporary beside path, fsync, then swap it in: a crash at any moment leaves a complete checkpoint.
     The caller holds the run's lock."""
     with interrupts_deferred(), atomic_dir(Path(path), "checkpoint", checkpoint_files, lock=False) as tmp:
@@ -353,7 +357,9 @@ def save_checkpoint(path: Path, model: GPT, recipe: Recipe, tokenizer: Tokenizer
             "num_params": model.num_params(),
             "metrics": metrics or {},
             "trainer": trainer,
-            **({"edits": edits} if edits else {}),  # (only an edited model's config.json has the key)
+            # (only an edited model's config.json has the key; a stored edit is written back as it was read)
+            **({"edits": [e.model_dump(exclude_unset=True) if isinstance(e, Edit) else e for e in edits]}
+               if edits else {}),
             "files": {f.name: sha256(f) for f in sorted(tmp.iterdir())},
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))  # last: it holds the others' hashes
@@ -363,17 +369,17 @@ def write_calibration(ckpt: "Checkpoint", calibration: dict) -> list[Path]:
     """Store a calibration in the checkpoint's config.json, and in its run's other checkpoint (best/, last/) when
     that one holds the same weights: a calibration belongs to weights, and a run's last/ outlives its best/ (a
     resumed run replaces best/). Returns the checkpoints written."""
-    Calibration.model_validate(calibration)
-    digest = ckpt.meta["files"]["model.safetensors"]
+    calibration = Calibration.model_validate(calibration)
+    digest = ckpt.meta.files["model.safetensors"]
     targets = [(ckpt.path, ckpt.meta)]
     if ckpt.run is not None:
         other = existing_dir(ckpt.path.with_name("last" if ckpt.path.name == "best" else "best"))
         if (other / "config.json").is_file():
             meta = read_meta(other)
-            if meta["files"]["model.safetensors"] == digest:
+            if meta.files["model.safetensors"] == digest:
                 targets.append((other, meta))
     for path, meta in targets:
-        atomic_write_text(path / "config.json", json.dumps(dict(meta, calibration=calibration), indent=2))
+        atomic_write_text(path / "config.json", meta_json(meta.model_copy(update={"calibration": calibration})))
     return [path for path, _ in targets]
 
 
@@ -390,10 +396,10 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
 
 
 def restore_training_state(ckpt: Checkpoint, optimizer: torch.optim.Optimizer) -> dict:
-    """Load optimizer moments and RNG states into place; returns the trainer metadata."""
-    trainer = ckpt.meta.get("trainer") or {}
+    """Load optimizer moments and RNG states into place; returns the trainer's own state (batcher, best)."""
+    trainer = ckpt.meta.trainer or TrainerState()
     f = ckpt.path / "optimizer.safetensors"
-    if any(trainer.get(k) is None for k in ("optimizer", "batcher", "best")) or not f.is_file():
+    if trainer.optimizer is None or trainer.batcher is None or trainer.best is None or not f.is_file():
         raise AbcgptError(f"{ckpt.path} holds no optimizer state (not a training checkpoint): cannot resume")
     tensors = _load_tensors(f)
     try:
@@ -405,12 +411,10 @@ def restore_training_state(ckpt: Checkpoint, optimizer: torch.optim.Optimizer) -
                 if k.startswith("exp_avg") and v.shape != params[int(i)].shape:
                     raise ValueError(f"{key} has shape {tuple(v.shape)}, its parameter {tuple(params[int(i)].shape)}")
                 state.setdefault(int(i), {})[k] = v
-        for key, v in trainer["optimizer"]["scalars"].items():
+        for key, v in trainer.optimizer.scalars.items():
             i, k = key.split(".", 1)
             state.setdefault(int(i), {})[k] = v
-        groups = trainer["optimizer"]["param_groups"]
-        for g in groups:
-            g["betas"] = tuple(g["betas"])
+        groups = [g.model_dump() | {"betas": tuple(g.betas)} for g in trainer.optimizer.param_groups]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         torch.set_rng_state(tensors["rng.torch"])
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
@@ -419,7 +423,7 @@ def restore_training_state(ckpt: Checkpoint, optimizer: torch.optim.Optimizer) -
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    return trainer
+    return {"batcher": trainer.batcher.model_dump(), "best": trainer.best}
 
 
 def _load_tensors(f: Path) -> dict:
@@ -452,21 +456,21 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     """A checkpoint (or a run directory's best, else last), with every file checked before it is used."""
     path = resolve(path)
     meta = read_meta(path)
-    for name, digest in meta["files"].items():  # plain file names (checked): nothing outside path is read
+    for name, digest in meta.files.items():  # plain file names (checked): nothing outside path is read
         f = inside(path, name)
         if not f.is_file():
             raise AbcgptError(f"checkpoint {path} is incomplete: {name} is missing")
         if sha256(f) != digest:
             raise AbcgptError(f"checkpoint {path} is corrupted: {name} does not match its recorded sha256")
     tokenizer = load_tokenizer(path / "tokenizer.json")
-    entry = meta["tokenizer"]
-    if (tokenizer.kind, tokenizer.vocab_size) != (entry["kind"], entry["vocab_size"]):
-        raise _malformed(path, f"tokenizer says {entry['kind']} with {entry['vocab_size']} tokens, tokenizer.json "
+    entry = meta.tokenizer
+    if (tokenizer.kind, tokenizer.vocab_size) != (entry.kind, entry.vocab_size):
+        raise _malformed(path, f"tokenizer says {entry.kind} with {entry.vocab_size} tokens, tokenizer.json "
                                f"holds {tokenizer.kind} with {tokenizer.vocab_size}")
     recipe = _recipe(path, meta)
     try:  # and what the data decided: the vocabulary and the number of sources
         with declared("recipe.model."):
-            config = dataclasses.replace(recipe.model, **{k: meta["recipe"]["model"].get(k) for k in DERIVED["model"]})
+            config = dataclasses.replace(recipe.model, **{k: meta.recipe.model.get(k) for k in DERIVED["model"]})
     except AbcgptError as e:
         raise _malformed(path, str(e)) from None
     _check_agreement(path, meta, recipe, config, tokenizer)
@@ -491,19 +495,19 @@ def read_recipe(path: Path) -> Recipe:
     return _recipe(path, read_meta(path))
 
 
-def _recipe(path: Path, meta: dict) -> Recipe:
+def _recipe(path: Path, meta: Meta) -> Recipe:
     try:
-        return recipe_from_dict(meta["recipe"])
+        return recipe_from_dict(meta.recipe.model_dump())
     except AbcgptError as e:
         raise _malformed(path, f"recipe: {e}") from None
 
 
-def _check_agreement(path: Path, meta: dict, recipe: Recipe, config: GPTConfig, tokenizer: Tokenizer) -> None:
+def _check_agreement(path: Path, meta: Meta, recipe: Recipe, config: GPTConfig, tokenizer: Tokenizer) -> None:
     """The parts of config.json that describe the same thing must say the same."""
     names = [s.name for s in recipe.data.sources]
-    if names != meta["sources"]:
+    if names != meta.sources:
         raise _malformed(path, f"recipe.data.sources are {', '.join(names)}; sources are "
-                               f"{', '.join(meta['sources'])}: the same names, in the same order, are allowed")
+                               f"{', '.join(meta.sources)}: the same names, in the same order, are allowed")
     if config.n_sources != len(names):
         raise _malformed(path, f"recipe.model.n_sources = {config.n_sources}, but there are {len(names)} sources")
     if tokenizer.vocab_size > config.vocab_size:

@@ -234,7 +234,7 @@ def cmd_info(args) -> None:
     ckpt = load_checkpoint(args.ckpt)
     engine = Engine(ckpt)
     m, meta = ckpt.model.config, ckpt.meta
-    heldout = (meta.get("metrics") or {}).get("heldout") or {}
+    heldout = (meta.metrics and meta.metrics.heldout) or {}
     cal = engine.calibration
     lines = [
         f"checkpoint    {ckpt.path}",
@@ -246,8 +246,8 @@ def cmd_info(args) -> None:
            f"parameters, what a token costs), {m.shared_fraction:.0%} of it shared; the parameters grow with the "
            f"number of sources"] if not ckpt.model.has_interior else []),
         f"tokenizer     {ckpt.tokenizer.kind}, vocabulary {ckpt.tokenizer.vocab_size}",
-        f"recipe        {ckpt.recipe.name}, step {meta['step']} of {ckpt.recipe.train.steps}",
-        f"calibration   {'yes (mode ' + cal['mode'] + ')' if cal else 'no'}",
+        f"recipe        {ckpt.recipe.name}, step {meta.step} of {ckpt.recipe.train.steps}",
+        f"calibration   {'no' if cal is None else 'yes (mode ' + cal.mode + ')'}",
         f"dial mode     {engine.default_mode} by default between corners (--mode to choose)",
     ]
     if heldout:

@@ -29,7 +29,7 @@ from numbers import Integral, Real
 import torch
 import torch.nn.functional as F
 
-from abcgpt.checkpoint import Calibration, Checkpoint
+from abcgpt.checkpoint import Calibration, Checkpoint, Meta
 from abcgpt.common import AbcgptError, CoreShare, check_integer
 from abcgpt.dial import (
     MODE,
@@ -267,7 +267,7 @@ class Engine:
         self.model: GPT = ckpt.model.eval()
         self.tokenizer: Tokenizer = ckpt.tokenizer
         self.sources: list[str] = list(ckpt.sources)
-        self.meta: dict = ckpt.meta
+        self.meta: Meta = ckpt.meta
         self.recipe = ckpt.recipe
         self.path = ckpt.path
         self.device = next(self.model.parameters()).device
@@ -285,10 +285,9 @@ class Engine:
         return self.model.method.default_mode if self.gated else "gates"
 
     @property
-    def calibration(self) -> dict | None:
+    def calibration(self) -> Calibration | None:
         """The stored calibration, with its schema's defaults filled in (one stored before modes: mode gates)."""
-        raw = self.meta.get("calibration")
-        return None if raw is None else Calibration.model_validate(raw).model_dump()
+        return self.meta.calibration
 
     def mode(self, mode: str | None) -> str:
         if mode is None:
@@ -319,8 +318,8 @@ class Engine:
             raise AbcgptError(f"{self.path} has no calibration: run `abcgpt calibrate --ckpt {self.path}` first")
         if len(self.sources) != 2:
             raise AbcgptError(f"calibrated needs two sources, this model has {len(self.sources)}")
-        if cal["mode"] != mode:
-            raise AbcgptError(f"the stored calibration was measured in mode {cal['mode']}, not {mode}: "
+        if cal.mode != mode:
+            raise AbcgptError(f"the stored calibration was measured in mode {cal.mode}, not {mode}: "
                               f"use that mode, or run `abcgpt calibrate --ckpt {self.path} --mode {mode}`")
         if isinstance(spec, bool) or not isinstance(spec, Real | str):
             raise AbcgptError(f"calibrated takes a number in [0, 1] (the share of {self.sources[-1]}'s style), "
@@ -330,7 +329,7 @@ class Engine:
         except ValueError:
             raise AbcgptError(f"calibrated takes a number in [0, 1] (the share of {self.sources[-1]}'s style), "
                               f"got {spec!r}") from None
-        a = apply_calibration(cal, share)
+        a = apply_calibration(cal.model_dump(), share)
         return torch.tensor([1.0 - a, a])
 
     def dial(self, spec: DialSpec, calibrated: bool = False, mode: str | None = None) -> dict[str, float]:
@@ -708,6 +707,6 @@ class Engine:
         size = f"{p / 1e6:.1f}M" if p >= 1e6 else f"{p / 1e3:.0f}k"
         cfg = self.model.config
         return (f"Engine(sources={self.sources}, params={size}, recipe={self.recipe.name!r}, "
-                f"step={self.meta.get('step')}, layers={cfg.n_layer}, block_size={cfg.block_size}, "
+                f"step={self.meta.step}, layers={cfg.n_layer}, block_size={cfg.block_size}, "
                 f"gates={cfg.gates!r}, mode={self.default_mode!r}, device={str(self.device)!r}, "
                 f"path={str(self.path)!r})")

@@ -150,7 +150,7 @@ def _hf_model(plain: GPT | SubNetwork, ckpt: Checkpoint, spec: str, weights: tor
         "dial_spec": str(spec),
         "gated": ckpt.model.config.gates == "abc",
         "recipe": ckpt.recipe.name,
-        "step": ckpt.meta.get("step"),
+        "step": ckpt.meta.step,
         "tokenizer": ckpt.tokenizer.kind,
         "checkpoint_model": dataclasses.asdict(ckpt.model.config),
         "width": n_embd,
@@ -275,9 +275,9 @@ def _heldout_lines(ckpt: Checkpoint, given: Path, weights: torch.Tensor) -> list
         cell = row.get(s) or {}
         ci = cell.get("ci95") or [float("nan")] * 2
         lines.append(f"| {s} | {cell.get('mean', float('nan')):.3f} | {ci[0]:.3f} to {ci[1]:.3f} |")
-    if report.get("step") != ckpt.meta.get("step"):
+    if report.get("step") != ckpt.meta.step:
         lines += ["", f"Note: the report is of step {report.get('step')}; this export is of step "
-                      f"{ckpt.meta.get('step')}."]
+                      f"{ckpt.meta.step}."]
     return lines
 
 
@@ -306,8 +306,8 @@ def _model_card(ckpt: Checkpoint, given: Path, spec: str, weights: torch.Tensor,
         f"context {hf.n_positions} tokens, vocabulary {hf.vocab_size} ({ckpt.tokenizer.kind} tokenizer)"
         + (f"; the dial's own width: the trained model has {c.n_embd} channels, {c.n_head} heads and "
            f"{4 * c.n_embd} MLP units" if gated and hf.n_embd < c.n_embd else ""),
-        f"- Parameters: {ckpt.meta.get('num_params', ckpt.model.num_params()):,} in the trained model",
-        f"- Recipe: {ckpt.recipe.name}; step {ckpt.meta.get('step')}; checkpoint `{ckpt.path}`",
+        f"- Parameters: {ckpt.meta.num_params:,} in the trained model",
+        f"- Recipe: {ckpt.recipe.name}; step {ckpt.meta.step}; checkpoint `{ckpt.path}`",
         "",
         "## Held-out numbers", "",
         *_heldout_lines(ckpt, given, weights),

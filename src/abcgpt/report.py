@@ -86,7 +86,7 @@ def check_baseline(dial: Checkpoint, base: Checkpoint, name: str) -> None:
     (alone_<s> trains for fewer steps, by design), which must be as given there."""
     if base.tokenizer.to_json() != dial.tokenizer.to_json():
         raise AbcgptError(f"baseline {name} ({base.path}) has another tokenizer than the dial model")
-    a, b, free = dial.meta["recipe"], base.meta["recipe"], keys_a_baseline_may_change()
+    a, b, free = dial.meta.recipe.model_dump(), base.meta.recipe.model_dump(), keys_a_baseline_may_change()
     own = baseline_keys(dial, name)
 
     def same(key, x, y) -> bool:  # the sources trained on, in any order
@@ -120,10 +120,10 @@ def load_baselines(path: Path, dial: Checkpoint, device) -> dict[str, Checkpoint
             raise AbcgptError(f"baseline {name} not found in {path} (expected {run}/last): run "
                               f"`abcgpt baselines --config ... --out {path}`")
         ckpt = load_checkpoint(existing_dir(run / "last"), device)
-        if ckpt.meta["step"] < ckpt.recipe.train.steps:  # still training, or stopped: not the recipe's model
+        if ckpt.meta.step < ckpt.recipe.train.steps:  # still training, or stopped: not the recipe's model
             if name != "joint":
                 continue
-            raise AbcgptError(f"baseline joint ({ckpt.path}) is unfinished: step {ckpt.meta['step']} of "
+            raise AbcgptError(f"baseline joint ({ckpt.path}) is unfinished: step {ckpt.meta.step} of "
                               f"{ckpt.recipe.train.steps}; resume it with `abcgpt baselines` (same arguments)")
         if ckpt.model.config.gates != "none":
             raise AbcgptError(f"baseline {name} ({ckpt.path}) is a gated model; baselines are ungated")
@@ -194,7 +194,7 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
     style = style_curve(engine, clf, mode, s, judge)
     calibrated = None
     cal = engine.calibration
-    if cal is not None and cal["mode"] == mode:
+    if cal is not None and cal.mode == mode:
         say("style curve through the stored calibration")
         calibrated = calibrated_curve(engine, clf, cal, style.edges[0].t, mode, s)
 
@@ -205,7 +205,7 @@ def build_report(ckpt_path: Path, baselines: Path | None = None, quick: bool = F
         say("neuron view")
         neurons = neuron_view(model, data, s, bs)
     report = Report(
-        checkpoint=str(ckpt.path), recipe=ckpt.recipe.name, step=ckpt.meta["step"], sources=sources, mode=mode,
+        checkpoint=str(ckpt.path), recipe=ckpt.recipe.name, step=ckpt.meta.step, sources=sources, mode=mode,
         settings=s, quick=quick, heldout_tokens_per_cell=losses.tokens_per_cell,
         corners=corner_losses(losses, pos, base), regret=dial_regret(losses, pos), baselines=base,
         isolation=isolation(losses, pos, base), loss_curve=loss_curve(losses, pos), classifier=clf.to_dict(),

@@ -12,7 +12,7 @@ import pydantic
 import torch
 from pydantic import Field
 
-from abcgpt.checkpoint import Checkpoint
+from abcgpt.checkpoint import Calibration, Checkpoint
 from abcgpt.common import DECLARED
 from abcgpt.data import PreparedData
 from abcgpt.dial import MODE, corner, dial_path, even, uniform
@@ -439,9 +439,9 @@ class Calibrated:
     monotone: bool
 
 
-def calibrated_curve(engine: Engine, clf: StyleClassifier, cal: dict, asked: list[float], mode: str, s: Settings
+def calibrated_curve(engine: Engine, clf: StyleClassifier, cal: Calibration, asked: list[float], mode: str, s: Settings
                      ) -> Calibrated:
-    dials = [apply_calibration(cal, a) for a in asked]
+    dials = [apply_calibration(cal.model_dump(), a) for a in asked]
     st = sample_style(engine, clf, dial_path(len(engine.sources), dials), mode, s)
     share = [row[1] for row in st.share]
     return Calibrated(asked, dials, share, st.mixing, calibration_error(asked, share), is_monotone(share, tol=0.05))

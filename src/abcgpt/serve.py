@@ -347,12 +347,12 @@ async def info(request: Request):
     engine, lim = state.engine, state.limits
     cfg, model, cal = engine.model.config, engine.model, engine.calibration
     return {"sources": engine.sources, "calibrated": cal is not None and len(engine.sources) == 2,
-            "calibration_mode": cal["mode"] if cal else None,
+            "calibration_mode": cal.mode if cal is not None else None,
             "modes": list(MODES), "mode": state.mode,
             "model": {"params": model.num_params(), "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                       "n_embd": cfg.n_embd, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
                       "tokenizer": engine.tokenizer.kind, "recipe": engine.recipe.name,
-                      "step": engine.meta["step"], "gates": cfg.gates, "width": cfg.width},
+                      "step": engine.meta.step, "gates": cfg.gates, "width": cfg.width},
             "limits": {"max_new_tokens": lim.max_new_tokens, "max_prompt_chars": lim.max_prompt_chars,
                        "max_concurrent": lim.max_concurrent},
             "sampling": SAMPLING.to_dict()}

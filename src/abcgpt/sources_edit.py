@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from abcgpt.bank import CornerBank, piece_view
-from abcgpt.checkpoint import Checkpoint, load_checkpoint, read_meta, save_checkpoint
+from abcgpt.checkpoint import Checkpoint, Meta, load_checkpoint, read_meta, save_checkpoint
 from abcgpt.common import AbcgptError, declared, existing_dir, output_lock, run_lock
 from abcgpt.config import Recipe, parse_override, validate
 from abcgpt.data import load_data, stale_reason, write_prepared
@@ -245,8 +245,8 @@ def _resuming(out: Path, edit: dict) -> bool:
     if out.is_dir() and not out.is_symlink():
         last = existing_dir(out / "last")
         if (last / "config.json").is_file():
-            prev = (read_meta(last).get("edits") or [{}])[-1]
-            if all(prev.get(k) == edit.get(k) for k in ("removed", "added", "from_model")):
+            prev = (read_meta(last).edits or [None])[-1]
+            if prev is not None and all(getattr(prev, k) == edit.get(k) for k in ("removed", "added", "from_model")):
                 return True
         elif {p.name for p in out.iterdir()} <= {".lock"}:  # a start that stopped before its first checkpoint
             return False
@@ -271,9 +271,9 @@ def _train_edit(out: Path, ckpt: Checkpoint, model, recipe: Recipe, edits: list[
     return out
 
 
-def _metrics_without(meta: dict, source: str) -> dict:
+def _metrics_without(meta: Meta, source: str) -> dict:
     """The stored held-out losses, less the removed source and the middle (the kept corners are unchanged)."""
-    heldout = (meta.get("metrics") or {}).get("heldout")
+    heldout = meta.metrics and meta.metrics.heldout
     if not heldout:
         return {}
     rows = {pos: {s: v for s, v in row.items() if s != source} for pos, row in heldout.items()
@@ -333,8 +333,8 @@ def forget(ckpt_path: Path, source: str, out: Path, retrain_shared: int = 0, ove
     how = ("its own units deleted: " + ("its own pieces dropped" if isinstance(model, CornerBank) else
                                         "their weights zeroed and their gates off at every dial")
            + ("; " + "; ".join(notes) if notes else "; every other corner bit for bit as it was"))
-    edits = (ckpt.meta.get("edits") or []) + [{"removed": source, "how": how, "steps": retrain_shared or None,
-                                               "from_model": ckpt.meta["files"]["model.safetensors"]}]
+    edits = [*(ckpt.meta.edits or []), {"removed": source, "how": how, "steps": retrain_shared or None,
+                                        "from_model": ckpt.meta.files["model.safetensors"]}]
     specs = [s for s in ckpt.recipe.data.sources if s.name != source]
     recipe = edited_recipe(ckpt.recipe, specs, f"without-{source}")
     if retrain_shared:
@@ -346,7 +346,7 @@ def forget(ckpt_path: Path, source: str, out: Path, retrain_shared: int = 0, ove
     with output_lock(out, wait=False):
         _check_new_out(out)
         edited_data(recipe, ckpt.tokenizer, None, progress)
-        save_checkpoint(out, model, recipe, ckpt.tokenizer, [s.name for s in specs], ckpt.meta["step"],
+        save_checkpoint(out, model, recipe, ckpt.tokenizer, [s.name for s in specs], ckpt.meta.step,
                         _metrics_without(ckpt.meta, source), edits=edits)
     return out, notes
 
@@ -366,8 +366,8 @@ def add_source(ckpt_path: Path, spec: SourceSpec, steps: int, out: Path, replace
                           "(nothing was written)")
     if steps < 1:
         raise AbcgptError(f"--steps must be at least 1, got {steps}")
-    edits = (ckpt.meta.get("edits") or []) + [{"added": spec.name, "how": "", "steps": steps,
-                                               "from_model": ckpt.meta["files"]["model.safetensors"]}]
+    edits = [*(ckpt.meta.edits or []), {"added": spec.name, "how": "", "steps": steps,
+                                        "from_model": ckpt.meta.files["model.safetensors"]}]
     resume = _resuming(out, edits[-1])  # (refuses a folder that is not this edit's run, before any work)
     recipe = edited_recipe(ckpt.recipe, [*ckpt.recipe.data.sources, spec], f"plus-{spec.name}")
     recipe = with_training(recipe, steps, list(overrides))

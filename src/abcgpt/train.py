@@ -136,13 +136,13 @@ class Trainer:
         if ckpt is None and ((out / "last").exists() or (out / "last.old").exists()):
             raise AbcgptError(f"{out} already holds a run: resume it with `abcgpt train --resume {out}`, "
                               "or choose another --out")
-        self.edits = ckpt.meta.get("edits") if ckpt is not None else None  # carried into every checkpoint
+        self.edits = ckpt.meta.edits if ckpt is not None else None  # carried into every checkpoint
         if self.edits and freeze is None:
             raise AbcgptError(f"{out} was made by `abcgpt forget` or `abcgpt add-source`, which train only part of the "
                               "model: rerun that command to resume it (nothing was changed)")
-        if ckpt is not None and ckpt.meta["step"] > t.steps:
-            raise AbcgptError(f"{out} is at step {ckpt.meta['step']}: train.steps = {t.steps} would go back; give "
-                              f"at least {ckpt.meta['step']} (nothing was changed)")
+        if ckpt is not None and ckpt.meta.step > t.steps:
+            raise AbcgptError(f"{out} is at step {ckpt.meta.step}: train.steps = {t.steps} would go back; give "
+                              f"at least {ckpt.meta.step} (nothing was changed)")
         if self.master:  # one process prepares the data, the others wait for it
             self.data = prepared_data(recipe, self.progress)
         if self.world > 1:
@@ -178,7 +178,7 @@ class Trainer:
         if ckpt is not None:
             state = (_restore_sharded(ckpt, self.model, self.optimizer) if self.fsdp
                      else restore_training_state(ckpt, self.optimizer))
-            self.load_state_dict(state | {"step": ckpt.meta["step"]})
+            self.load_state_dict(state | {"step": ckpt.meta.step})
         if freeze is not None:
             freeze(self)
         # a bank's sources absent from a batch take no part in it
@@ -484,7 +484,7 @@ def train_baselines(recipe: Recipe, out: Path, progress: bool = True, only: list
                                 train=dataclasses.replace(t, only_sources=only, steps=steps, warmup_steps=warmup))
         path = Path(out) / run
         last = existing_dir(path / "last")
-        done = read_meta(last)["step"] if (last / "config.json").is_file() else None
+        done = read_meta(last).step if (last / "config.json").is_file() else None
         if progress:
             print(f"== baseline {run}: ungated, trained on {', '.join(only or names)} for {r.train.steps} steps"
                   + (" (the dial model's steps on it: equal compute)" if alone else ""))
