@@ -286,6 +286,12 @@ class Mode:
         """Every corner with weight runs at every token (switch, tokens, product)."""
         return not (self.folds_gates or self.draws_corner)
 
+    def runs(self, samples: int, corners: int) -> tuple[int, int]:
+        """(networks, rows) that generating `samples` samples at one dial between `corners` corners runs: every
+        corner on a row of its own for each sample (switch, tokens, product); what it costs, for the server's limits
+        and the memory estimate."""
+        return corners, samples * corners
+
     def combine(self, logp: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
         """(B, ..., V) next-token log-probs from the corners' (B, K, ..., V) and their log-weights (B, K, 1...): the
         mixture sum_k w_k p_k."""
@@ -298,19 +304,27 @@ class Mode:
         return log_w
 
 
+def bayes(log_w: torch.Tensor, token_logp: torch.Tensor) -> torch.Tensor:
+    """The corners' log-weights (B, K) after a token each gave log-prob token_logp (B, K): Bayes' rule."""
+    joint = log_w + token_logp
+    return joint - torch.logsumexp(joint, dim=1, keepdim=True)
+
+
 class Mixture(Mode):
     name, draws_corner, posterior = "mixture", True, True
 
-    def update(self, log_w, token_logp, log_a, boundary):
-        joint = log_w + token_logp  # Bayes' rule
-        return joint - torch.logsumexp(joint, dim=1, keepdim=True)
-
-
-class Switch(Mixture):
-    name, draws_corner, restarts, hands_over = "switch", False, True, True
+    def runs(self, samples, corners):  # a corner drawn for each sample: at most one network per sample
+        return min(samples, corners), samples
 
     def update(self, log_w, token_logp, log_a, boundary):
-        log_w = super().update(log_w, token_logp, log_a, boundary)
+        return bayes(log_w, token_logp)
+
+
+class Switch(Mode):
+    name, posterior, restarts, hands_over = "switch", True, True, True
+
+    def update(self, log_w, token_logp, log_a, boundary):
+        log_w = bayes(log_w, token_logp)
         return log_w if boundary is None else torch.where(boundary[:, None], log_a, log_w)
 
 
@@ -327,6 +341,9 @@ class Product(Mode):
 
 class Gates(Mode):
     name, folds_gates = "gates", True
+
+    def runs(self, samples, corners):  # the dial's own network, folded, at full width
+        return 1, samples
 
 
 MODE: dict[str, Mode] = {m.name: m for m in (Mixture(), Switch(), Tokens(), Product(), Gates())}

@@ -207,10 +207,8 @@ def generation_parts(config: GPTConfig, rows: int, prompt_len: int, max_new_toke
         at_corners = bool(((dials > 0).sum(dim=1) == 1).all())
         if at_corners or not MODE[mode].folds_gates:  # every row runs one corner, or every active corner
             widths = corner_widths(config)
-            combined = not at_corners and MODE[mode].runs_every_corner
-            rows_run = rows * active if combined else rows
-            networks = (int(torch.unique(dials, dim=0).size(0)) if at_corners
-                        else active if combined else min(active, rows))  # mixture: one corner per row
+            networks, rows_run = ((int(torch.unique(dials, dim=0).size(0)), rows) if at_corners
+                                  else MODE[mode].runs(rows, active))
             score = not at_corners and MODE[mode].posterior  # the prompt scored at every corner
         else:  # gates mode between corners: each distinct dial's network at full width
             networks = int(torch.unique(dials, dim=0).size(0))

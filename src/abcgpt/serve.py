@@ -234,9 +234,11 @@ def batch_cost(state, dial: torch.Tensor, mode: str, n: int) -> tuple[int, int]:
     for every sample (n x k rows of corner networks)."""
     k = int((dial > 0).sum())
     m = MODE[mode]
-    if not state.engine.gated or m.folds_gates or k == 1:
+    if not state.engine.gated or k == 1:
         return 1, n
-    used, rows = (min(n, k), n) if m.draws_corner else (k, n * k)
+    used, rows = m.runs(n, k)
+    if m.folds_gates:
+        return used, rows
     work = state.corner_work
     return math.ceil(used * work - 1e-9), math.ceil(rows * (1 if m.draws_corner else work) - 1e-9)
 
