@@ -17,12 +17,14 @@ from abcgpt.checkpoint import Calibration, load_checkpoint
 from abcgpt.cli import main
 from abcgpt.common import AbcgptError
 from abcgpt.dial import (
+    MIN_TURN_CHARS,
     MODES,
     combine_next,
     combine_scores,
     corner,
     next_segment_source,
     systematic_draw,
+    turn_ends,
     update_weights,
 )
 from abcgpt.engine import Engine
@@ -81,7 +83,7 @@ def corner_logprobs(engine: Engine, text: str) -> tuple[torch.Tensor, torch.Tens
 # ----------------------------------------------------------------------------- one text on every surface
 
 
-@pytest.mark.parametrize("mode", ["mixture", "switch"])
+@pytest.mark.parametrize("mode", ["mixture", "switch", "tokens"])
 def test_same_text_on_every_surface(engine, run, client, capsys, mode):
     """The engine's promise: the Python API, `abcgpt sample --json` (a batch), plain `abcgpt sample` (the streamed
     single sample) and HTTP /api/generate give the same text for the same prompt, dial, mode and seed, with each
@@ -110,9 +112,10 @@ def test_same_text_on_every_surface(engine, run, client, capsys, mode):
 
 
 def test_the_mode_changes_the_text(engine):
-    """Guards the test above: were the two modes' texts equal, a surface that ignored --mode would pass it."""
+    """Guards the test above: were a mode's text the default's (switch), a surface that ignored --mode would pass
+    it. (Here mixture and switch agree: this model's lines are shorter than a turn, so switch never hands over.)"""
     kw = dict(dial=0.3, max_new_tokens=30, seed=5)
-    assert engine.generate(PROMPT, mode="mixture", **kw) != engine.generate(PROMPT, mode="switch", **kw)
+    assert engine.generate(PROMPT, mode="tokens", **kw) != engine.generate(PROMPT, mode="switch", **kw)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -276,8 +279,9 @@ def test_logprobs_at_a_corner_are_the_corner(engine, mode, k):
 
 def test_logprobs_between_corners_by_hand(engine):
     """Each combining mode's score of a real text at dial 0.3, from the corners' log-probs by hand: mixture sums
-    to log sum_k a_k p_k(text); tokens is the per-token mixture; switch is the mixture restarted after the line
-    break; product is log_softmax(sum_k a_k logp_k). All four come from one engine.logprobs call (shared corners)."""
+    to log sum_k a_k p_k(text); tokens is the per-token mixture; switch is the mixture restarted after each turn
+    (here none: the line break ends a line of 7 characters, shorter than a turn; a restart at a turn's end is tested
+    with combine_scores); product is log_softmax(sum_k a_k logp_k). All four come from one engine.logprobs call."""
     x, y, full, lp = corner_logprobs(engine, TEXT)
     a = torch.tensor([0.7, 0.3])
     log_a = a.log()[:, None]
@@ -285,12 +289,8 @@ def test_logprobs_between_corners_by_hand(engine):
                                         ("mixture", "switch", "tokens", "product"))
     torch.testing.assert_close(mixture.sum(), torch.logsumexp(log_a[:, 0] + lp.sum(-1), 0), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(tokens, torch.logsumexp(log_a + lp, 0), atol=1e-5, rtol=1e-5)
-    j = TEXT.index("\n") - 1  # the line break's position among the targets y = ids[1:]
-    assert engine.tokenizer.decode([int(y[0, j])]) == "\n"
-    torch.testing.assert_close(switch[:j + 1].sum(), torch.logsumexp(log_a[:, 0] + lp[:, :j + 1].sum(-1), 0),
-                               atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(switch[j + 1:].sum(), torch.logsumexp(log_a[:, 0] + lp[:, j + 1:].sum(-1), 0),
-                               atol=1e-4, rtol=1e-5)
+    assert engine._boundaries()[y].any() and not engine._turn_ends(y).any()
+    torch.testing.assert_close(switch, mixture, atol=1e-5, rtol=1e-5)
     by_hand = torch.log_softmax((a[:, None, None] * full).sum(0), dim=-1).gather(-1, y[0][:, None]).squeeze(-1)
     torch.testing.assert_close(product, by_hand, atol=1e-5, rtol=1e-5)
     # the regret bound on a real text: the mixture never loses more than -log(a_s) to either corner
@@ -460,14 +460,37 @@ def test_network_is_one_gpt_only_where_one_gpt_computes_the_dial(engine):
             engine.network(half, mode)
 
 
-def test_next_segment_source_gives_the_next_sentence_to_the_furthest_behind():
-    """switch's generation: the corner furthest below its share of the text so far writes the next sentence."""
-    a = torch.tensor([[0.5, 0.5, 0.0], [0.9, 0.1, 0.0]])
-    written = torch.tensor([[30.0, 10.0, 0.0], [10.0, 0.0, 0.0]])
-    # row 0: 0.5 * 40 - 30 = -10 against 0.5 * 40 - 10 = +10; row 1: 0.9 * 10 - 10 = -1 against 0.1 * 10 - 0 = +1
-    assert next_segment_source(a, written).tolist() == [1, 1]
+def test_next_segment_source_deals_turns_in_the_dials_shares():
+    """switch's generation: the corner furthest below its share after the next turn writes it."""
+    a = torch.tensor([[0.5, 0.5, 0.0], [0.9, 0.1, 0.0], [0.3, 0.7, 0.0]])
+    turns = torch.tensor([[3.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    # row 0: 0.5 * 5 - 3 = -0.5 against 0.5 * 5 - 1 = 1.5; row 1: 0.9 * 2 - 1 = 0.8 against 0.1 * 2 - 0 = 0.2: a
+    # small share waits (counted before the turn, 0.1 * 1 - 0 > 0.9 * 1 - 1, it would write the second turn);
+    # row 2: 0.3 * 2 - 1 = -0.4 against 0.7 * 2 - 0 = 1.4
+    assert next_segment_source(a, turns).tolist() == [1, 0, 1]
     # a corner the dial leaves out never writes, even when every other one is ahead of its share
     assert next_segment_source(torch.tensor([[1.0, 0.0]]), torch.tensor([[5.0, 0.0]])).tolist() == [0]
+    # dealt one turn at a time, the turns keep the dial's shares within one turn at every point
+    for share in (0.1, 0.25, 0.5, 0.7):
+        d, t = torch.tensor([[1 - share, share]]), torch.zeros(1, 2)
+        for n in range(1, 41):
+            t[0, int(next_segment_source(d, t))] += 1
+            assert abs(float(t[0, 1]) - share * n) <= 1.0
+
+
+def test_turn_ends_wait_for_a_turns_length():
+    """A boundary ends a turn once the turn holds MIN_TURN_CHARS characters: a speaker's name on its line (or a
+    blank line) stays with what follows it."""
+    text = "KING LEAR:\nBlow, winds, and crack your cheeks!\n\nOnce upon a time.\nThe end of it all.\n"
+    boundary = torch.tensor([[c == "\n" or c in ".!?" for c in text]])
+    chars = torch.ones(1, len(text))
+    ends = [i for i, e in enumerate(turn_ends(boundary, chars)[0].tolist()) if e]
+    pieces = [text[i + 1:j + 1] for i, j in zip([-1] + ends, ends)]
+    # the last line (19 characters with its line break) ends no turn yet: it is shorter than one
+    assert pieces == ["KING LEAR:\nBlow, winds, and crack your cheeks!", "\n\nOnce upon a time.\n"]
+    assert MIN_TURN_CHARS == 20
+    # every boundary ends a turn when a turn may be one character long
+    torch.testing.assert_close(turn_ends(boundary, chars, min_chars=1), boundary)
 
 
 def test_switch_blends_inside_a_sample_where_mixture_does_not(engine):

@@ -260,10 +260,10 @@ def dial_path(n_sources: int, ts: list[float], start: int = 0, end: int | None =
 #   mixture  the posterior mixture of the corners (Branch-Train-Merge's ensemble): sum_k w_k p_k with
 #            w_k proportional to a_k * p_k(text so far). Its distribution over whole texts is sum_k a_k p_k(text),
 #            so each sample is one corner's text, and the corner is drawn with probability a_k (given the prompt).
-#   switch   a blend of sentences: one corner writes each sentence (up to a line or sentence end). It scores text as
-#            the posterior mixture restarted from the dial at every boundary (each sentence's corner drawn with the
-#            dial's odds); it generates by giving the next sentence to the corner furthest below its share of the
-#            text so far (next_segment_source), so a sample's shares follow the dial.
+#   switch   a blend of turns: one corner writes each turn, a line or sentence of at least MIN_TURN_CHARS characters
+#            (turn_ends). It scores text as the posterior mixture restarted from the dial at every turn's end (each
+#            turn's corner drawn with the dial's odds); it generates by dealing the turns in the dial's shares: the
+#            next turn goes to the corner furthest below its share after it (next_segment_source).
 #   tokens   a fixed per-token mixture sum_k a_k p_k: every token from a fresh draw of the corner.
 #   product  a product of experts (logit interpolation): p proportional to prod_k p_k ** a_k.
 #   gates    the network's own gates at the dial (model.unit_gates), folded into one ordinary network (SubNetwork).
@@ -377,13 +377,31 @@ def combine_scores(token_logp: torch.Tensor, log_a: torch.Tensor, mode: str,
     return torch.stack(out, dim=1)
 
 
-def next_segment_source(dial: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
-    """switch, when generating: the corner (B,) that writes the next sentence is the one furthest below its share of
-    the text so far, dial_k * total - written_k (tokens written by each corner, (B, K)), never a corner the dial
-    leaves out. So the text's shares follow the dial whatever each corner's sentence length: drawing each sentence's
-    corner with the dial's odds (the distribution switch scores held-out text with) lets the corner with the longer
-    sentences take most of the text."""
-    deficit = dial * written.sum(dim=1, keepdim=True) - written
+# A line or sentence shorter than this (a heading, a speaker's name, a blank line) is no turn of its own: it stays
+# with what follows it. Measured on `tiny` (docs/ablations.md): without it a speaker's name alone was a turn, and a
+# story's sentence written after it read as the play's.
+MIN_TURN_CHARS = 20
+
+
+def turn_ends(boundary: torch.Tensor, chars: torch.Tensor, min_chars: int = MIN_TURN_CHARS) -> torch.Tensor:
+    """(B, T) which tokens end a turn of switch: a boundary (a line or sentence end; boundary (B, T)) once the turn,
+    counted from the start or from the last turn's end, holds at least min_chars characters (chars (B, T): each
+    token's)."""
+    out, run = torch.zeros_like(boundary), torch.zeros(boundary.size(0), device=chars.device)
+    for t in range(boundary.size(1)):
+        run = run + chars[:, t]
+        out[:, t] = boundary[:, t] & (run >= min_chars)
+        run = torch.where(out[:, t], 0.0, run)
+    return out
+
+
+def next_segment_source(dial: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """switch, when generating: the corner (B,) that writes the next turn is the one furthest below its share after
+    it, dial_k * (total + 1) - turns_k (turns written by each corner, (B, K)), never a corner the dial leaves out.
+    So a sample's turns follow the dial's shares, and a small share waits for its turn: counted before the next turn
+    (dial_k * total), any corner with weight would take the second turn. Turns, not tokens, are what a reader (and
+    the style classifier, line by line) counts: a corner with longer sentences does not write fewer of them."""
+    deficit = dial * (turns.sum(dim=1, keepdim=True) + 1) - turns
     return deficit.masked_fill(dial == 0, float("-inf")).argmax(dim=1)
 
 

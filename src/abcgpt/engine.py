@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from abcgpt.checkpoint import Calibration, Checkpoint, Meta
 from abcgpt.common import AbcgptError, CoreShare, check_integer
 from abcgpt.dial import (
+    MIN_TURN_CHARS,
     MODE,
     MODES,
     combine_next,
@@ -39,6 +40,7 @@ from abcgpt.dial import (
     corner,
     next_segment_source,
     systematic_draw,
+    turn_ends,
     update_weights,
 )
 from abcgpt.dial_spec import DialSpec, parse_dial
@@ -275,6 +277,7 @@ class Engine:
         self.gated = self.model.config.gates == "abc"
         self._networks: dict[tuple[float, ...], SubNetwork] = {}
         self._boundary: torch.Tensor | None = None
+        self._chars: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ the dial
 
@@ -367,8 +370,20 @@ class Engine:
                           f"generation time and is not one GPT-2: give a corner, or mode gates to fold the network's "
                           f"own gates at that dial")
 
+    def _turn_ends(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) which tokens of ids end a turn of `switch` (dial.turn_ends)."""
+        return turn_ends(self._boundaries()[ids], self._token_chars()[ids])
+
+    def _token_chars(self) -> torch.Tensor:
+        """(V,) each token's length in characters (for a turn's minimum length)."""
+        if self._chars is None:
+            tok, V = self.tokenizer, self.model.config.vocab_size
+            self._chars = torch.tensor([float(len(tok.decode([i]))) if i < tok.vocab_size else 0.0 for i in range(V)],
+                                       device=self.device)
+        return self._chars
+
     def _boundaries(self) -> torch.Tensor:
-        """(V,) True for tokens that end a line or a sentence (where `switch` may change source)."""
+        """(V,) True for tokens that end a line or a sentence (where a turn of `switch` may end)."""
         if self._boundary is None:
             tok, flags = self.tokenizer, []
             for i in range(self.model.config.vocab_size):
@@ -519,10 +534,11 @@ class Engine:
         a = dials[:, active]
         log_w = self._prompt_log_weights(ids, dials, mode)[:, active]
         rows = F.one_hot(active, N).to(dials).repeat(B, 1)
-        boundary, every = self._boundaries(), torch.arange(B, device=self.device)
-        # switch: the first sentence's corner is drawn from the posterior given the prompt (its inverse CDF at u)
+        boundary, chars, every = self._boundaries(), self._token_chars(), torch.arange(B, device=self.device)
+        # switch: the first turn's corner is drawn from the posterior given the prompt (its inverse CDF at u)
         first = systematic_draw(log_w.exp(), 1, noise.u.expand(B)).squeeze(1)
-        state = {"writer": first, "written": torch.zeros(B, K, device=self.device)}
+        state = {"writer": first, "turns": torch.zeros(B, K, device=self.device),
+                 "chars": torch.zeros(B, device=self.device)}  # (turns written by each corner, the turn's length)
 
         def step(logits):
             logp = torch.log_softmax(logits, dim=-1).view(B, K, -1)
@@ -532,8 +548,11 @@ class Engine:
                 return t, t.repeat_interleave(K)
             writer = state["writer"]
             t = sample_next(logp[every, writer], temperature, top_k, g)
-            state["written"][every, writer] += 1
-            state["writer"] = torch.where(boundary[t], next_segment_source(a, state["written"]), writer)
+            state["chars"] += chars[t]
+            end = boundary[t] & (state["chars"] >= MIN_TURN_CHARS)  # as turn_ends reads a text
+            state["turns"][every, writer] += end.float()
+            state["writer"] = torch.where(end, next_segment_source(a, state["turns"]), writer)
+            state["chars"] = torch.where(end, 0.0, state["chars"])
             return t, t.repeat_interleave(K)
 
         return decode(self._by_row(rows), ids.repeat_interleave(K, dim=0), None, max_new_tokens, step, use_cache)
@@ -547,7 +566,7 @@ class Engine:
             return log_a
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
         lp = self._corner_logprobs(x, y, range(dials.size(1)))
-        boundary = self._boundaries()[y] if MODE[mode].restarts else None
+        boundary = self._turn_ends(y) if MODE[mode].restarts else None
         return log_weights_path(lp, log_a, mode, boundary)[:, -1]
 
     # ------------------------------------------------------------------ scoring
@@ -608,7 +627,7 @@ class Engine:
                     cached = self._corner_logprobs(x, y, range(len(self.sources)))
                 active = (d > 0).nonzero().flatten()
                 log_a = d[active].log()[None].expand(x.size(0), -1)
-                boundary = self._boundaries()[y] if MODE[mode].restarts else None
+                boundary = self._turn_ends(y) if MODE[mode].restarts else None
                 out.append(combine_scores(cached[:, active], log_a, mode, boundary))
         return out
 
@@ -676,7 +695,7 @@ class Engine:
             lp = self._windowed_corner_logprobs(ids, active)
             log_a = d[active].log().expand(ids.size(0), -1)
             for mode, out in zip(modes, outs):
-                boundary = self._boundaries()[ids[:, 1:]] if MODE[mode].restarts else None
+                boundary = self._turn_ends(ids[:, 1:]) if MODE[mode].restarts else None
                 out[:, 1:, active] = log_weights_path(lp, log_a, mode, boundary).exp()
         return outs
 
