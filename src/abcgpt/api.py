@@ -4,7 +4,7 @@
     m = abcgpt.load("runs/demo")            # a run directory (its best checkpoint, else its last) or a checkpoint
     m.sources                               # ['tinystories', 'shakespeare']
     m.generate("Once upon", dial=0.2)       # the new text (the prompt is not repeated)
-    m.generate("Once upon", dial=0.5, mode="switch")   # a blend: the source may change at each sentence
+    m.generate("Once upon", dial=0.5, mode="switch")   # a blend: the source may change at each turn
     for piece in m.stream("ROMEO:", dial=1.0): print(piece, end="")
     m.loss("To be, or not to be", dial=1.0) # mean next-token loss in nats per token
 

@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
         sp.add_argument("--mode", choices=MODES, default=None,
                         help="what the dial does between corners: switch (the default for the partition method: a "
-                             "blend, one source writes each line or sentence, in the dial's shares), mixture (each "
-                             "sample from one source, drawn with the dial's odds), tokens, product, gates (the "
+                             "blend, one source writes each turn, a line or sentence, in the dial's shares), mixture "
+                             "(each sample from one source, drawn with the dial's odds), tokens, product, gates (the "
                              "network's own gates; the default for method=reference)")
 
     sp = sub.add_parser("prepare", help="fetch the sources, train the tokenizer, write token shards")
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dial", default="uniform", help="the prior over sources, any dial (default uniform)")
     sp.add_argument("--mode", choices=("mixture", "switch"), default="mixture",
                     help="mixture (default): P(source | the text so far); switch: the same, restarted from the dial "
-                         "after each line or sentence end")
+                         "after each turn (a line or sentence of at least 20 characters)")
     sp.add_argument("--json", action="store_true", help="print the summary and the per-token table as JSON")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_attribute)

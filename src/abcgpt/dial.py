@@ -276,8 +276,8 @@ class Mode:
     folds_gates: ClassVar[bool] = False  # the network's own gates at the dial: one ordinary network (gates)
     draws_corner: ClassVar[bool] = False  # each sample one corner's network, drawn from the posterior (mixture)
     posterior: ClassVar[bool] = False  # the corners' weights follow the text by Bayes' rule (mixture, switch)
-    restarts: ClassVar[bool] = False  # ... restarted from the dial after each line or sentence end (switch)
-    hands_over: ClassVar[bool] = False  # one corner writes each sentence, the next to the one below its share (switch)
+    restarts: ClassVar[bool] = False  # ... restarted from the dial after each turn's end (switch)
+    hands_over: ClassVar[bool] = False  # one corner writes each turn, dealt in the dial's shares (switch)
     whole_distributions: ClassVar[bool] = False  # combine needs the corners' whole next-token distributions, not
     # only their log-probs of the text (product renormalises): scoring runs each corner on the text itself
 
@@ -367,7 +367,7 @@ def update_weights(log_w: torch.Tensor, token_logp: torch.Tensor, mode: str, log
 def combine_scores(token_logp: torch.Tensor, log_a: torch.Tensor, mode: str,
                    boundary: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) log-probs of a text under the dial (mixture, switch or tokens) from each corner's log-probs of its
-    tokens (B, K, T), the dial's log-weights (B, K) and which tokens end a line or sentence (B, T). For the
+    tokens (B, K, T), the dial's log-weights (B, K) and which tokens end a turn (B, T). For the
     mixture this telescopes to log sum_k a_k p_k(text): its regret at a source s is at most -log(a_s) per text."""
     log_w, out = log_a, []
     for t in range(token_logp.size(-1)):

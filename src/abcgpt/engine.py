@@ -5,7 +5,7 @@ fold gates into weights, and the checks on sampling arguments.
 
     engine = Engine(load_checkpoint("runs/demo"))
     engine.generate("Once", dial=0.3, n=4, seed=0)           # 4 samples, about a quarter of them Shakespeare
-    engine.generate("Once", dial=0.5, mode="switch")          # a blend: the source may change at each sentence
+    engine.generate("Once", dial=0.5, mode="switch")          # a blend: the source may change at each turn
     for piece in engine.stream("ROMEO:", dial=0.9): ...
     engine.loss("To be, or not to be", dial=1.0)
 
@@ -222,7 +222,7 @@ def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
 class Attribution:
     """Which source a text leans on, token by token: the posterior over sources that the mixture computes
     (w_k proportional to a_k * p_k(text so far), the dial a as the prior; switch restarts it from the dial after
-    each line or sentence end). Probabilities are lists in the order of `sources`."""
+    each turn's end). Probabilities are lists in the order of `sources`."""
     sources: list[str]
     dial: list[float]  # the prior
     mode: str  # mixture or switch
@@ -674,7 +674,7 @@ class Engine:
     def posteriors(self, ids: torch.Tensor, dial: DialSpec = "uniform", mode: str | None = "mixture"
                    ) -> torch.Tensor:
         """(B, T, N) the posterior over sources after each token of ids (B, T): the corner weights that mode
-        mixture (or switch, restarting after each line or sentence end) generates with after reading a prompt,
+        mixture (or switch, restarting after each turn's end) generates with after reading a prompt,
         with the dial as the prior. Row 0 is the dial: nothing predicts a text's first token. A text longer than
         the context is scored in windows as `loss` does, and the posterior carries on across them (it multiplies
         the whole text's likelihoods); within the context it equals the weights generation uses."""
@@ -701,7 +701,8 @@ class Engine:
 
     def attribute(self, text: str, dial: DialSpec = "uniform", mode: str | None = "mixture") -> Attribution:
         """Which source `text` leans on, token by token (see Attribution and `posteriors`); the prior is the dial,
-        uniform unless given. mode switch restarts the posterior from the dial after each line or sentence end."""
+        uniform unless given. mode switch restarts the posterior from the dial after each turn's end
+        (dial.turn_ends)."""
         if not isinstance(text, str):
             raise AbcgptError(f"text must be a string, got {type(text).__name__}")
         mode = _attribution_mode(mode)
@@ -709,7 +710,7 @@ class Engine:
         if not ids:
             raise AbcgptError("text is empty: give at least one character to attribute")
         # the whole text's summary is the mixture's in either mode: switch's last posterior says only what the
-        # last line or sentence leans on (and is the dial when the text ends with a line break)
+        # last turn leans on (and is the dial when the text ends with a line break)
         paths = self._posteriors(torch.tensor([ids]), dial, tuple(dict.fromkeys((mode, "mixture"))))
         post, whole = paths[0][0].cpu(), paths[-1][0].cpu()
         evidence = post[1:] if len(ids) > 1 else post

@@ -453,7 +453,7 @@ def calibrated_curve(engine: Engine, clf: StyleClassifier, cal: Calibration, ask
 @dataclass
 class AttributedSample:
     """A style sample (prompt included), each token marked with the source it leans on: Engine.attribute with a
-    uniform prior, in mode switch (restarted at each line or sentence end) for a report in mode switch, else
+    uniform prior, in mode switch (restarted at each turn, a line or sentence) for a report in mode switch, else
     mixture."""
     dial: str
     mode: str

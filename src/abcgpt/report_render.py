@@ -286,7 +286,8 @@ def to_markdown(r: Report) -> str:
         lines += ["", "## Which source each token leans on", "",
                   f"A few style samples (prompt included), each stretch of tokens marked `[source: text]` with the "
                   f"source the {how} posterior puts first after reading it (uniform prior"
-                  + (", restarted at each line or sentence end" if how == "switch" else "") + "; `abcgpt attribute`)."]
+                  + (", restarted at each turn, a line or sentence" if how == "switch" else "")
+                  + "; `abcgpt attribute`)."]
         for a in r.attribution:
             lines += ["", f"dial {a.dial}, whole text: " + ", ".join(
                 f"{src} {p:.2f}" for src, p in zip(sources, a.final) if p >= 0.005), "", "```",

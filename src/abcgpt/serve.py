@@ -72,7 +72,7 @@ class AttributeRequest(Body):
     text: str = Field(description="the text to attribute; at most the server's max_prompt_chars characters")
     dial: Dial = Field("uniform", description=f"the prior over sources: {DIAL}")
     mode: str = Field("mixture", description="mixture: P(source | the text so far); switch: the same, restarted "
-                                             "from the dial after each line or sentence end")
+                                             "from the dial after each turn (a line or sentence)")
 
 
 class CompletionRequest(Body):

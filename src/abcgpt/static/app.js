@@ -6,7 +6,7 @@ const COLORS = ["#4f7cff", "#e0607e", "#2fb38a", "#f0a33a", "#9b6cf0", "#38b2d6"
 const DEBOUNCE_MS = 300;
 const MODE_HINTS = {  // what the dial does between corners (GET /api/info's modes)
   mixture: "each sample is one source's text, the source picked with the dial's odds",
-  switch: "a blend: the source may change at each line or sentence end",
+  switch: "a blend: the source may change at each turn (a line or sentence)",
   tokens: "every token from a fresh draw of the source, with the dial's odds",
   product: "a product of experts: the sources' next-token logits interpolated",
   gates: "the network's own gates at the dial (untrained between corners unless trained with method=reference)",
