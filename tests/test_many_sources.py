@@ -78,6 +78,9 @@ def test_report_for_three_sources(tmp_path):
     assert [(e["source_from"], e["source_to"]) for e in edges] == [("s0", "s1"), ("s0", "s2"), ("s1", "s2")]
     for e in edges:  # along each edge the share of its far end rises from its start
         assert e["share_to"][0] < e["share_to"][-1]
+    centroid = numbers["style"]["centroid"]  # three sources: samples at the uniform dial, on the corners' scale
+    assert centroid["samples"] > 0 and centroid["coin_flip"] == pytest.approx(2 / 3)
+    assert 0 <= centroid["morph_error"] <= 1 and sum(centroid["mean_position"]) == pytest.approx(1)
     assert numbers["style"]["calibration_error"] == pytest.approx(np.mean([e["calibration_error"] for e in edges]))
     assert figures["corners.png"].startswith(b"\x89PNG")
     write_report(report, figures, tmp_path / "report")

@@ -10,7 +10,9 @@ from abcgpt.style import (
     StyleClassifier,
     apply_calibration,
     calibration_error,
+    centroid_style,
     coin_flip_morph,
+    corners_position,
     fit_calibration,
     is_monotone,
     morph_error,
@@ -230,3 +232,31 @@ def test_three_sources(texts):
     # every sample an even three-way mix of passages: mixing near 1 (N / (N - 1) scaling)
     blend = within_sample(clf3, ["\n".join(held[k][i] for k in clf3.sources) for i in range(10)])
     assert blend["mixing"] > 0.8
+
+
+def test_corners_position_reads_a_sample_as_a_mix_of_the_corners():
+    """A style that is a mix of the corners' mean styles is read back as that mix, on the simplex; a style beyond a
+    corner is clipped to it."""
+    corners = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+    mixes = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [1 / 3, 1 / 3, 1 / 3]])
+    np.testing.assert_allclose(corners_position(mixes @ corners, corners), mixes, atol=1e-3)
+    beyond = corners_position(np.array([[1.0, 0.0, 0.0]]), corners)  # more first-corner than the corner itself
+    assert beyond[0, 0] == pytest.approx(1.0, abs=1e-6) and (beyond >= 0).all()
+
+
+def test_centroid_style_of_a_blend_and_of_a_coin_flip():
+    """At the centroid: samples that each blend the corners evenly score morph error 0 and sit at the centroid;
+    samples that are each one corner's (a coin flip, in the dial's shares) sit at the centroid on average but score
+    1 - 1/N each."""
+    corners = [[[0.9, 0.05, 0.05]] * 4, [[0.05, 0.9, 0.05]] * 4, [[0.05, 0.05, 0.9]] * 4]
+    c_means = np.array([c[0] for c in corners])
+    blend = centroid_style([list(np.full(3, 1 / 3) @ c_means)] * 6, corners)
+    assert blend["morph_error"] == pytest.approx(0.0, abs=1e-3)
+    assert blend["position_error"] == pytest.approx(0.0, abs=1e-3)
+    flip = centroid_style([c[0] for c in corners] * 2, corners)
+    assert flip["morph_error"] == pytest.approx(2 / 3, abs=1e-3) == flip["coin_flip"]
+    assert flip["position_error"] == pytest.approx(0.0, abs=1e-3) and flip["samples"] == 6
+    lean = centroid_style([corners[0][0]] * 6, corners)  # every sample the first corner's
+    assert lean["mean_position"] == pytest.approx([1, 0, 0], abs=1e-3)
+    assert lean["position_error"] == pytest.approx(2 / 3, abs=1e-3)
+    assert centroid_style([], corners) is None and centroid_style([corners[0][0]], [[], [], []]) is None

@@ -26,6 +26,7 @@ from abcgpt.style import (
     StyleClassifier,
     apply_calibration,
     calibration_error,
+    centroid_style,
     coin_flip_morph,
     corner_scale,
     is_monotone,
@@ -365,6 +366,16 @@ class StyleEdge(StyleSamples):
 
 
 @dataclass
+class Centroid:
+    """Samples at the uniform dial (three sources or more), on the corners' scale (style.centroid_style)."""
+    samples: int  # with a classifiable line
+    mean_position: list[float]  # the samples' mean position, in source order (goal: 1/N each)
+    position_error: float  # its total-variation distance from the centroid
+    morph_error: float  # mean over samples of each one's distance from the centroid
+    coin_flip: float  # 1 - 1/N: each sample one corner's
+
+
+@dataclass
 class StyleCurve:
     edges: list[StyleEdge]
     samples_per_point: int
@@ -377,6 +388,8 @@ class StyleCurve:
     morph_mid_edges: int  # edges with a defined morph error at the middle
     morph_mid_samples: int  # samples at the middle position of those edges
     coin_flip_mid: float  # a coin flip's morph error at the middle position, 2t(1 - t)
+    centroid: Centroid | None = None  # three sources or more
+    OPTIONAL = ("centroid",)
 
 
 def style_curve(engine: Engine, clf: StyleClassifier, mode: str, s: Settings, judge: Engine | None = None
@@ -384,10 +397,12 @@ def style_curve(engine: Engine, clf: StyleClassifier, mode: str, s: Settings, ju
     """Samples along every edge of the simplex (the sampled ones past Settings.max_edges), read by the classifier,
     and (given a judge) their fluency against the dial-weighted mean of the two corners' samples."""
     sources, n, ts = engine.sources, len(engine.sources), edge_ts(len(engine.sources), s)
-    out = []
+    out, at_corner = [], {}  # corner k: its samples' styles, from the ends of the edges
     for i, j in edges(n, s):
         dials = dial_path(n, ts, i, j)
         st = sample_style(engine, clf, dials, mode, s, judge)
+        at_corner.setdefault(i, st.line_proba[0])
+        at_corner.setdefault(j, st.line_proba[-1])
         share_to = [row[j] for row in st.share]
         styles = [[p[j] for p in at] for at in st.line_proba]  # each sample's own style: P(source_to)
         morph = morph_error(ts, styles)
@@ -406,6 +421,14 @@ def style_curve(engine: Engine, clf: StyleClassifier, mode: str, s: Settings, ju
             e.fluency_target = [(1 - t) * f[0] + t * f[-1] for t in ts]
             e.fluency_gap = [a - b for a, b in zip(f, e.fluency_target)]
         out.append(e)
+    centroid = None
+    if n > 2:  # the samples of every corner (the same random numbers on every edge: the same samples) and the centre
+        for k in range(n):
+            if k not in at_corner:
+                at_corner[k] = sample_style(engine, clf, [corner(k, n)], mode, s).line_proba[0]
+        c = centroid_style(sample_style(engine, clf, [uniform(n)], mode, s).line_proba[0],
+                           [at_corner[k] for k in range(n)])
+        centroid = None if c is None else Centroid(**c)
     mid = len(ts) // 2
     morphed = [e for e in out if e.morph_error[mid] is not None]
     return StyleCurve(out, s.samples, s.new_tokens, s.prompt,
@@ -414,7 +437,7 @@ def style_curve(engine: Engine, clf: StyleClassifier, mode: str, s: Settings, ju
                       mixing_mid=float(np.mean([e.mixing[mid] or 0.0 for e in out])),
                       morph_mid=float(np.mean([e.morph_error[mid] for e in morphed])) if morphed else None,
                       morph_mid_edges=len(morphed), morph_mid_samples=sum(e.morph_samples[mid] for e in morphed),
-                      coin_flip_mid=coin_flip_morph([ts[mid]])[0])
+                      coin_flip_mid=coin_flip_morph([ts[mid]])[0], centroid=centroid)
 
 
 @dataclass

@@ -259,6 +259,13 @@ def to_markdown(r: Report) -> str:
         morph = (f"Morph error at the middle (t = {t_mid:.2f}): **{st.morph_mid:.3f}**, against a coin flip's "
                  f"{st.coin_flip_mid:.3f} ({st.morph_mid_samples} samples{over}, on the scale their corners' samples "
                  "set).")
+    if st.centroid is not None:
+        c = st.centroid
+        where = ", ".join(f"{s} {w:.2f}" for s, w in zip(sources, c.mean_position))
+        morph += (f" At the centroid (the uniform dial; {c.samples} samples, each put on the corners' scale by least "
+                  f"squares): morph error **{c.morph_error:.3f}** (the mean total-variation distance of a sample from "
+                  f"the centroid; a coin flip's {c.coin_flip:.2f}), mean position {where} ({c.position_error:.3f} from "
+                  "the centroid).")
     lines += ["", f"Calibration error (mean |share − dial|, mean over edges): **{st.calibration_error:.3f}**; "
               f"monotone (no point 0.05 below an earlier one): **{'yes' if st.monotone else 'no'}**; "
               f"mixing at the middle: **{st.mixing_mid:.2f}**. {morph}",

@@ -197,6 +197,35 @@ def mean_style(styles: Sequence[Sequence[float]]) -> list[float | None] | None:
     return None if scaled is None else [float(x.mean()) if x.size else None for x in scaled]
 
 
+def corners_position(proba: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """(S, N) each sample's position on the corners' scale, for any number of sources: the point w of the simplex
+    whose mix of the corners' mean styles (corners (N, N), row k: the mean style of corner k's samples) is nearest
+    the sample's style (proba (S, N)): least squares with the weights held to sum 1, then clipped to the simplex
+    and renormalised. With two sources and styles on one line this is on_corner_scale's position."""
+    n = corners.shape[0]
+    lhs = np.vstack([corners.T, np.full((1, n), 10.0)])  # the last row, weighted, holds sum(w) = 1
+    rhs = np.hstack([np.asarray(proba, dtype=float), np.full((len(proba), 1), 10.0)])
+    w = np.clip(np.linalg.lstsq(lhs, rhs.T, rcond=None)[0].T, 0.0, None)
+    total = w.sum(axis=1, keepdims=True)
+    return np.where(total > 0, w / np.where(total > 0, total, 1.0), 1.0 / n)
+
+
+def centroid_style(proba: Sequence[Sequence[float]], corners: Sequence[Sequence[Sequence[float]]]) -> dict | None:
+    """Where the samples of the uniform dial sit, on the corners' scale (corners_position): their mean position and
+    its total-variation distance from the centroid (the raw calibration there), and the morph error at the centroid,
+    the mean over samples of each one's total-variation distance from it: 0 when every sample sits at the centroid,
+    1 - 1/N for a coin flip (each sample one corner's). proba: each sample's style (its lines' mean probability of
+    each source); corners[k]: corner k's samples' styles. None without samples at the centroid or at a corner."""
+    if not len(proba) or any(not len(c) for c in corners):
+        return None
+    n = len(corners)
+    w = corners_position(np.asarray(proba, dtype=float), np.array([np.mean(c, axis=0) for c in corners]))
+    centre, mean = np.full(n, 1.0 / n), w.mean(axis=0)
+    return {"mean_position": mean.tolist(), "position_error": float(0.5 * np.abs(mean - centre).sum()),
+            "morph_error": float(0.5 * np.abs(w - centre).sum(axis=1).mean()), "coin_flip": 1.0 - 1.0 / n,
+            "samples": len(w)}
+
+
 def coin_flip_morph(ts: Sequence[float]) -> list[float]:
     """The morph error of a coin flip between the corners (each sample wholly one corner's style, with the dial's
     odds), for reference: 2t(1 - t)."""
