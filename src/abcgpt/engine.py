@@ -609,7 +609,7 @@ class Engine:
         mode = self.mode(mode)
         self._check_tokens(x, y)
         x, y = x.to(self.device), y.to(self.device)
-        cached, out = None, []
+        cached, boundary, out = None, None, []
         for d in self._dial_tensors(dials, mode=mode):
             d = d.to(self.device)
             if not self.gated or int((d > 0).sum()) == 1:
@@ -623,11 +623,11 @@ class Engine:
                 log_a = d[active].log()[None].expand(x.size(0), -1)
                 out.append(combine_next(logp, log_a, mode).gather(-1, y[..., None]).squeeze(-1))
             else:
-                if cached is None:
+                if cached is None:  # the corners' log-probs and the turns' ends: once for every dial
                     cached = self._corner_logprobs(x, y, range(len(self.sources)))
+                    boundary = self._turn_ends(y) if MODE[mode].restarts else None
                 active = (d > 0).nonzero().flatten()
                 log_a = d[active].log()[None].expand(x.size(0), -1)
-                boundary = self._turn_ends(y) if MODE[mode].restarts else None
                 out.append(combine_scores(cached[:, active], log_a, mode, boundary))
         return out
 
