@@ -281,11 +281,6 @@ class Mode:
     whole_distributions: ClassVar[bool] = False  # combine needs the corners' whole next-token distributions, not
     # only their log-probs of the text (product renormalises): scoring runs each corner on the text itself
 
-    @property
-    def runs_every_corner(self) -> bool:
-        """Every corner with weight runs at every token (switch, tokens, product)."""
-        return not (self.folds_gates or self.draws_corner)
-
     def runs(self, samples: int, corners: int) -> tuple[int, int]:
         """(networks, rows) that generating `samples` samples at one dial between `corners` corners runs: every
         corner on a row of its own for each sample (switch, tokens, product); what it costs, for the server's limits
