@@ -213,6 +213,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for key in sorted({(r["n"], r["shared"], r.get("tag", "")) for r in rows}):
         rs = [r for r in rows if (r["n"], r["shared"], r.get("tag", "")) == key]
         small = [s for s in SMALL if s in rs[0]["sources"]]
+        iso = bool(measurable(rs[0]))
 
         def mean(f, rs=rs):
             return float(np.mean([f(r) for r in rs]))
@@ -223,8 +224,9 @@ def summarise(rows: list[dict]) -> list[dict]:
             "vs_joint": mean(lambda r: np.mean([r["corner"][s] - r["joint"][s] for s in r["sources"]])),
             "vs_joint_max": mean(lambda r: max(r["corner"][s] - r["joint"][s] for s in r["sources"])),
             "small_vs_alone": mean(lambda r, s=small: r["corner"][s[0]] - r["alone"][s[0]]) if small else None,
-            "isolation_mean": mean(lambda r: np.mean([r["isolation"][s] for s in measurable(r)])),
-            "isolation_min": mean(lambda r: min(r["isolation"][s] for s in measurable(r))),
+            # (None for a run without without_<s> baselines: scaling.py run --isolation 0)
+            "isolation_mean": mean(lambda r: np.mean([r["isolation"][s] for s in measurable(r)])) if iso else None,
+            "isolation_min": mean(lambda r: min(r["isolation"][s] for s in measurable(r))) if iso else None,
             "isolated_sources": len(measurable(rs[0])),
             "regret": mean(lambda r: r["regret_uniform"]),
         })
@@ -246,11 +248,13 @@ def cmd_report(args) -> None:
         small = "–" if t["small_vs_alone"] is None else f"{t['small_vs_alone']:+.3f}"
         setting = f"{t['shared']:g}" + (f" ({t['tag']})" if t["tag"] else "")
         print(f"| {t['n']} | {setting} | {t['seeds']} | {t['params'] / 1e6:.2f} | {t['vs_alone']:+.3f} | "
-              f"{t['vs_joint']:+.3f} / {t['vs_joint_max']:+.3f} | {small} | {t['isolation_mean']:.2f} / "
-              f"{t['isolation_min']:.2f} ({t['isolated_sources']}) | {t['regret']:.3f} |")
+              f"{t['vs_joint']:+.3f} / {t['vs_joint_max']:+.3f} | {small} | " + (
+                  "–" if t["isolation_mean"] is None else
+                  f"{t['isolation_mean']:.2f} / {t['isolation_min']:.2f} ({t['isolated_sources']})")
+              + f" | {t['regret']:.3f} |")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for n in sorted({t["n"] for t in table}):
-        ts = [t for t in table if t["n"] == n and not t["tag"]]  # the frontier: the plain runs
+        ts = [t for t in table if t["n"] == n and not t["tag"] and t["isolation_mean"] is not None]  # the frontier
         for ax, key, label in ((axes[0], "vs_alone", "corner − alone"), (axes[1], "vs_joint", "corner − joint")):
             ax.plot([t[key] for t in ts], [t["isolation_mean"] for t in ts], marker="o", label=f"N = {n}")
             for t in ts:
