@@ -377,20 +377,24 @@ class Engine:
     def _token_chars(self) -> torch.Tensor:
         """(V,) each token's length in characters (for a turn's minimum length)."""
         if self._chars is None:
-            tok, V = self.tokenizer, self.model.config.vocab_size
-            self._chars = torch.tensor([float(len(tok.decode([i]))) if i < tok.vocab_size else 0.0 for i in range(V)],
-                                       device=self.device)
+            self._read_vocabulary()
         return self._chars
 
     def _boundaries(self) -> torch.Tensor:
         """(V,) True for tokens that end a line or a sentence (where a turn of `switch` may end)."""
         if self._boundary is None:
-            tok, flags = self.tokenizer, []
-            for i in range(self.model.config.vocab_size):
-                text = tok.decode([i]) if i < tok.vocab_size else ""
-                flags.append("\n" in text or text.rstrip().endswith(tuple(BOUNDARY_CHARS)) or i == tok.eot_id)
-            self._boundary = torch.tensor(flags, device=self.device)
+            self._read_vocabulary()
         return self._boundary
+
+    def _read_vocabulary(self) -> None:
+        """Each token's text, decoded once, for _boundaries and _token_chars (ids past the tokenizer's: empty)."""
+        tok = self.tokenizer
+        texts = [tok.decode([i]) if i < tok.vocab_size else "" for i in range(self.model.config.vocab_size)]
+        if self._boundary is None:
+            ends = tuple(BOUNDARY_CHARS)
+            flags = ["\n" in t or t.rstrip().endswith(ends) or i == tok.eot_id for i, t in enumerate(texts)]
+            self._boundary = torch.tensor(flags, device=self.device)
+        self._chars = torch.tensor([float(len(t)) for t in texts], device=self.device)
 
     # ------------------------------------------------------------------ arguments
 
