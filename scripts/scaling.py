@@ -107,10 +107,10 @@ def cmd_run(args) -> None:
             steps = next((int(o.split("=")[1]) for o in overrides if o.startswith("train.steps=")), args.steps)
             if not finished(run, steps):
                 todo.append((run, recipe, overrides, steps))
-        recipe = write_recipe(root, n, args.steps)
-        if subprocess.run([sys.executable, "-m", "abcgpt", "prepare", "--config", str(recipe)],
+        recipe_n = write_recipe(root, n, args.steps)
+        if subprocess.run([sys.executable, "-m", "abcgpt", "prepare", "--config", str(recipe_n)],
                           stdout=subprocess.DEVNULL).returncode:
-            sys.exit(f"scaling.py: could not prepare the data of {recipe} (abcgpt's error is above)")
+            sys.exit(f"scaling.py: could not prepare the data of {recipe_n} (abcgpt's error is above)")
     print(f"{len(todo)} runs to train, {args.jobs} at a time", flush=True)
 
     def one(job):
