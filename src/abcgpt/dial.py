@@ -378,15 +378,22 @@ def combine_scores(token_logp: torch.Tensor, log_a: torch.Tensor, mode: str,
 MIN_TURN_CHARS = 20
 
 
+def turn_step(run: torch.Tensor, boundary: torch.Tensor, chars: torch.Tensor, min_chars: int = MIN_TURN_CHARS
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of switch's turns, for B texts: whether it ends its turn (B,) and the turn's length after it (B,),
+    given the turn's length before it (run, characters since the start or the last turn's end), whether it is a
+    boundary (a line or sentence end) and its characters. A boundary ends a turn once the turn holds min_chars."""
+    run = run + chars
+    end = boundary & (run >= min_chars)
+    return end, torch.where(end, 0.0, run)
+
+
 def turn_ends(boundary: torch.Tensor, chars: torch.Tensor, min_chars: int = MIN_TURN_CHARS) -> torch.Tensor:
-    """(B, T) which tokens end a turn of switch: a boundary (a line or sentence end; boundary (B, T)) once the turn,
-    counted from the start or from the last turn's end, holds at least min_chars characters (chars (B, T): each
-    token's)."""
+    """(B, T) which tokens of B texts end a turn of switch (turn_step, token by token), from which are boundaries
+    (B, T) and their characters (B, T)."""
     out, run = torch.zeros_like(boundary), torch.zeros(boundary.size(0), device=chars.device)
     for t in range(boundary.size(1)):
-        run = run + chars[:, t]
-        out[:, t] = boundary[:, t] & (run >= min_chars)
-        run = torch.where(out[:, t], 0.0, run)
+        out[:, t], run = turn_step(run, boundary[:, t], chars[:, t], min_chars)
     return out
 
 

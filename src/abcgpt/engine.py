@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from abcgpt.checkpoint import Calibration, Checkpoint, Meta
 from abcgpt.common import AbcgptError, CoreShare, check_integer
 from abcgpt.dial import (
-    MIN_TURN_CHARS,
     MODE,
     MODES,
     combine_next,
@@ -41,6 +40,7 @@ from abcgpt.dial import (
     next_segment_source,
     systematic_draw,
     turn_ends,
+    turn_step,
     update_weights,
 )
 from abcgpt.dial_spec import DialSpec, parse_dial
@@ -552,11 +552,9 @@ class Engine:
                 return t, t.repeat_interleave(K)
             writer = state["writer"]
             t = sample_next(logp[every, writer], temperature, top_k, g)
-            state["chars"] += chars[t]
-            end = boundary[t] & (state["chars"] >= MIN_TURN_CHARS)  # as turn_ends reads a text
+            end, state["chars"] = turn_step(state["chars"], boundary[t], chars[t])  # as turn_ends reads a text
             state["turns"][every, writer] += end.float()
             state["writer"] = torch.where(end, next_segment_source(a, state["turns"]), writer)
-            state["chars"] = torch.where(end, 0.0, state["chars"])
             return t, t.repeat_interleave(K)
 
         return decode(self._by_row(rows), ids.repeat_interleave(K, dim=0), None, max_new_tokens, step, use_cache)
