@@ -390,10 +390,9 @@ class Engine:
         """Each token's text, decoded once, for _boundaries and _token_chars (ids past the tokenizer's: empty)."""
         tok = self.tokenizer
         texts = [tok.decode([i]) if i < tok.vocab_size else "" for i in range(self.model.config.vocab_size)]
-        if self._boundary is None:
-            ends = tuple(BOUNDARY_CHARS)
-            flags = ["\n" in t or t.rstrip().endswith(ends) or i == tok.eot_id for i, t in enumerate(texts)]
-            self._boundary = torch.tensor(flags, device=self.device)
+        ends = tuple(BOUNDARY_CHARS)
+        flags = ["\n" in t or t.rstrip().endswith(ends) or i == tok.eot_id for i, t in enumerate(texts)]
+        self._boundary = torch.tensor(flags, device=self.device)
         self._chars = torch.tensor([float(len(t)) for t in texts], device=self.device)
 
     # ------------------------------------------------------------------ arguments
