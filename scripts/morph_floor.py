@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from abcgpt.checkpoint import load_checkpoint
-from abcgpt.dial import MIN_TURN_CHARS, corner, next_segment_source, uniform
+from abcgpt.dial import MIN_TURN_CHARS, corner, dial_path, next_segment_source, uniform
 from abcgpt.engine import Engine
 from abcgpt.report import heldout_data
 from abcgpt.report_metrics import Settings, edge_ts, edges, fit_classifier, style_curve
@@ -68,8 +68,7 @@ def main() -> None:
           + " / ".join(f"{t:g}" for t in ts))
     floor = []
     for i, j in edges(n, s):
-        path = [torch.zeros(n).index_put_((torch.tensor([i, j]),), torch.tensor([1 - t, t])) for t in ts]
-        m = morph_error(ts, [[x[j] for x in styles(d)] for d in path])
+        m = morph_error(ts, [[x[j] for x in styles(d)] for d in dial_path(n, ts, i, j)])
         floor.append(m)
         print(f"  dealt   {engine.sources[i]} -> {engine.sources[j]}: " + " / ".join(f"{x:.2f}" for x in m))
     print("  dealt, mean over edges: " + " / ".join(f"{x:.3f}" for x in np.mean(floor, axis=0)))
