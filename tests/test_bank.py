@@ -103,6 +103,24 @@ def test_without_shared_units_training_one_source_leaves_every_other_corner_bit_
         assert all(torch.equal(moments[id(p)][k], v) for k, v in opt.state[p].items())
 
 
+@pytest.mark.parametrize("factor", [1.0, 10.0])
+def test_own_decay_factor_decays_the_own_matrices_that_many_times_harder(factor):
+    """train.own_decay_factor: with a zero gradient AdamW's step is its decay alone (p -> p * (1 - lr * decay)), so
+    after one step each matrix piece shows the decay it got: the shared ones weight_decay, the own ones factor times
+    that; vectors none. At 1 the groups are the two they always were (old runs' optimizer state still loads)."""
+    m, lr, wd = bank(n=2, shared=0.5), 1e-2, 0.1
+    opt = m.configure_optimizer(wd, lr, (0.9, 0.99), "cpu", own_decay_factor=factor)
+    assert len(opt.param_groups) == (2 if factor == 1.0 else 3)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in m.named_parameters():
+        decay = 0.0 if p.dim() < 2 else wd * (factor if n.startswith("own.") else 1.0)
+        assert torch.allclose(p.detach(), before[n] * (1 - lr * decay), rtol=0, atol=1e-7), n
+    assert any(n.startswith("own.") and p.dim() >= 2 for n, p in m.named_parameters())
+
+
 def test_a_dial_between_corners_is_refused_with_one_line():
     m = bank()
     with pytest.raises(AbcgptError, match="between corners"):
@@ -118,6 +136,9 @@ def test_recipe_checks():
     with pytest.raises(AbcgptError, match="corner_fraction = 1"):
         load_recipe("tiny", ["train.sources_per_batch=2", "train.corner_fraction=0.5"])
     load_recipe("tiny", base + ["model.gates=none"])  # a baseline of one corner's size: the keys are the same
+    with pytest.raises(AbcgptError, match='own_decay_factor is for a bank of corners'):
+        load_recipe("tiny", ["train.own_decay_factor=10"])  # width = "total": no source has units of its own
+    load_recipe("tiny", base + ["model.gates=none", "train.own_decay_factor=10"])  # its baselines keep the recipe
 
 
 def test_sources_per_batch_keeps_each_sources_share():
@@ -133,14 +154,15 @@ def test_sources_per_batch_keeps_each_sources_share():
 
 
 def test_a_bank_trains_resumes_samples_and_mixes(tmp_path, capsys):
-    recipe = load_recipe(str(write_recipe(tmp_path)), ["model.width=corner", "model.shared_fraction=0.5",
-                                                       "train.steps=20"])
+    keys = ["model.width=corner", "model.shared_fraction=0.5", "train.own_decay_factor=4"]
+    recipe = load_recipe(str(write_recipe(tmp_path)), keys + ["train.steps=20"])
     train(recipe, tmp_path / "run", progress=False)
-    recipe = load_recipe(str(write_recipe(tmp_path)), ["model.width=corner", "model.shared_fraction=0.5",
-                                                       "train.steps=30"])
+    recipe = load_recipe(str(write_recipe(tmp_path)), keys + ["train.steps=30"])
     train(recipe, tmp_path / "run", resume=True, progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "last")
     assert isinstance(ckpt.model, CornerBank) and ckpt.meta.step == 30
+    # the recipe's decay reached the optimizer, resumed with its three groups: shared, own (4 x), vectors
+    assert [g.weight_decay for g in ckpt.meta.trainer.optimizer.param_groups] == [0.1, pytest.approx(0.4), 0.0]
     assert set(ckpt.meta.metrics.heldout) == {"alpha", "omega"}  # corners only: nothing in between
     engine = Engine(ckpt)
     assert engine.default_mode == "switch"

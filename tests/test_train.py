@@ -338,6 +338,9 @@ def test_checkpoint_without_its_method_is_read_from_its_specialties(tmp_path):
     old = load_checkpoint(tmp_path / "old" / "last").model
     assert old.config.method == "reference"
     assert torch.equal(old(x, dial, x)[1], before)
+    del meta["recipe"]["train"]["own_decay_factor"]  # saved before the key existed: every such run trained at 1
+    meta_path.write_text(json.dumps(meta))
+    assert load_checkpoint(tmp_path / "old" / "last").recipe.train.own_decay_factor == 1.0
     del meta["recipe"]["model"]["gate_shape"]
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(AbcgptError, match="recipe.model.gate_shape is missing; abcgpt does not guess it"):

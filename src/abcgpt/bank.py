@@ -185,12 +185,17 @@ class CornerBank(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1))
 
-    def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str):
-        """AdamW, weight decay on the pieces of matrices and embeddings only (as GPT.configure_optimizer)."""
+    def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str,
+                            own_decay_factor: float = 1.0):
+        """AdamW, weight decay on the pieces of matrices and embeddings only (as GPT.configure_optimizer); the
+        sources' own pieces at own_decay_factor times it (train.own_decay_factor), in a group of their own unless 1."""
         matrix = {_key(p.name) for p in self.pieces if len(p.shape) >= 2}
-        decay = [p for k, p in self.shared.items() if k in matrix]
-        decay += [p for own in self.own for k, p in own.items() if k.rsplit("_", 1)[0] in matrix]
-        ids = {id(p) for p in decay}
+        shared = [p for k, p in self.shared.items() if k in matrix]
+        own = [p for o in self.own for k, p in o.items() if k.rsplit("_", 1)[0] in matrix]
+        ids = {id(p) for p in shared + own}
         rest = [p for p in self.parameters() if id(p) not in ids]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        decay = [{"params": shared + own, "weight_decay": weight_decay}] if own_decay_factor == 1.0 else [
+            {"params": shared, "weight_decay": weight_decay},
+            {"params": own, "weight_decay": weight_decay * own_decay_factor}]
+        groups = decay + [{"params": rest, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")

@@ -278,10 +278,15 @@ def meta_json(meta: Meta) -> str:
     return json.dumps(meta.model_dump(exclude_unset=True), indent=2)
 
 
+# recipe keys added after runs were saved, each with the value every run saved before it trained with
+ADDED_KEYS = {"train": {"own_decay_factor": 1.0}}
+
+
 def migrate(meta: dict, path: Path) -> dict:
     """config.json as this abcgpt writes it (in place; nanochat's _patch_missing_config_keys), never by guessing:
     - the model config was stored twice, beside the recipe: its values join the recipe's model table;
     - model.method, when missing, is read from the specialties the weights store (the methods' differ);
+    - a key added since (ADDED_KEYS) takes the value that every run saved without it had;
     - any other recipe key that is missing is refused by name: a default could change what the model computes
       (n_head, a gate's shape) or how a resumed run trains (its lr, its seed)."""
     recipe = meta.get("recipe")
@@ -292,6 +297,7 @@ def migrate(meta: dict, path: Path) -> dict:
     if "method" not in recipe["model"]:
         recipe["model"]["method"] = stored_method(path)
     for section in SECTIONS:
+        recipe[section] = ADDED_KEYS.get(section, {}) | recipe[section]
         missing = [k for k in declared_keys(section) if k not in recipe[section]]
         if missing:
             raise _malformed(path, f"recipe.{section}.{missing[0]} is missing; abcgpt does not guess it (add it "

@@ -42,6 +42,9 @@ class TrainConfig:
     min_lr: float = Field(1e-4, ge=0.0, le=10.0)  # and <= lr
     warmup_steps: int = Field(100, ge=0, le=BIG)
     weight_decay: float = Field(0.1, ge=0.0, le=10.0)
+    # model.width = "corner": weight decay on each source's own units, as a multiple of weight_decay. A small
+    # source's own units see its text many times and overfit; more decay leans its corner on the shared units
+    own_decay_factor: float = Field(1.0, ge=0.0, le=100.0, json_schema_extra=DIAL_KEY)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.99, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0, le=1e6)  # 0: no clipping
@@ -182,6 +185,9 @@ def validate(r: Recipe) -> None:
             if have != want:
                 raise AbcgptError(f'model.width = "corner" (each source its own network, nothing between the corners) '
                                   f"needs {key} = {want!r}, got {have!r}")
+    if t.own_decay_factor != 1.0 and m.width != "corner":
+        raise AbcgptError('train.own_decay_factor is for a bank of corners (model.width = "corner"), whose sources '
+                          'have units of their own; leave it at 1 or set model.width = "corner"')
     if m.shared_from != "all" and (m.width != "corner" or not m.shared_fraction):
         raise AbcgptError(f'model.shared_from = "{m.shared_from}" is for a bank of corners with shared units: it needs '
                           'model.width = "corner" and model.shared_fraction > 0')

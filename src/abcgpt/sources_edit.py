@@ -35,7 +35,7 @@ from abcgpt.data import load_data, stale_reason, write_prepared
 from abcgpt.model import GPT, build_model
 from abcgpt.sources import SourceSpec, load_source
 from abcgpt.tokenizer import Tokenizer
-from abcgpt.train import Trainer
+from abcgpt.train import Trainer, optimizer_for
 
 SHARED, RETIRED = -1, -2  # owners of units that are not one source's
 
@@ -263,7 +263,7 @@ def _train_edit(out: Path, ckpt: Checkpoint, model, recipe: Recipe, edits: list[
         if not resume:
             t = recipe.train
             torch.manual_seed(t.seed)
-            optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), "cpu")
+            optimizer = optimizer_for(model, t, "cpu")
             state = {"batcher": np.random.default_rng(t.seed).bit_generator.state, "best": math.inf}
             save_checkpoint(out / "last", model, recipe, ckpt.tokenizer, [s.name for s in recipe.data.sources], 0,
                             {}, optimizer, state, edits)

@@ -41,7 +41,7 @@ from abcgpt.common import (
     run_lock,
     write_error,
 )
-from abcgpt.config import Recipe
+from abcgpt.config import Recipe, TrainConfig
 from abcgpt.data import Batcher, alone_steps, prepared_data
 from abcgpt.heldout import WIDE_TABLE, format_table, gates_loss_curve, loss_table, plot_gates_loss_curve
 from abcgpt.memory import require_memory, training_parts
@@ -54,6 +54,13 @@ def lr_at(step: int, t) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def optimizer_for(model, t: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """The recipe's AdamW for a model (a bank of corners: its sources' own units at train.own_decay_factor times
+    the weight decay)."""
+    own = {"own_decay_factor": t.own_decay_factor} if isinstance(model, CornerBank) else {}
+    return model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), device_type, **own)
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -174,7 +181,7 @@ class Trainer:
             for block in self.model.transformer.h:
                 fully_shard(block)
             fully_shard(self.model)
-        self.optimizer = self.model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), self.device.type)
+        self.optimizer = optimizer_for(self.model, t, self.device.type)
         if ckpt is not None:
             state = (_restore_sharded(ckpt, self.model, self.optimizer) if self.fsdp
                      else restore_training_state(ckpt, self.optimizer))
@@ -373,7 +380,7 @@ def _gather_sharded(model, optimizer, cfg, t, master: bool):
         return None, None
     whole = build_model(cfg)
     whole.load_state_dict(msd)
-    whole_opt = whole.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), "cpu")
+    whole_opt = optimizer_for(whole, t, "cpu")
     set_optimizer_state_dict(whole, whole_opt, osd)
     return whole, whole_opt
 
@@ -381,7 +388,7 @@ def _gather_sharded(model, optimizer, cfg, t, master: bool):
 def _restore_sharded(ckpt, model, optimizer) -> dict:
     """Resume under FSDP: read the whole optimizer state as a plain run would, then shard it."""
     t = ckpt.recipe.train
-    whole_opt = ckpt.model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), "cpu")
+    whole_opt = optimizer_for(ckpt.model, t, "cpu")
     trainer = restore_training_state(ckpt, whole_opt)
     osd = get_optimizer_state_dict(ckpt.model, whole_opt)
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
