@@ -64,10 +64,14 @@ threads = 1
 """
 
 
-def write_recipe(root: Path, n: int, steps: int) -> Path:
+def write_recipe(root: Path, n: int, steps: int, weights: dict[str, float] | None = None) -> Path:
+    """The recipe of the first n voices; weights: how often a source is drawn (default 1 each), for the dial model
+    and its baselines alike."""
     path = root / "recipes" / f"voices{n}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tables = "".join(f'[[data.sources]]\nname = "{v}"\nmax_bytes = {SMALL.get(v, MAX_BYTES)}\n\n' for v in VOICES[:n])
+    weights = weights or {}
+    tables = "".join(f'[[data.sources]]\nname = "{v}"\nmax_bytes = {SMALL.get(v, MAX_BYTES)}\n'
+                     + (f"weight = {weights[v]}\n" if v in weights else "") + "\n" for v in VOICES[:n])
     path.write_text(f'[data]\ntokenizer = "char"\ndir = "{root}/data/voices{n}"\n\n{tables}{MODEL.format(steps=steps)}')
     return path
 
@@ -78,16 +82,16 @@ def finished(run: Path, steps: int) -> bool:
 
 
 def jobs_for(root: Path, n: int, shared: list[float], seeds: list[int], steps: int, sets: list[str], tag: str,
-             isolation: int | None = None) -> list[tuple[Path, list[str]]]:
+             isolation: int | None = None, weights: dict[str, float] | None = None) -> list[tuple[Path, list[str]]]:
     """(run folder, `abcgpt train` overrides) of every run one N needs."""
-    recipe = write_recipe(root, n, steps)
+    recipe = write_recipe(root, n, steps, weights)
     names = VOICES[:n]
     jobs = [(root / f"n{n}" / f"shared{f:g}{tag}" / f"s{seed}",
              [f"model.shared_fraction={f}", f"train.seed={seed}", *sets]) for f in shared for seed in seeds]
     base = ["model.gates=none", "model.routing=soft"]
     jobs.append((root / f"n{n}" / "joint", base))
     for i, s in enumerate(names):
-        a = alone_steps(steps, [1.0] * n, i)
+        a = alone_steps(steps, [(weights or {}).get(v, 1.0) for v in names], i)
         jobs.append((root / f"n{n}" / f"alone_{s}",
                      base + [f"train.only_sources=['{s}']", f"train.steps={a}", f"train.warmup_steps={min(50, a)}",
                              f"train.eval_every={a}"]))
@@ -98,16 +102,27 @@ def jobs_for(root: Path, n: int, shared: list[float], seeds: list[int], steps: i
     return [(run, [str(recipe)] + o) for run, o in jobs]
 
 
+def parse_weight(item: str) -> tuple[str, float]:
+    name, _, w = item.partition("=")
+    try:
+        return name, float(w)
+    except ValueError:
+        sys.exit(f"scaling.py: --weight takes SOURCE=NUMBER, got {item!r}")
+
+
 def cmd_run(args) -> None:
     root = Path(args.root)
+    weights = dict(parse_weight(w) for w in args.weight)
+    for name in set(weights) - set(VOICES):
+        sys.exit(f"scaling.py: --weight names {name!r}, not one of {', '.join(VOICES)}")
     todo = []
     for n in args.n:
         for run, (recipe, *overrides) in jobs_for(root, n, args.shared, args.seeds, args.steps, args.set,
-                                                  f"-{args.tag}" if args.tag else "", args.isolation):
+                                                  f"-{args.tag}" if args.tag else "", args.isolation, weights):
             steps = next((int(o.split("=")[1]) for o in overrides if o.startswith("train.steps=")), args.steps)
             if not finished(run, steps):
                 todo.append((run, recipe, overrides, steps))
-        recipe_n = write_recipe(root, n, args.steps)
+        recipe_n = write_recipe(root, n, args.steps, weights)
         if subprocess.run([sys.executable, "-m", "abcgpt", "prepare", "--config", str(recipe_n)],
                           stdout=subprocess.DEVNULL).returncode:
             sys.exit(f"scaling.py: could not prepare the data of {recipe_n} (abcgpt's error is above)")
@@ -290,6 +305,8 @@ def main() -> None:
     r.add_argument("--isolation", type=int, default=None,
                    help=f"without_<s> baselines for the first this many sources ({ISOLATION_SOURCES}; 6 past N = 8)")
     r.add_argument("--tag", default="", help="their variant's name: runs go to nN/sharedF-TAG/")
+    r.add_argument("--weight", action="append", default=[], metavar="SOURCE=W",
+                   help="draw SOURCE W times as often (all runs of this --root: its recipe's weight)")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("score")
     s.add_argument("--batch", type=int, default=32)
