@@ -121,6 +121,51 @@ def test_own_decay_factor_decays_the_own_matrices_that_many_times_harder(factor)
     assert any(n.startswith("own.") and p.dim() >= 2 for n, p in m.named_parameters())
 
 
+def test_branch_copies_the_first_sources_units_and_their_adam_state():
+    m = bank(n=3, shared=0.25)
+    opt = m.configure_optimizer(0.1, 1e-2, (0.9, 0.99), "cpu")
+    x = torch.randint(0, 23, (4, 12))
+    _, loss = m(x, corner(0, 3), x)
+    loss.backward()
+    opt.step()
+    m.branch(opt)
+    for k in (1, 2):
+        for first, p in zip(m.own[0].parameters(), m.own[k].parameters()):
+            assert torch.equal(first, p) and first is not p
+            assert all(torch.equal(opt.state[first][a], v) and opt.state[first][a] is not v
+                       for a, v in opt.state[p].items())
+    assert torch.allclose(m(x, corner(2, 3), x)[0], m(x, corner(0, 3), x)[0])  # one network, three copies
+
+
+@pytest.mark.slow
+def test_branch_step_seeds_every_source_from_one_network_and_resumes(tmp_path, monkeypatch):
+    """train.branch_step: until it, every sequence trains source 0's network and the others' own units stay as
+    initialised; then they branch, once; a run stopped before it and resumed ends where an unbroken run does."""
+    keys = ["model.width=corner", "model.shared_fraction=0.5", "train.warmup_steps=0",
+            "train.lr=1e-3", "train.min_lr=1e-3"]  # one lr throughout: a 2-step run is the start of a 5-step one
+    branched, real = [], CornerBank.branch
+    monkeypatch.setattr(CornerBank, "branch", lambda self, opt: (branched.append(1), real(self, opt)))
+
+    def run(name, steps, branch_step=3, resume=False):
+        recipe = load_recipe(str(write_recipe(tmp_path)), keys + [f"train.steps={steps}",
+                                                                  f"train.branch_step={branch_step}"])
+        train(recipe, tmp_path / name, resume=resume, progress=False)
+        return load_checkpoint(tmp_path / name / "last").model
+
+    whole = run("whole", 5)
+    assert branched == [1]
+    early = run("early", 2)
+    torch.manual_seed(0)  # train.seed: the initial weights
+    init = build_model(early.config)
+
+    def same(a, b, k):
+        return all(torch.equal(x, y) for x, y in zip(a.own[k].parameters(), b.own[k].parameters()))
+    assert same(init, early, 1) and not same(init, early, 0)  # seeding: source 1 drawn, yet only 0's units moved
+    assert not same(init, run("plain", 2, branch_step=0), 1)  # (without it, source 1's units move in two steps)
+    resumed = run("early", 5, resume=True)
+    assert all(torch.equal(x, y) for x, y in zip(whole.parameters(), resumed.parameters()))
+
+
 def test_a_dial_between_corners_is_refused_with_one_line():
     m = bank()
     with pytest.raises(AbcgptError, match="between corners"):
@@ -139,6 +184,8 @@ def test_recipe_checks():
     with pytest.raises(AbcgptError, match='own_decay_factor is for a bank of corners'):
         load_recipe("tiny", ["train.own_decay_factor=10"])  # width = "total": no source has units of its own
     load_recipe("tiny", base + ["model.gates=none", "train.own_decay_factor=10"])  # its baselines keep the recipe
+    with pytest.raises(AbcgptError, match="branch_step is for a bank of corners"):
+        load_recipe("tiny", ["train.branch_step=10"])
 
 
 def test_sources_per_batch_keeps_each_sources_share():

@@ -225,7 +225,8 @@ def raw_with(section: str, key: str, value) -> dict:
     raw[section][key] = value
     partners = {("model", "n_head"): [("model", "n_embd", value)], ("model", "n_embd"): [("model", "n_head", 1)],
                 ("train", "lr"): [("train", "min_lr", 0.0)], ("train", "min_lr"): [("train", "lr", 10.0)],
-                ("train", "own_decay_factor"): [("model", "method", "partition"), ("model", "width", "corner")]}
+                ("train", "own_decay_factor"): [("model", "method", "partition"), ("model", "width", "corner")],
+                ("train", "branch_step"): [("model", "method", "partition"), ("model", "width", "corner")]}
     for s, k, v in partners.get((section, key), []):
         raw[s][k] = v
     return raw

@@ -185,6 +185,15 @@ class CornerBank(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1))
 
+    def branch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Every source's own units, and their AdamW state, become copies of source 0's (train.branch_step: source
+        0's network has trained on every source until now)."""
+        with torch.no_grad():
+            for own in self.own[1:]:
+                for first, p in zip(self.own[0].parameters(), own.parameters()):
+                    p.copy_(first)
+                    optimizer.state[p] = {k: v.clone() for k, v in optimizer.state[first].items()}
+
     def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str,
                             own_decay_factor: float = 1.0):
         """AdamW, weight decay on the pieces of matrices and embeddings only (as GPT.configure_optimizer); the

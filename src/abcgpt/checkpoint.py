@@ -279,7 +279,7 @@ def meta_json(meta: Meta) -> str:
 
 
 # recipe keys added after runs were saved, each with the value every run saved before it trained with
-ADDED_KEYS = {"train": {"own_decay_factor": 1.0}}
+ADDED_KEYS = {"train": {"own_decay_factor": 1.0, "branch_step": 0}}
 
 
 def migrate(meta: dict, path: Path) -> dict:

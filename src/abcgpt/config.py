@@ -45,6 +45,9 @@ class TrainConfig:
     # model.width = "corner": weight decay on each source's own units, as a multiple of weight_decay. A small
     # source's own units see its text many times and overfit; more decay leans its corner on the shared units
     own_decay_factor: float = Field(1.0, ge=0.0, le=100.0, json_schema_extra=DIAL_KEY)
+    # model.width = "corner": the first branch_step steps train one network on every source (source 0's; the seed
+    # phase of Branch-Train-Merge); then every source's own units start as copies of it. 0: none
+    branch_step: int = Field(0, ge=0, le=BIG, json_schema_extra=DIAL_KEY)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.99, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0, le=1e6)  # 0: no clipping
@@ -185,6 +188,9 @@ def validate(r: Recipe) -> None:
             if have != want:
                 raise AbcgptError(f'model.width = "corner" (each source its own network, nothing between the corners) '
                                   f"needs {key} = {want!r}, got {have!r}")
+    if t.branch_step and (m.width != "corner" or m.gates != "abc"):
+        raise AbcgptError('train.branch_step is for a bank of corners (model.width = "corner", model.gates = "abc"), '
+                          'whose sources have units of their own to branch; leave it at 0')
     if t.own_decay_factor != 1.0 and m.width != "corner":
         raise AbcgptError('train.own_decay_factor is for a bank of corners (model.width = "corner"), whose sources '
                           'have units of their own; leave it at 1 or set model.width = "corner"')

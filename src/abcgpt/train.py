@@ -206,8 +206,13 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches; returns the last micro-batch's loss (not synced)."""
         t = self.t
+        seeding = self.step < t.branch_step  # every sequence trains source 0's network (a bank's seed phase)
+        if t.branch_step and self.step == t.branch_step:
+            self.model.branch(self.optimizer)
         for micro in range(t.grad_accum):
             x, y, dials, sources = self.batcher.next()
+            if seeding:
+                dials = torch.zeros_like(dials).index_fill_(1, torch.tensor([0], device=dials.device), 1.0)
             last = micro == t.grad_accum - 1  # DDP / FSDP: reduce the gradients once, on the last micro-step
             sync = self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()
             if self.fsdp:
@@ -488,7 +493,8 @@ def train_baselines(recipe: Recipe, out: Path, progress: bool = True, only: list
         alone = run.startswith("alone_")
         warmup = min(t.warmup_steps, steps) if alone else t.warmup_steps
         r = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, gates="none", routing="soft"),
-                                train=dataclasses.replace(t, only_sources=only, steps=steps, warmup_steps=warmup))
+                                train=dataclasses.replace(t, only_sources=only, steps=steps, warmup_steps=warmup,
+                                                         branch_step=0))  # (no units to branch)
         path = Path(out) / run
         last = existing_dir(path / "last")
         done = read_meta(last).step if (last / "config.json").is_file() else None
