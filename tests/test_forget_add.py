@@ -17,7 +17,7 @@ from abcgpt.engine import Engine
 from abcgpt.model import GPTConfig, build_model
 from abcgpt.report import heldout_data
 from abcgpt.sources import SourceSpec
-from abcgpt.sources_edit import SHARED, add_source, entry_masks, forget
+from abcgpt.sources_edit import SHARED, add_source, entry_masks, forget, with_training
 from abcgpt.train import Trainer, train
 
 ALPHABETS = {"alpha": "abcdefg", "beta": "hijklmn", "gamma": "tuvwxyz"}
@@ -190,6 +190,13 @@ def test_add_source_trains_its_corner_and_keeps_every_other_bit_for_bit(runs, tm
     assert edit.added == "delta" and edit.steps == 12 and "every other parameter frozen" in edit.how
 
 
+def test_an_edit_never_branches():
+    """A recipe's seed phase is for training from scratch: an edit's training starts from trained sources, and
+    branching would overwrite their own units with source 0's."""
+    recipe = load_recipe("tiny", ["model.width=corner", "train.branch_step=1000"])
+    assert with_training(recipe, 50, ["train.lr=1e-4"]).train.branch_step == 0
+
+
 def test_add_source_refuses_bad_input_in_one_line_and_writes_nothing(runs, tmp_path, capsys):
     (tmp_path / "digits.txt").write_text(synthetic_text("abc0123", 20_000, 3))
     bank, total = runs[("corner", 0.25)], runs[("total", 0.0)]
@@ -204,6 +211,8 @@ def test_add_source_refuses_bad_input_in_one_line_and_writes_nothing(runs, tmp_p
         (["--ckpt", str(bank), "--source", "epsilon", "--path", str(tmp_path / "digits.txt"), "--replace-unknown",
           "9"],
          "--replace-unknown '9' must be one character of the checkpoint's char vocabulary"),
+        (["--ckpt", str(bank), "--source", "epsilon", "--path", str(tmp_path / "digits.txt"), "--set",
+          "train.branch_step=2"], "only train.* keys other than branch_step may change here"),
     ]
     for args, message in cases:
         assert main(["add-source", *args, *common]) == 2

@@ -219,14 +219,16 @@ def edited_recipe(recipe: Recipe, sources: list[SourceSpec], suffix: str) -> Rec
 
 
 def with_training(recipe: Recipe, steps: int, overrides: list[str]) -> Recipe:
-    """The recipe for an edit's training: `steps` steps (warm-up no longer than them), then --set train.* keys."""
+    """The recipe for an edit's training: `steps` steps (warm-up no longer than them), then --set train.* keys. No
+    seed phase (train.branch_step): it would overwrite every trained source's own units with source 0's."""
     with declared("train."):
-        t = dataclasses.replace(recipe.train, steps=steps, warmup_steps=min(recipe.train.warmup_steps, steps))
+        t = dataclasses.replace(recipe.train, steps=steps, warmup_steps=min(recipe.train.warmup_steps, steps),
+                                branch_step=0)
         for item in overrides:
             section, key, value = parse_override(item)
-            if section != "train":
-                raise AbcgptError(f"--set {item}: only train.* keys may change here (the model and data are the "
-                                  "checkpoint's)")
+            if section != "train" or key == "branch_step":
+                raise AbcgptError(f"--set {item}: only train.* keys other than branch_step may change here (the "
+                                  "model and data are the checkpoint's, its sources trained)")
             t = dataclasses.replace(t, **{key: value})
     return dataclasses.replace(recipe, train=t)
 
