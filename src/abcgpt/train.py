@@ -43,6 +43,7 @@ from abcgpt.common import (
 )
 from abcgpt.config import Recipe, TrainConfig
 from abcgpt.data import Batcher, alone_steps, prepared_data
+from abcgpt.dial import corner
 from abcgpt.heldout import WIDE_TABLE, format_table, gates_loss_curve, loss_table, plot_gates_loss_curve
 from abcgpt.memory import require_memory, training_parts
 from abcgpt.model import build_model
@@ -212,7 +213,7 @@ class Trainer:
         for micro in range(t.grad_accum):
             x, y, dials, sources = self.batcher.next()
             if seeding:
-                dials = torch.zeros_like(dials).index_fill_(1, torch.tensor([0], device=dials.device), 1.0)
+                dials = corner(0, dials.size(1)).to(dials).expand_as(dials)
             last = micro == t.grad_accum - 1  # DDP / FSDP: reduce the gradients once, on the last micro-step
             sync = self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()
             if self.fsdp:
