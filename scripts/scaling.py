@@ -84,6 +84,7 @@ def finished(run: Path, steps: int) -> bool:
 def jobs_for(root: Path, n: int, shared: list[float], seeds: list[int], steps: int, sets: list[str], tag: str,
              isolation: int | None = None, weights: dict[str, float] | None = None) -> list[tuple[Path, list[str]]]:
     """(run folder, `abcgpt train` overrides) of every run one N needs."""
+    weights = weights or {}
     recipe = write_recipe(root, n, steps, weights)
     names = VOICES[:n]
     jobs = [(root / f"n{n}" / f"shared{f:g}{tag}" / f"s{seed}",
@@ -91,7 +92,7 @@ def jobs_for(root: Path, n: int, shared: list[float], seeds: list[int], steps: i
     base = ["model.gates=none", "model.routing=soft"]
     jobs.append((root / f"n{n}" / "joint", base))
     for i, s in enumerate(names):
-        a = alone_steps(steps, [(weights or {}).get(v, 1.0) for v in names], i)
+        a = alone_steps(steps, [weights.get(v, 1.0) for v in names], i)
         jobs.append((root / f"n{n}" / f"alone_{s}",
                      base + [f"train.only_sources=['{s}']", f"train.steps={a}", f"train.warmup_steps={min(50, a)}",
                              f"train.eval_every={a}"]))
